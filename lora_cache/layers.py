@@ -1,0 +1,161 @@
+"""Low-rank factors on a layer, applied in its forward without touching its weight.
+
+Each targeted module gets a `LayerSlot` (PEFT's per-adapter state on a layer): the factors
+registered per cached adapter, and the list active for the sampling now running. A forward
+of our own is installed on the module only while something is active, so a layer with no
+active adapter runs ComfyUI's forward with no wrapper in the call path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+SLOT_ATTR = "lora_cache_slot"
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(eq=False)
+class LayerFactors:
+    """One low-rank update of one layer: y[..., out] += strength * scale * up(down(x)).
+
+    Linear: `down_t` is down^T [in, r] and `up_t` is up^T [r, out], laid out for addmm_.
+    Conv: `down` [r, in, *k] (or [r, in, 1..] with `mid` [r, r, *k]) and `up` [out, r, 1..].
+    `out_slice` is (start, length) where the target is a slice of a fused weight (Flux qkv).
+    """
+
+    kind: str
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float
+    mid: torch.Tensor | None = None
+    out_slice: tuple[int, int] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        ts = [self.down, self.up] + ([self.mid] if self.mid is not None else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    @property
+    def device(self) -> torch.device:
+        return self.down.device
+
+    def _cast(self, x: torch.Tensor):
+        # The factors are stored in the model's compute dtype on its load device; an input in
+        # another dtype or place (lowvram casts, a text encoder in fp32) gets a transient copy.
+        if x.dtype == self.down.dtype and x.device == self.down.device:
+            return self.down, self.mid, self.up
+        cast = lambda t: None if t is None else t.to(device=x.device, dtype=x.dtype)  # noqa: E731
+        return cast(self.down), cast(self.mid), cast(self.up)
+
+    def add_to(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, strength: float) -> torch.Tensor:
+        down, mid, up = self._cast(x)
+        alpha = strength * self.scale
+        if self.kind == "linear":
+            h = x.reshape(-1, x.shape[-1]) @ down
+            y2 = y.view(-1, y.shape[-1]) if y.is_contiguous() else None
+            if y2 is None or (torch.is_grad_enabled() and y.requires_grad):
+                delta = (h @ up).mul_(alpha).view(*y.shape[:-1], -1)
+                if self.out_slice is None:
+                    return y + delta
+                start, length = self.out_slice
+                y = y.clone()
+                y[..., start:start + length] += delta
+                return y
+            if self.out_slice is None:
+                y2.addmm_(h, up, alpha=alpha)
+            else:
+                start, length = self.out_slice
+                y2[:, start:start + length].addmm_(h, up, alpha=alpha)
+            return y
+        conv = _CONV[x.ndim - 2]
+        if mid is None:
+            h = conv(x, down, None, module.stride, module.padding, module.dilation)
+        else:
+            h = conv(conv(x, down), mid, None, module.stride, module.padding, module.dilation)
+        delta = conv(h, up)
+        if torch.is_grad_enabled() and y.requires_grad:
+            return y + alpha * delta
+        return y.add_(delta, alpha=alpha)
+
+
+class LayerSlot:
+    __slots__ = ("adapters", "active", "installed", "prev_forward")
+
+    def __init__(self):
+        self.adapters: dict[object, tuple[LayerFactors, ...]] = {}
+        self.active: list[tuple[tuple[LayerFactors, ...], float]] = []
+        self.installed: Callable | None = None
+        self.prev_forward: Callable | None = None
+
+
+def slot_of(module: torch.nn.Module, create: bool = False) -> LayerSlot | None:
+    slot = module.__dict__.get(SLOT_ATTR)
+    if slot is None and create:
+        slot = LayerSlot()
+        # A plain attribute (not a Parameter or submodule) keeps ComfyUI's load list and
+        # state_dict unchanged.
+        module.__dict__[SLOT_ATTR] = slot
+    return slot
+
+
+def register(module: torch.nn.Module, key: object, factors: tuple[LayerFactors, ...]) -> None:
+    slot_of(module, create=True).adapters[key] = factors
+
+
+def unregister(module: torch.nn.Module, key: object) -> None:
+    slot = slot_of(module)
+    if slot is not None:
+        slot.adapters.pop(key, None)
+
+
+def holds(module: torch.nn.Module, key: object, factors: tuple[LayerFactors, ...]) -> bool:
+    slot = slot_of(module)
+    return slot is not None and slot.adapters.get(key) is factors
+
+
+def activate(module: torch.nn.Module, factors: tuple[LayerFactors, ...], strength: float) -> None:
+    slot = slot_of(module, create=True)
+    slot.active.append((factors, strength))
+    if slot.installed is None:
+        _install(module, slot)
+
+
+def deactivate(module: torch.nn.Module) -> None:
+    slot = slot_of(module)
+    if slot is None:
+        return
+    slot.active.clear()
+    if slot.installed is not None:
+        # Only undo our own forward; if something replaced it after us, leave theirs alone.
+        if module.__dict__.get("forward") is slot.installed:
+            if slot.prev_forward is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = slot.prev_forward
+        slot.installed = None
+        slot.prev_forward = None
+
+
+def is_installed(module: torch.nn.Module) -> bool:
+    slot = slot_of(module)
+    return slot is not None and slot.installed is not None
+
+
+def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
+    prev = module.__dict__.get("forward")
+    base = prev if prev is not None else type(module).forward.__get__(module)
+
+    def forward(x, *args, **kwargs):
+        y = base(x, *args, **kwargs)
+        for factors, strength in slot.active:
+            for f in factors:
+                y = f.add_to(module, x, y, strength)
+        return y
+
+    slot.prev_forward = prev
+    slot.installed = forward
+    module.__dict__["forward"] = forward

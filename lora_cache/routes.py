@@ -1,0 +1,61 @@
+"""HTTP routes on ComfyUI's own server: GET /lora_cache/stats, POST /lora_cache/purge."""
+from __future__ import annotations
+
+import logging
+
+from . import events
+from .store import STORE
+
+log = logging.getLogger("lora_cache")
+
+
+def stats() -> dict:
+    adapters = []
+    for e in STORE.entries():
+        model = e.model_ref()
+        adapters.append({
+            "name": e.lora,
+            "bytes": e.nbytes,
+            "device": e.device,
+            "dynamic": e.plan_reason is None,
+            "reason": e.plan_reason,
+            "layers": len(e.layers),
+            "model": type(model).__name__ if model is not None else None,
+            "sha256": e.identity.sha256,
+        })
+    by_device: dict[str, int] = {}
+    for a in adapters:
+        if a["device"] is not None:
+            by_device[a["device"]] = by_device.get(a["device"], 0) + a["bytes"]
+    return {"adapters": adapters, "bytes_by_device": by_device, "generation": STORE.generation,
+            "events": events.recent()}
+
+
+def purge() -> dict:
+    n = STORE.purge()
+    log.info("[LoRA Cache] purged %d cached adapters", n)
+    return {"purged": n}
+
+
+def register() -> bool:
+    """Adds the routes when a ComfyUI server exists (not when ComfyUI is used as a library)."""
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except Exception:
+        return False
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return False
+    routes = instance.routes
+
+    @routes.get("/lora_cache/stats")
+    async def _stats(request):
+        return web.json_response(stats())
+
+    @routes.post("/lora_cache/purge")
+    async def _purge(request):
+        # Takes no parameters: nothing a request says can reach the file system.
+        return web.json_response(purge())
+
+    return True

@@ -1,0 +1,123 @@
+"""The process-wide cache of adapters, one entry per (base model, LoRA file).
+
+An entry outlives workflow runs: it keeps the ComfyUI patches read from the file (for the
+full path and the text encoder) and, when the adapter can take the dynamic path, its factors
+on the model's device, registered on the targeted layers. Entries die with their model
+(weak reference) or when the file changes, and nothing half-built is ever stored.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from . import layers
+from .files import FileIdentity
+
+
+@dataclass(eq=False)
+class Entry:
+    lora: str
+    identity: FileIdentity
+    model_ref: weakref.ref
+    model_id: int
+    patches: dict
+    plan_reason: str | None = None  # why the dynamic path cannot serve; None if it can
+    layers: dict[str, tuple[layers.LayerFactors, ...]] = field(default_factory=dict)
+    live: bool = True
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.model_id, self.identity.path)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for fs in self.layers.values() for f in fs)
+
+    @property
+    def device(self) -> str | None:
+        for fs in self.layers.values():
+            return str(fs[0].device)
+        return None
+
+    def modules(self):
+        model = self.model_ref()
+        if model is None:
+            return
+        for path, factors in self.layers.items():
+            yield path, model.get_submodule(path), factors
+
+    def attached(self) -> bool:
+        """Every targeted layer still holds exactly these factors."""
+        model = self.model_ref()
+        if model is None or not self.live:
+            return False
+        return all(layers.holds(m, self, f) for _, m, f in self.modules())
+
+    def attach(self) -> None:
+        for _, m, f in self.modules():
+            layers.register(m, self, f)
+
+    def detach(self) -> None:
+        for _, m, _f in self.modules():
+            layers.unregister(m, self)
+        self.live = False
+
+
+class AdapterStore:
+    def __init__(self):
+        self._entries: dict[tuple[int, str], Entry] = {}
+        self._lock = threading.RLock()
+        # Bumped on purge so ComfyUI re-executes nodes whose cached outputs reference entries.
+        self.generation = 0
+
+    def get(self, model: torch.nn.Module, path: str) -> Entry | None:
+        with self._lock:
+            entry = self._entries.get((id(model), path))
+            if entry is not None and entry.model_ref() is not model:
+                self._drop(entry)  # id() reused by a new model
+                return None
+            return entry
+
+    def put(self, entry: Entry) -> None:
+        with self._lock:
+            old = self._entries.get(entry.key)
+            if old is not None and old is not entry:
+                self._drop(old)
+            model = entry.model_ref()
+            if not any(e.model_ref() is model for e in self._entries.values()):
+                weakref.finalize(model, self._forget_model, id(model))
+            self._entries[entry.key] = entry
+            entry.attach()
+
+    def drop(self, entry: Entry) -> None:
+        with self._lock:
+            self._drop(entry)
+
+    def _drop(self, entry: Entry) -> None:
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        entry.detach()
+
+    def _forget_model(self, model_id: int) -> None:
+        with self._lock:
+            for key in [k for k in self._entries if k[0] == model_id]:
+                e = self._entries.pop(key)
+                e.live = False
+
+    def entries(self) -> list[Entry]:
+        with self._lock:
+            return list(self._entries.values())
+
+    def purge(self) -> int:
+        with self._lock:
+            n = len(self._entries)
+            for e in list(self._entries.values()):
+                self._drop(e)
+            self.generation += 1
+            return n
+
+
+STORE = AdapterStore()

@@ -1,0 +1,134 @@
+"""Tiny models with random weights and LoRA files for them, built from ComfyUI's own classes.
+
+SD-type: an SD2.0 UNet small enough for CPU (ComfyUI's model detection recognises it).
+Flux-type: ComfyUI's Flux class with a tiny config (detection fixes Flux's width at 3072,
+so the config is passed directly). LoRA files use the names ComfyUI's key maps accept:
+`lora_unet_*` for the UNet and diffusers `transformer.*.to_q` etc. for Flux, which ComfyUI
+maps onto the fused qkv weight with offsets.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SD_UNET_CONFIG = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+    channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+    transformer_depth_middle=-2, context_dim=1024, num_head_channels=64,
+    use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False,
+    num_heads=-1,
+)
+
+FLUX_CONFIG = dict(
+    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48,
+    hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+    axes_dim=[8, 12, 12], theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2,
+)
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("scale") or "norm" in name and p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def sd_unet_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**SD_UNET_CONFIG, operations=comfy.ops.manual_cast, device="cpu")
+    # The tiny model has no middle block: ComfyUI's detection reads that from the keys.
+    _randomize(unet, seed)
+    return {k: v.contiguous() for k, v in unet.state_dict().items()}
+
+
+def write_sd_unet(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half() for k, v in sd_unet_state_dict(seed).items()}, str(path))
+    return path
+
+
+def flux_patcher(seed: int = 0):
+    """A ModelPatcher over ComfyUI's own Flux model class with a tiny config."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    cfg = comfy.supported_models.Flux(dict(FLUX_CONFIG))
+    cfg.set_inference_dtype(torch.float32, None)
+    model = cfg.get_model({}, "", device=mm.unet_offload_device())
+    _randomize(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def lora_factors(out_dim: int, in_dim: int, rank: int, g: torch.Generator, scale: float = 0.2):
+    up = scale * torch.randn(out_dim, rank, generator=g)
+    down = scale * torch.randn(rank, in_dim, generator=g)
+    return up, down
+
+
+def sd_lora_state_dict(unet_sd: dict[str, torch.Tensor], rank: int = 4, seed: int = 1,
+                       alpha: float | None = 2.0, kinds: tuple[str, ...] = ("attn", "ff")) -> dict[str, torch.Tensor]:
+    """A LoRA in kohya naming (lora_unet_*) on the attention and feed-forward Linears."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for k, w in unet_sd.items():
+        if not k.endswith(".weight"):
+            continue
+        is_attn = w.ndim == 2 and (".attn1." in k or ".attn2." in k)
+        is_ff = w.ndim == 2 and ".ff." in k
+        is_conv = w.ndim == 4 and ".in_layers." in k  # LoCon on the resnet 3x3 convs
+        if not ((is_attn and "attn" in kinds) or (is_ff and "ff" in kinds) or (is_conv and "conv" in kinds)):
+            continue
+        base = "lora_unet_" + k[: -len(".weight")].replace(".", "_")
+        if is_conv:
+            g_up = scale_conv = 0.05
+            up = g_up * torch.randn(w.shape[0], rank, 1, 1, generator=g)
+            down = scale_conv * torch.randn(rank, w.shape[1], w.shape[2], w.shape[3], generator=g)
+        else:
+            up, down = lora_factors(w.shape[0], w.shape[1], rank, g)
+        out[base + ".lora_up.weight"] = up.half()
+        out[base + ".lora_down.weight"] = down.half()
+        if alpha is not None:
+            out[base + ".alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def flux_lora_state_dict(rank: int = 4, seed: int = 2) -> dict[str, torch.Tensor]:
+    """A Flux LoRA in diffusers naming: separate to_q/to_k/to_v that ComfyUI maps onto the
+    fused img_attn.qkv weight with offsets, plus single-block and MLP projections."""
+    g = torch.Generator().manual_seed(seed)
+    h = FLUX_CONFIG["hidden_size"]
+    mlp = int(h * FLUX_CONFIG["mlp_ratio"])
+    out: dict[str, torch.Tensor] = {}
+
+    def add(name: str, o: int, i: int):
+        up, down = lora_factors(o, i, rank, g)
+        out[f"transformer.{name}.lora_A.weight"] = down
+        out[f"transformer.{name}.lora_B.weight"] = up
+
+    for b in range(FLUX_CONFIG["depth"]):
+        for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            add(f"transformer_blocks.{b}.attn.{p}", h, h)
+        add(f"transformer_blocks.{b}.attn.to_out.0", h, h)
+        add(f"transformer_blocks.{b}.ff.net.0.proj", mlp, h)
+        add(f"transformer_blocks.{b}.ff.net.2", h, mlp)
+    for b in range(FLUX_CONFIG["depth_single_blocks"]):
+        for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"):
+            add(f"single_transformer_blocks.{b}.{p}", mlp if p == "proj_mlp" else h, h)
+        add(f"single_transformer_blocks.{b}.proj_out", h, h + mlp)
+    return out
+
+
+def write_lora(path: Path, sd: dict[str, torch.Tensor]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+    tmp.replace(path)
+    return path
