@@ -23,7 +23,7 @@ SD_UNET_CONFIG = dict(
 
 FLUX_CONFIG = dict(
     image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=48,
-    hidden_size=64, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+    hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1,
     axes_dim=[8, 12, 12], theta=10000, qkv_bias=True, guidance_embed=True, patch_size=2,
 )
 

@@ -1,0 +1,43 @@
+"""Counts calls of ComfyUI's own weight-moving methods while still running them."""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import comfy.model_management
+import comfy.model_patcher
+
+MP = comfy.model_patcher.ModelPatcher
+
+
+@contextlib.contextmanager
+def count_weight_work():
+    """Counts ModelPatcher.load, weight-restoring unpatch_model, partially_unload/partially_load
+    that move weights, patch_weight_to_device that computes a patched weight, and
+    LoadedModel.model_unload."""
+    counts: Counter = Counter()
+    originals = {}
+
+    def wrap(owner, name, key_fn):
+        orig = getattr(owner, name)
+        originals[(owner, name)] = orig
+
+        def spy(self, *a, **kw):
+            key = key_fn(self, *a, **kw)
+            if key:
+                counts[key] += 1
+            return orig(self, *a, **kw)
+
+        setattr(owner, name, spy)
+
+    wrap(MP, "load", lambda self, *a, **kw: "load")
+    wrap(MP, "unpatch_model", lambda self, device_to=None, unpatch_weights=True:
+         "unpatch_weights" if unpatch_weights else None)
+    wrap(MP, "partially_unload", lambda self, *a, **kw: "partially_unload")
+    wrap(MP, "patch_weight_to_device", lambda self, key, *a, **kw: "patch_weight" if key in self.patches else None)
+    wrap(comfy.model_management.LoadedModel, "model_unload", lambda self, *a, **kw: "model_unload")
+    try:
+        yield counts
+    finally:
+        for (owner, name), orig in originals.items():
+            setattr(owner, name, orig)

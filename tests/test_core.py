@@ -1,0 +1,289 @@
+"""Issue 3: parity with stock in every path, the fast path's guarantees, scope, file changes,
+and bad input, on the real ComfyUI host (in-process) with tiny generated models."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import comfy.model_management as mm
+import workflows as wf
+from harness import tiny_models
+from spies import count_weight_work
+
+RTOL, ATOL = 1e-4, 2e-4
+
+
+def close(a, b):
+    return torch.allclose(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.fixture(scope="module")
+def loras(host):
+    names = {}
+    for name, seed, kinds in (("a", 1, ("attn", "ff")), ("b", 2, ("attn",)), ("conv", 3, ("attn", "conv"))):
+        tiny_models.write_lora(host.loras / f"{name}.safetensors",
+                               tiny_models.sd_lora_state_dict(host.unet_sd, seed=seed, kinds=kinds))
+        names[name] = f"{name}.safetensors"
+    tiny_models.write_lora(host.loras / "flux.safetensors", tiny_models.flux_lora_state_dict(seed=4))
+    names["flux"] = "flux.safetensors"
+    return names
+
+
+@pytest.fixture
+def fresh(host):
+    """A fresh executor (no node outputs cached) and an empty adapter cache."""
+    host.new_executor()
+    host.lc.purge()
+    yield host
+    host.lc.purge()
+
+
+def paths(host, n):
+    return [e["path"] for e in host.events()[-n:]]
+
+
+def entry_for(host, lora):
+    es = [e for e in host.lc.STORE.entries() if e.lora == lora and e.plan_reason is None]
+    assert len(es) == 1
+    return es[0]
+
+
+@pytest.mark.parametrize("model", ["sd", "flux"])
+def test_every_path_matches_stock(fresh, loras, model):
+    """build, fast, full (merged), off: each output equals the stock LoraLoader's, same seed."""
+    h = fresh
+    lora = loras["a"] if model == "sd" else loras["flux"]
+    other = loras["b"] if model == "sd" else None
+    base = h.run(wf.sd([], model=model))["out"]
+    stock = h.run(wf.sd([wf.stock(lora, 0.8)], model=model))["out"]
+    assert not close(base, stock)
+
+    runs = [("build", dict(strength=0.8)), ("off", dict(strength=0.8, enabled=False)),
+            ("fast", dict(strength=0.8)), ("full", dict(strength=0.8, mode="merged")),
+            ("build", dict(strength=0.8))]
+    for expected, kw in runs:
+        out = h.run(wf.sd([wf.ours(lora, **kw)], model=model))["out"]
+        ev = h.last_event()
+        assert ev["path"] == expected, ev
+        assert close(out, base if expected == "off" else stock), (expected, (out - stock).abs().max())
+        if expected == "off":
+            assert torch.equal(out, base)
+    # after "full" (merged weights) the next dynamic run must not double-apply
+    assert "merged for another patcher" in ev["reason"]
+    if other:
+        out = h.run(wf.sd([wf.ours(other)], model=model))["out"]
+        assert close(out, h.run(wf.sd([wf.stock(other)], model=model))["out"])
+
+
+def test_flux_fused_qkv_slices_are_dynamic(fresh, loras):
+    h = fresh
+    h.run(wf.sd([wf.ours(loras["flux"])], model="flux"))
+    e = entry_for(h, loras["flux"])
+    qkv = e.layers["diffusion_model.double_blocks.0.img_attn.qkv"]
+    assert sorted(f.out_slice for f in qkv) == [(0, 64), (64, 64), (128, 64)]
+    linear1 = e.layers["diffusion_model.single_blocks.0.linear1"]
+    assert sorted(f.out_slice for f in linear1) == [(0, 64), (64, 64), (128, 64), (192, 256)]
+
+
+def test_conv_locon_matches_stock(fresh, loras):
+    h = fresh
+    out = h.run(wf.sd([wf.ours(loras["conv"], 1.3)]))["out"]
+    assert h.last_event()["path"] == "build"
+    assert any(f.kind == "conv" for fs in entry_for(h, loras["conv"]).layers.values() for f in fs)
+    assert close(out, h.run(wf.sd([wf.stock(loras["conv"], 1.3)]))["out"])
+
+
+def test_clip_and_model_match_stock(fresh, loras, host):
+    """LoraCacheLoader with model and CLIP: the sampled latent and the text conditioning equal
+    the stock LoraLoader's; CLIP takes ComfyUI's patches."""
+    h = fresh
+    sd_clip = dict(tiny_models.sd_lora_state_dict(h.unet_sd, seed=5))
+    g = torch.Generator().manual_seed(9)
+    for layer in range(2):
+        for proj in ("q_proj", "v_proj", "out_proj"):
+            k = f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}"
+            sd_clip[k + ".lora_up.weight"] = 0.2 * torch.randn(64, 4, generator=g)
+            sd_clip[k + ".lora_down.weight"] = 0.2 * torch.randn(4, 64, generator=g)
+    tiny_models.write_lora(h.loras / "withclip.safetensors", sd_clip)
+    stock = h.run(wf.clip("LoraLoader", {"lora_name": "withclip.safetensors", "strength_model": 0.9, "strength_clip": 0.7}))
+    base = h.run(wf.clip("LoraCacheLoader", {"lora_name": "withclip.safetensors", "strength_model": 0.9,
+                                             "strength_clip": 0.7, "enabled": False, "mode": "auto"}))
+    assert not close(base["cond"][0], stock["cond"][0])
+    for enabled, expected in ((True, "build"), (False, "off"), (True, "fast"), (False, "off"), (True, "fast")):
+        got = h.run(wf.clip("LoraCacheLoader", {"lora_name": "withclip.safetensors", "strength_model": 0.9,
+                                                "strength_clip": 0.7, "enabled": enabled, "mode": "auto"}))
+        ev = h.last_event()
+        assert ev["path"] == expected, ev
+        ref = stock if enabled else base
+        assert close(got["out"], ref["out"]) and close(got["cond"][0], ref["cond"][0])
+        if enabled:
+            assert ev["clip"] and "ComfyUI patches" in ev["clip"]
+
+
+@pytest.mark.parametrize("smart_memory", [True, False])
+def test_toggle_history_fast_path_moves_no_weights(fresh, loras, smart_memory):
+    """on -> off -> on -> off -> on: every re-enable is fast, reuses the same factor tensors,
+    keeps patches_uuid, and makes ComfyUI do no weight work beyond what an off run does."""
+    h = fresh
+    old = mm.DISABLE_SMART_MEMORY
+    mm.DISABLE_SMART_MEMORY = not smart_memory
+    try:
+        stock = h.run(wf.sd([wf.stock(loras["a"])]))["out"]
+        h.run(wf.sd([]))  # base weights back in place
+        out = h.run(wf.sd([wf.ours(loras["a"])]))["out"]
+        assert h.last_event()["path"] == "build" and close(out, stock)
+        entry = entry_for(h, loras["a"])
+        tensors = {p: [id(f.down) for f in fs] for p, fs in entry.layers.items()}
+        base_model = entry.model_ref()
+        uuid0 = base_model.current_weight_patches_uuid
+
+        work = []
+        for i, enabled in enumerate([False, True, False, True, False, True]):
+            with count_weight_work() as counts:
+                out = h.run(wf.sd([wf.ours(loras["a"], enabled=enabled)]))["out"]
+            ev = h.last_event()
+            assert ev["path"] == ("fast" if enabled else "off"), ev
+            assert close(out, stock) if enabled else not close(out, stock)
+            work.append((enabled, dict(counts)))
+            assert entry_for(h, loras["a"]) is entry
+            assert {p: [id(f.down) for f in fs] for p, fs in entry.layers.items()} == tensors
+            assert base_model.current_weight_patches_uuid in (uuid0, None)
+            assert counts.get("patch_weight", 0) == 0 and counts.get("partially_unload", 0) == 0
+        on = [c for e, c in work if e]
+        off = [c for e, c in work if not e]
+        if smart_memory:
+            assert all(c == {} for c in on), on  # nothing loaded, restored or moved
+        else:
+            # ComfyUI unloads every model after each prompt; a re-enable costs what an off run costs.
+            assert all(c == off[0] for c in on + off), work
+    finally:
+        mm.DISABLE_SMART_MEMORY = old
+
+
+def test_fast_path_flags_only_while_sampling(fresh, loras):
+    """Layers carry a wrapper only during the sampling of a patcher that carries the adapter."""
+    h = fresh
+    h.run(wf.sd([wf.ours(loras["a"])]))
+    entry = entry_for(h, loras["a"])
+    from importlib import import_module
+    layers = import_module(h.pkg_name + ".lora_cache.layers")
+    modules = [m for _, m, _ in entry.modules()]
+    assert not any(layers.is_installed(m) for m in modules)
+    assert not any("forward" in m.__dict__ for m in modules)
+    assert all(layers.holds(m, entry, f) for _, m, f in entry.modules())
+
+
+def test_merged_mode_and_partial_load_take_full_path(fresh, loras):
+    h = fresh
+    stock = h.run(wf.sd([wf.stock(loras["a"])]))["out"]
+    out = h.run(wf.sd([wf.ours(loras["a"], mode="merged")]))["out"]
+    ev = h.last_event()
+    assert ev["path"] == "full" and ev["reason"].startswith("mode merged") and close(out, stock)
+
+    h.run(wf.sd([wf.ours(loras["a"])]))  # dynamic, model fully loaded
+    loaded = [lm for lm in mm.current_loaded_models if lm.model is not None]
+    patcher = next(lm.model for lm in loaded if type(lm.model.model).__name__ == "BaseModel")
+    patcher.partially_unload(patcher.offload_device, patcher.model_size() // 2)
+    assert patcher.model.model_lowvram
+    out = h.run(wf.sd([wf.ours(loras["a"], enabled=True, strength=1.0, mode="dynamic")]))["out"]
+    ev = h.last_event()
+    assert ev["path"] == "full" and "partially loaded" in ev["reason"], ev
+    assert close(out, stock)
+
+
+def test_two_adapters_chained_match_stock(fresh, loras):
+    h = fresh
+    stock = h.run(wf.sd([wf.stock(loras["a"], 0.7), wf.stock(loras["b"], -0.5)]))["out"]
+    out = h.run(wf.sd([wf.ours(loras["a"], 0.7), wf.ours(loras["b"], -0.5)]))["out"]
+    assert close(out, stock)
+    mixed = h.run(wf.sd([wf.stock(loras["a"], 0.7), wf.ours(loras["b"], -0.5)]))["out"]
+    assert close(mixed, stock)
+    mixed = h.run(wf.sd([wf.ours(loras["a"], 0.7, mode="merged"), wf.ours(loras["b"], -0.5)]))["out"]
+    assert close(mixed, stock)
+
+
+def test_file_rewritten_same_name_rebuilds(fresh, loras):
+    h = fresh
+    name = "rewrite.safetensors"
+    path = h.loras / name
+    tiny_models.write_lora(path, tiny_models.sd_lora_state_dict(h.unet_sd, seed=21))
+    h.run(wf.sd([wf.ours(name)]))
+    old_entry = entry_for(h, name)
+    st = os.stat(path)
+    # Same size, same mtime restored: only the content (and ctime) differ.
+    tiny_models.write_lora(path, tiny_models.sd_lora_state_dict(h.unet_sd, seed=22))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size
+    out = h.run(wf.sd([wf.ours(name)]))["out"]
+    ev = h.last_event()
+    assert ev["path"] == "build" and "file changed on disk" in ev["reason"], ev
+    assert not old_entry.live and entry_for(h, name) is not old_entry
+    assert close(out, h.run(wf.sd([wf.stock(name)]))["out"])
+    # and back on again: fast, on the new file
+    h.run(wf.sd([wf.ours(name, enabled=False)]))
+    out = h.run(wf.sd([wf.ours(name)]))["out"]
+    assert h.last_event()["path"] == "fast"
+    assert close(out, h.run(wf.sd([wf.stock(name)]))["out"])
+
+
+def test_branch_without_adapter_sees_exact_base(fresh, loras):
+    """A second KSampler on the same base model, in the same prompt as the adapter and in later
+    prompts, samples exactly the base model. Each seed is new, so ComfyUI samples it afresh."""
+    h = fresh
+    seeds = [100, 101, 102, 103]
+    ref = {s: h.run(wf.sd([], seed=s))["out"] for s in seeds}
+    h.new_executor()
+    for s, strength in zip(seeds[:3], (1.0, 0.5, 1.0)):
+        got = h.run(wf.sd([wf.ours(loras["a"], strength)], seed=s, base_branch=True))
+        assert torch.equal(got["base"], ref[s])
+        assert not close(got["out"], ref[s])
+    assert [e["path"] for e in h.events()[-3:]] == ["build", "fast", "fast"]
+    assert torch.equal(h.run(wf.sd([], seed=seeds[3]))["out"], ref[seeds[3]])
+
+
+def _error_text(h, prompt, outputs=None):
+    err = h.run(prompt, expect_error=True, outputs=outputs)
+    assert err.get("node_type") in (wf.OURS, "LoraCacheLoader"), err
+    return err["exception_message"]
+
+
+def test_bad_inputs_name_file_and_cache_nothing(fresh, loras):
+    h = fresh
+    good = wf.sd([wf.ours(loras["a"])])
+    cases = {}
+    # missing: listed when the prompt is validated, gone when the node runs
+    gone = h.loras / "gone.safetensors"
+    tiny_models.write_lora(gone, tiny_models.sd_lora_state_dict(h.unet_sd, seed=3))
+    cases["gone.safetensors"] = ("not found in the loras folders", lambda: gone.unlink())
+    full = (h.loras / loras["a"]).read_bytes()
+    (h.loras / "truncated.safetensors").write_bytes(full[: len(full) // 2])
+    cases["truncated.safetensors"] = ("could not be loaded", None)
+    (h.loras / "notes.safetensors").write_text("this is not a safetensors file\n")
+    cases["notes.safetensors"] = ("could not be loaded", None)
+    tiny_models.write_lora(h.loras / "other.safetensors", {"transformer.foo.lora_A.weight": torch.ones(2, 3)})
+    cases["other.safetensors"] = ("has no LoRA keys", None)
+    for name, (text, before) in cases.items():
+        prompt = wf.sd([wf.ours(name)])
+        outputs = h.validate(prompt)
+        if before:
+            before()
+        msg = _error_text(h, prompt, outputs)
+        assert name in msg and text in msg, msg
+        assert not [e for e in h.lc.STORE.entries() if e.lora == name]
+        h.run(good)  # the next good run works
+    msg = _error_text(h, wf.sd([wf.ours(loras["a"], strength=math.nan)]))
+    assert loras["a"] in msg and "finite" in msg
+    with pytest.raises(h.lc.LoraCacheError, match="finite"):
+        h.lc.apply(None, None, loras["a"], math.inf, 0.0)
+    with pytest.raises(h.lc.LoraCacheError, match="factors make"):
+        bad = tiny_models.sd_lora_state_dict(h.unet_sd, seed=3)
+        k = next(k for k in bad if k.endswith("lora_down.weight"))
+        bad[k] = torch.ones(bad[k].shape[0], bad[k].shape[1] + 1)
+        tiny_models.write_lora(h.loras / "shape.safetensors", bad)
+        import nodes
+        model = nodes.NODE_CLASS_MAPPINGS["UNETLoader"]().load_unet("tiny_sd.safetensors", "default")[0]
+        h.lc.apply(model, None, "shape.safetensors", 1.0, 0.0)
+    assert not [e for e in h.lc.STORE.entries() if e.lora == "shape.safetensors"]
