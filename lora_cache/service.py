@@ -134,8 +134,11 @@ def _apply_model(model, lora_name, ident, strength, mode, make_patches):
 
     if what == "cached":
         d = decision.fast_or_not(model, entry)
+        if entry.last_strength is not None and entry.last_strength != strength:
+            d = Decision(d.path, f"{d.reason}; strength {entry.last_strength:g}->{strength:g}")
         if d.path == "build" and not entry.attached():
             entry.attach()
     else:
         d = Decision("build", f"{what}: {len(entry.layers)} layers, {entry.nbytes / 1024:.0f} KiB on {entry.device}")
+    entry.last_strength = strength
     return d, scope.carry(model, entry, strength)

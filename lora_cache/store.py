@@ -27,6 +27,7 @@ class Entry:
     plan_reason: str | None = None  # why the dynamic path cannot serve; None if it can
     layers: dict[str, tuple[layers.LayerFactors, ...]] = field(default_factory=dict)
     live: bool = True
+    last_strength: float | None = None  # for the reason string only
 
     @property
     def key(self) -> tuple[int, str]:

@@ -1,0 +1,150 @@
+"""A real ComfyUI server in a subprocess, driven over HTTP and the websocket as users' scripts
+do. Used by the demo and the end-to-end tests."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import comfy_host
+
+ROOT = comfy_host.ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_base_dir(base: Path) -> Path:
+    """A ComfyUI base directory with this package in custom_nodes/ (as a user would clone it)."""
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / "lora_cache_loader"
+    if not link.exists():
+        link.symlink_to(ROOT, target_is_directory=True)
+    for sub in ("models/loras", "models/diffusion_models", "output", "input", "user"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    return base
+
+
+class ComfyServer:
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = (), log_path: Path | None = None):
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client_id = str(uuid.uuid4())
+        self.extra_args = extra_args
+        self.log_path = log_path or base / "server.log"
+        self.proc: subprocess.Popen | None = None
+        self.ws = None
+
+    def start(self, timeout: float = 120.0) -> "ComfyServer":
+        cmd = [sys.executable, str(comfy_host.COMFY_DIR / "main.py"), "--cpu", "--listen", "127.0.0.1",
+               "--port", str(self.port), "--disable-auto-launch", "--base-directory", str(self.base),
+               "--database-url", "sqlite:///:memory:", "--disable-api-nodes", *self.extra_args]
+        self._log = open(self.log_path, "wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, cwd=str(comfy_host.COMFY_DIR), stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                self.get("/system_stats")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.25)
+        else:
+            self.stop()
+            raise TimeoutError(f"ComfyUI did not answer within {timeout}s; see {self.log_path}")
+        import websocket
+
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=60)
+        return self
+
+    def stop(self) -> int | None:
+        if self.ws is not None:
+            try:
+                self.ws.close()
+            except Exception:
+                pass
+            self.ws = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if getattr(self, "_log", None):
+            self._log.close()
+        return self.proc.returncode if self.proc else None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def request(self, method: str, path: str, body: dict | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"null")
+
+    def get(self, path: str):
+        status, body = self.request("GET", path)
+        if status != 200:
+            raise RuntimeError(f"GET {path}: {status} {body}")
+        return body
+
+    def queue(self, prompt: dict) -> tuple[int, dict]:
+        return self.request("POST", "/prompt", {"prompt": prompt, "client_id": self.client_id})
+
+    def wait(self, prompt_id: str, timeout: float = 120.0) -> list[tuple[str, dict]]:
+        """Reads the websocket until the prompt finished; returns its messages."""
+        msgs = []
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            raw = self.ws.recv()
+            if not isinstance(raw, str):
+                continue  # previews
+            msg = json.loads(raw)
+            data = msg.get("data", {})
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            msgs.append((msg["type"], data))
+            if msg["type"] == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
+                return msgs
+            if msg["type"] == "execution_error":
+                # ComfyUI still sends the final "executing: None"; keep reading for it
+                continue
+        raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
+
+    def run(self, prompt: dict) -> dict:
+        """Queues a prompt and waits for it. Returns the prompt id, messages and wall time."""
+        t0 = time.perf_counter()
+        status, body = self.queue(prompt)
+        if status != 200:
+            return {"status": status, "body": body, "messages": [], "seconds": time.perf_counter() - t0}
+        msgs = self.wait(body["prompt_id"])
+        return {"status": status, "prompt_id": body["prompt_id"], "messages": msgs,
+                "seconds": time.perf_counter() - t0}
+
+
+def clean(base: Path) -> None:
+    shutil.rmtree(base, ignore_errors=True)

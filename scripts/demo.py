@@ -1,0 +1,107 @@
+"""The main job: a real ComfyUI server with this package, a generated tiny model and two LoRA
+files, and a short series of queue runs toggling and switching adapters. Prints, per run, the
+path the LoRA Cache Loader took, why, the node's time and the whole run's time."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import comfy_host
+from comfy_server import ComfyServer, make_base_dir
+
+SERIES = [
+    ("on", dict(lora_name="style.safetensors", strength_model=1.0, enabled=True)),
+    ("off", dict(lora_name="style.safetensors", strength_model=1.0, enabled=False)),
+    ("on again", dict(lora_name="style.safetensors", strength_model=1.0, enabled=True)),
+    ("strength 0.6", dict(lora_name="style.safetensors", strength_model=0.6, enabled=True)),
+    ("other adapter", dict(lora_name="detail.safetensors", strength_model=1.0, enabled=True)),
+    ("first again", dict(lora_name="style.safetensors", strength_model=1.0, enabled=True)),
+]
+
+
+def workflow(lora_inputs: dict, node: str = "LoraCacheLoaderModelOnly", seed: int = 7) -> dict:
+    inputs = dict(lora_inputs)
+    if node == "LoraCacheLoaderModelOnly":
+        inputs.setdefault("mode", "auto")
+    else:
+        inputs.pop("enabled", None)
+    lora_ref = ["4", 0]
+    p = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "LotusConditioning", "inputs": {}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": node, "inputs": {"model": ["1", 0], **inputs}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": lora_ref, "seed": seed, "steps": 4, "cfg": 1.5, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["3", 0],
+            "denoise": 1.0}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "lora_cache_demo"}},
+    }
+    if node == "LoraLoaderModelOnly" and not lora_inputs.get("enabled", True):
+        p["5"]["inputs"]["model"] = ["1", 0]
+        del p["4"]
+    return p
+
+
+def make_files(base: Path) -> None:
+    comfy_host.boot()
+    import tiny_models
+
+    tiny_models.write_sd_unet(base / "models/diffusion_models/tiny_sd.safetensors", seed=0)
+    unet = {k: v.half().float() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
+    tiny_models.write_lora(base / "models/loras/style.safetensors", tiny_models.sd_lora_state_dict(unet, seed=1))
+    tiny_models.write_lora(base / "models/loras/detail.safetensors",
+                           tiny_models.sd_lora_state_dict(unet, seed=2, kinds=("attn",)))
+
+
+def run_series(server: ComfyServer, node: str = "LoraCacheLoaderModelOnly") -> list[dict]:
+    rows = []
+    for label, inputs in SERIES:
+        before = len(server.get("/lora_cache/stats")["events"])
+        res = server.run(workflow(inputs, node))
+        errors = [d for t, d in res["messages"] if t == "execution_error"]
+        if res["status"] != 200 or errors:
+            raise RuntimeError(f"run '{label}' failed: {res.get('body') or errors}")
+        events = server.get("/lora_cache/stats")["events"]
+        ev = events[-1] if len(events) > before else None
+        rows.append({"run": label, "path": ev["path"] if ev else "-", "reason": ev["reason"] if ev else "-",
+                     "node_ms": ev["ms"] if ev else None, "run_s": res["seconds"]})
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", help="also write the rows as JSON to this file")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary ComfyUI base directory")
+    args = ap.parse_args(argv)
+
+    base = make_base_dir(Path(tempfile.mkdtemp(prefix="lora_cache_demo_")))
+    make_files(base)
+    print(f"ComfyUI base directory: {base}")
+    server = ComfyServer(base)
+    with server:
+        print(f"ComfyUI {server.get('/system_stats')['system']['comfyui_version']} running at {server.url}")
+        rows = run_series(server)
+        stock = run_series(server, node="LoraLoaderModelOnly")
+        stats = server.get("/lora_cache/stats")
+    print()
+    print(f"{'run':<15} {'path':<6} {'node ms':>9} {'run s':>7}  {'stock run s':>11}  reason")
+    for r, s in zip(rows, stock):
+        node_ms = f"{r['node_ms']:.3f}" if r["node_ms"] is not None else "-"
+        print(f"{r['run']:<15} {r['path']:<6} {node_ms:>9} {r['run_s']:>7.3f}  {s['run_s']:>11.3f}  {r['reason']}")
+    print()
+    print("cached adapters:", ", ".join(f"{a['name']} ({a['bytes'] // 1024} KiB on {a['device']})"
+                                         for a in stats["adapters"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "stock": stock, "stats": stats}, indent=1))
+    if not args.keep:
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
