@@ -11,7 +11,8 @@ HOST="${LORA_CACHE_HOST:-$ROOT/.host}"
 VENV="$HOST/venv"
 COMFY="$HOST/ComfyUI"
 PY="${PYTHON:-python3}"
-STAMP="$HOST/.installed-v1"
+# The stamp names the requirement files' content: editing them re-runs the install.
+STAMP="$HOST/.installed-$(cat "$ROOT/scripts/host-requirements.txt" "$ROOT/scripts/test-requirements.txt" | sha256sum | cut -c1-16)"
 
 log() { echo "[setup_host] $*"; }
 
