@@ -1,0 +1,91 @@
+"""GPU check of the dynamic path on real ComfyUI code, for the device machine (no server).
+
+Builds the tiny SD-type model on the GPU in its default dtype, toggles a LoRA through
+lora_cache.apply and sampling (comfy.sample) next to the stock patch path, and reports paths,
+the weight work ComfyUI did (counted), output differences to stock, and the novram fallback.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import comfy_host
+
+comfy_host.boot(cpu=False)
+
+import torch  # noqa: E402
+
+import comfy.model_management as mm  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.sd  # noqa: E402
+import folder_paths  # noqa: E402
+import tiny_models  # noqa: E402
+
+sys.path.insert(0, str(comfy_host.ROOT / "tests"))
+from spies import count_weight_work  # noqa: E402
+
+
+def load_package():
+    spec = importlib.util.spec_from_file_location(
+        "lora_cache_loader", comfy_host.ROOT / "__init__.py", submodule_search_locations=[str(comfy_host.ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["lora_cache_loader"] = mod
+    spec.loader.exec_module(mod)
+    return sys.modules["lora_cache_loader.lora_cache"]
+
+
+def main() -> int:
+    lc = load_package()
+    tmp = Path(tempfile.mkdtemp())
+    folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
+    unet_sd = tiny_models.sd_unet_state_dict(seed=0)
+    unet_sd16 = {k: v.half() for k, v in unet_sd.items()}
+    lora_sd = tiny_models.sd_lora_state_dict({k: v.float() for k, v in unet_sd16.items()}, seed=1,
+                                              kinds=("attn", "ff", "conv"))
+    tiny_models.write_lora(tmp / "a.safetensors", lora_sd)
+    base = comfy.sd.load_diffusion_model_state_dict(dict(unet_sd16))
+    dev = mm.get_torch_device()
+    g = torch.Generator().manual_seed(3)
+    cond = [[torch.randn(1, 77, 1024, generator=g), {}]]
+    latent = torch.zeros(1, 4, 16, 16)
+    noise = comfy.sample.prepare_noise(latent, 42)
+
+    def sample(model):
+        return comfy.sample.sample(model, noise, 4, 1.5, "euler", "normal", cond, cond, latent, seed=42).float()
+
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "dtype": str(base.model_dtype()),
+              "runs": []}
+    stock_model, _ = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(str(tmp / "a.safetensors")), 1.0, 0)
+    stock = sample(stock_model)
+    ref_base = sample(base)
+    for label, enabled, mode in [("on", True, "auto"), ("off", False, "auto"), ("on again", True, "auto"),
+                                 ("off", False, "auto"), ("on again", True, "auto"), ("merged", True, "merged"),
+                                 ("dynamic after merged", True, "auto")]:
+        with count_weight_work() as counts:
+            m, _, ev = lc.apply(base, None, "a.safetensors", 1.0, 0.0, enabled, mode)
+            out = sample(m)
+        ref = stock if enabled else ref_base
+        report["runs"].append({"run": label, "path": ev.path, "reason": ev.reason, "node_ms": round(ev.ms, 3),
+                               "weight_work": dict(counts), "max_abs_diff_vs_stock": float((out - ref).abs().max()),
+                               "ref_max_abs": float(ref.abs().max())})
+    entry = [e for e in lc.STORE.entries()][0]
+    report["factor_device"] = entry.device
+    report["factor_bytes"] = entry.nbytes
+    old = mm.vram_state
+    mm.vram_state = mm.VRAMState.NO_VRAM
+    try:
+        m, _, ev = lc.apply(base, None, "a.safetensors", 1.0, 0.0, True, "auto")
+        out = sample(m)
+        report["novram"] = {"path": ev.path, "reason": ev.reason,
+                            "max_abs_diff_vs_stock": float((out - stock).abs().max())}
+    finally:
+        mm.vram_state = old
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
