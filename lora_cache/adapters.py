@@ -91,8 +91,9 @@ def _row_linear(function, up: torch.Tensor) -> bool:
         return False
 
 
-def plan_dynamic(patches: Patches, model_patcher, lora_name: str, device, dtype) -> Plan:
-    """Factors for the dynamic path. Raises on shapes that cannot belong to the layer."""
+def plan_dynamic(patches: Patches, model_patcher, lora_name: str, device, dtype, progress=None) -> Plan:
+    """Factors for the dynamic path. Raises on shapes that cannot belong to the layer.
+    `progress(done)` is called every few layers: a large adapter's build shows in the UI."""
     kinds: dict[str, int] = {}
     for target, adapter in patches.items():
         kind = describe_adapter(adapter)
@@ -104,7 +105,9 @@ def plan_dynamic(patches: Patches, model_patcher, lora_name: str, device, dtype)
 
     model = model_patcher.model
     per_module: dict[str, list[LayerFactors]] = {}
-    for target, adapter in patches.items():
+    for i, (target, adapter) in enumerate(patches.items()):
+        if progress is not None and i % 32 == 0:
+            progress(i)
         key = target_key(target)
         offset = target[1] if not isinstance(target, str) and len(target) > 1 else None
         function = target[2] if not isinstance(target, str) and len(target) > 2 else None
@@ -167,4 +170,6 @@ def plan_dynamic(patches: Patches, model_patcher, lora_name: str, device, dtype)
         else:
             return Plan(None, f"'{path}' is a {type(module).__name__}, not a Linear or convolution")
         per_module.setdefault(path, []).append(f)
+    if progress is not None:
+        progress(len(patches))
     return Plan({k: tuple(v) for k, v in per_module.items()}, None)

@@ -80,7 +80,3 @@ def _on_cleanup(patcher) -> None:
 def _deactivate(model_id: int) -> None:
     for module in _active.pop(model_id, ()):
         layers.deactivate(module)
-
-
-def active_modules(model) -> int:
-    return len(_active.get(id(model), ()))

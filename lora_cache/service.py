@@ -12,9 +12,6 @@ from .errors import LoraCacheError
 from .events import Decision, Event, record
 from .store import STORE, Entry
 
-_PROGRESS_EVERY = 64  # layers between progress bar updates while building
-
-
 def fingerprint(lora_name: str, enabled: bool) -> str | float:
     """The node's change fingerprint (IS_CHANGED): the file's identity and the cache generation,
     so a rewritten file or a purge makes ComfyUI execute the node again."""
@@ -66,43 +63,35 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
 
     path = files.resolve(lora_name)
     ident = files.identify(path, lora_name)
-    sd_holder: dict = {}
+    read: dict = {}
 
-    def file_sd():
-        if "sd" not in sd_holder:
-            sd_holder["sd"] = adapters.read_file(ident, lora_name)
-        return sd_holder["sd"]
-
-    def patches_for(which: str):
-        def make():
-            unet_p, clip_p = adapters.split_patches(file_sd(), model if which == "model" else None,
-                                                    clip if which == "clip" else None)
-            p = unet_p if which == "model" else clip_p
-            if not p:
-                target = "diffusion model" if which == "model" else "text encoder"
+    def split():
+        # Read and mapped at most once per execution, and only when an entry must be built.
+        if "split" not in read:
+            sd = adapters.read_file(ident, lora_name)
+            unet_p, clip_p = adapters.split_patches(sd, model if use_model else None, clip if use_clip else None)
+            if not unet_p and not clip_p:
+                target = " or ".join(t for t, used in (("diffusion model", use_model), ("text encoder", use_clip)) if used)
                 raise LoraCacheError(f"LoRA file '{lora_name}' has no LoRA keys for this {target} "
-                                     f"({len(file_sd())} tensors, none match ComfyUI's key map)")
-            return p
-        return make
+                                     f"({len(sd)} tensors, none match ComfyUI's key map)")
+            read["split"] = (unet_p, clip_p)
+        return read["split"]
 
     out_model, out_clip, clip_note = model, clip, None
-    # Check both sides before building either, so a bad file leaves nothing cached.
-    if use_model and use_clip:
-        unet_p, clip_p = adapters.split_patches(file_sd(), model, clip)
-        if not unet_p and not clip_p:
-            raise LoraCacheError(f"LoRA file '{lora_name}' has no LoRA keys for this model or text encoder "
-                                 f"({len(file_sd())} tensors, none match ComfyUI's key map)")
-        use_model, use_clip = bool(unet_p), bool(clip_p)
-
+    # Entries of both sides are looked up first; a file is read only if one must be built, and
+    # both sides are checked before either is stored, so a bad file leaves nothing cached.
     d = Decision("off", "no LoRA keys for the diffusion model")
     if use_model:
-        d, out_model = _apply_model(model, lora_name, ident, strength_model, mode, patches_for("model"))
+        d, out_model = _apply_model(model, lora_name, ident, strength_model, mode, lambda: split()[0])
     if use_clip:
-        centry, _ = _entry_for(clip.cond_stage_model, patches_for("clip"), lora_name, ident,
+        centry, _ = _entry_for(clip.cond_stage_model, lambda: split()[1], lora_name, ident,
                                lambda e: setattr(e, "plan_reason", "text encoder"))
-        out_clip = clip.clone()
-        out_clip.add_patches(centry.patches, strength_clip)
-        clip_note = "ComfyUI patches (text encoder)"
+        if centry.patches:
+            out_clip = clip.clone()
+            out_clip.add_patches(centry.patches, strength_clip)
+            clip_note = "ComfyUI patches (text encoder)"
+        else:
+            clip_note = "no LoRA keys for the text encoder"
     return out_model, out_clip, done(d, clip_note)
 
 
@@ -110,14 +99,16 @@ def _apply_model(model, lora_name, ident, strength, mode, make_patches):
     device, dtype = decision.device_dtype(model)
 
     def build(entry: Entry) -> None:
-        plan = adapters.plan_dynamic(entry.patches, model, lora_name, device, dtype)
+        pbar = comfy.utils.ProgressBar(len(entry.patches))
+        plan = adapters.plan_dynamic(entry.patches, model, lora_name, device, dtype,
+                                     progress=lambda done: pbar.update_absolute(done))
         entry.plan_reason = plan.reason
         if plan.layers is not None:
-            pbar = comfy.utils.ProgressBar(max(1, len(plan.layers) // _PROGRESS_EVERY))
             entry.layers = plan.layers
-            pbar.update(max(1, len(plan.layers) // _PROGRESS_EVERY))
 
     entry, what = _entry_for(model.model, make_patches, lora_name, ident, build)
+    if not entry.patches:  # the file only holds text encoder keys
+        return Decision("off", "no LoRA keys for the diffusion model"), model
 
     full_reason = None
     if mode == "merged":
