@@ -12,6 +12,7 @@ from .errors import LoraCacheError
 from .events import Decision, Event, record
 from .store import STORE, Entry
 
+
 def fingerprint(lora_name: str, enabled: bool) -> str | float:
     """The node's change fingerprint (IS_CHANGED): the file's identity and the cache generation,
     so a rewritten file or a purge makes ComfyUI execute the node again."""
@@ -127,8 +128,8 @@ def _apply_model(model, lora_name, ident, strength, mode, make_patches):
         d = decision.fast_or_not(model, entry)
         if entry.last_strength is not None and entry.last_strength != strength:
             d = Decision(d.path, f"{d.reason}; strength {entry.last_strength:g}->{strength:g}")
-        if d.path == "build" and not entry.attached():
-            entry.attach()
+        if d.path == "build":
+            entry.attach()  # idempotent: re-registers exactly these factors on every layer
     else:
         d = Decision("build", f"{what}: {len(entry.layers)} layers, {entry.nbytes / 1024:.0f} KiB on {entry.device}")
     entry.last_strength = strength

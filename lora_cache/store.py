@@ -50,13 +50,6 @@ class Entry:
         for path, factors in self.layers.items():
             yield path, model.get_submodule(path), factors
 
-    def attached(self) -> bool:
-        """Every targeted layer still holds exactly these factors."""
-        model = self.model_ref()
-        if model is None or not self.live:
-            return False
-        return all(layers.holds(m, self, f) for _, m, f in self.modules())
-
     def attach(self) -> None:
         for _, m, f in self.modules():
             layers.register(m, self, f)
