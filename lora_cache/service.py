@@ -79,8 +79,8 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
         return read["split"]
 
     out_model, out_clip, clip_note = model, clip, None
-    # Entries of both sides are looked up first; a file is read only if one must be built, and
-    # both sides are checked before either is stored, so a bad file leaves nothing cached.
+    # The file is read only if an entry must be built, and split() checks both sides at once
+    # before any entry is stored, so a bad file leaves nothing cached.
     d = Decision("off", "no LoRA keys for the diffusion model")
     if use_model:
         d, out_model = _apply_model(model, lora_name, ident, strength_model, mode, lambda: split()[0])

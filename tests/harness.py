@@ -12,9 +12,6 @@ import sys
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
 import comfy_host  # noqa: E402
 
 comfy_host.boot()

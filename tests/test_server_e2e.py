@@ -2,18 +2,14 @@
 HTTP and the websocket only: the demo series, the stats and purge routes, a bad file."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import demo  # noqa: E402
-from comfy_server import ComfyServer, make_base_dir  # noqa: E402
+import demo
+from comfy_server import ComfyServer, make_base_dir
 
 
 @pytest.fixture(scope="module")
