@@ -2,7 +2,7 @@
 from .decision import MODES
 from .errors import LoraCacheError
 from .routes import purge, stats
-from .service import apply, fingerprint
+from .service import StackRow, apply, apply_stack, fingerprint
 from .store import STORE
 
-__all__ = ["MODES", "LoraCacheError", "STORE", "apply", "fingerprint", "purge", "stats"]
+__all__ = ["MODES", "LoraCacheError", "STORE", "StackRow", "apply", "apply_stack", "fingerprint", "purge", "stats"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import comfy.model_management as mm
+import comfy.utils
 
 from .events import Decision
 from . import layers
@@ -65,7 +66,10 @@ def unattached_layers(entry: Entry) -> str | None:
     for path, module, factors in entry.modules():
         if not layers.holds(module, entry, factors):
             return f"layer {path} no longer holds the cached factors"
-        if getattr(module, "weight_function", None) or getattr(module, "comfy_cast_weights", False):
+        # ComfyUI marks the modules it leaves offloaded with `prev_comfy_cast_weights` (manual_cast
+        # models cast every layer, so comfy_cast_weights alone says nothing) and gives patched
+        # ones a weight_function.
+        if hasattr(module, "prev_comfy_cast_weights") or getattr(module, "weight_function", None):
             return f"layer {path} is offloaded (weights cast per call)"
     return None
 
@@ -80,8 +84,21 @@ def fast_or_not(patcher, entry: Entry) -> Decision:
     return Decision("fast", "cached adapter, layers flagged only")
 
 
-def device_dtype(patcher) -> tuple[torch.device, torch.dtype]:
-    """Where and in which dtype the layers compute: the factors are stored that way."""
+def device_dtype(patcher, patches: dict | None = None) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype the layers compute: the factors are stored that way.
+
+    A diffusion model says its compute dtype; a text encoder (manual_cast ops) computes in the
+    dtype its layers hold, so the first patched layer's weight dtype is taken there."""
     model = patcher.model
-    dtype = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
-    return patcher.load_device, dtype
+    dtype = getattr(model, "manual_cast_dtype", None)
+    if dtype is None and hasattr(model, "get_dtype"):
+        dtype = model.get_dtype()
+    if dtype is None:
+        from .adapters import target_key
+        for target in patches or ():
+            try:
+                dtype = comfy.utils.get_attr(model, target_key(target)).dtype
+                break
+            except AttributeError:
+                continue
+    return patcher.load_device, dtype or torch.float32

@@ -30,19 +30,22 @@ class Event:
     path: str
     reason: str
     ms: float
-    clip: str | None = None
+    clip: str | None = None  # the text encoder's "path (reason)", when the node patched it
+    clip_path: str | None = None
     node: str | None = None
+    rows: list | None = None  # a stack node's per-row events
     time: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def record(event: Event) -> Event:
+def record(event: Event, notify: bool = True) -> Event:
     _recent.append(event)
     clip = f"; clip: {event.clip}" if event.clip else ""
     log.info("[LoRA Cache] %s: %s (%s%s) %.3f ms", event.lora, event.path, event.reason, clip, event.ms)
-    _notify_ui(event)
+    if notify:
+        _notify_ui(event)
     return event
 
 

@@ -1,9 +1,12 @@
-"""What one execution of a LoRA Cache Loader node does: decide the path, build or reuse the
-cache entry, and return the patchers. Node classes call `apply` and nothing else."""
+"""What one execution of a LoRA Cache Loader node does: decide the path for the diffusion
+model and the text encoder, build or reuse their cache entries, and return the clones.
+Node classes call `apply` / `apply_stack` and nothing else."""
 from __future__ import annotations
 
 import time
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import comfy.utils
 
@@ -12,17 +15,44 @@ from .errors import LoraCacheError
 from .events import Decision, Event, record
 from .store import STORE, Entry
 
+# (node key, side) -> (lora, strength) of that node's last dynamic run: the reason string
+# says what changed ("switch a->b", "strength 0.8->0.6").
+_last_run: dict[tuple[str, str], tuple[str, float]] = {}
+_PATH_WEIGHT = {"off": 0, "fast": 1, "build": 2, "full": 3}
+
 
 def fingerprint(lora_name: str, enabled: bool) -> str | float:
     """The node's change fingerprint (IS_CHANGED): the file's identity and the cache generation,
     so a rewritten file or a purge makes ComfyUI execute the node again."""
-    if not enabled:
+    if not enabled or lora_name in (None, "", "None"):
         return "off"
     try:
         ident = files.identify(files.resolve(lora_name), lora_name)
     except LoraCacheError:
         return float("nan")  # always "changed": the node runs and reports the error itself
     return f"{ident.sha256}:{ident.size}:{ident.mtime_ns}:{ident.ctime_ns}:{STORE.generation}"
+
+
+@dataclass
+class _Side:
+    """The diffusion model or the text encoder: what the node patches and how."""
+
+    name: str  # "model" | "clip"
+    obj: object  # ModelPatcher, or comfy.sd.CLIP
+    strength: float
+
+    @property
+    def patcher(self):
+        return self.obj if self.name == "model" else self.obj.patcher
+
+    def full(self, patches: dict):
+        n = self.obj.clone()
+        n.add_patches(patches, self.strength)
+        return n
+
+    def dynamic(self, entry: Entry):
+        carry = scope.carry if self.name == "model" else scope.carry_clip
+        return carry(self.obj, entry, self.strength)
 
 
 def _entry_for(target_model, patches_of, lora: str, ident, build_factors) -> tuple[Entry, str]:
@@ -42,15 +72,76 @@ def _entry_for(target_model, patches_of, lora: str, ident, build_factors) -> tup
     return new, why
 
 
+def _what_changed(key: tuple[str, str] | None, entry: Entry, lora: str, strength: float) -> str | None:
+    last = _last_run.get(key) if key is not None else None
+    if last is None:
+        last = (lora, entry.last_strength) if entry.last_strength is not None else None
+    if last is None:
+        return None
+    if last[0] != lora:
+        return f"switch {last[0]}->{lora}"
+    if last[1] != strength:
+        return f"strength {last[1]:g}->{strength:g}"
+    return None
+
+
+def _apply_side(side: _Side, lora_name: str, ident, mode: str, make_patches: Callable[[], dict],
+                run_key: tuple[str, str] | None):
+    patcher = side.patcher
+
+    def build(entry: Entry) -> None:
+        if side.name == "clip" and not entry.patches:
+            return
+        pbar = comfy.utils.ProgressBar(max(len(entry.patches), 1))
+        device, dtype = decision.device_dtype(patcher, entry.patches)
+        plan = adapters.plan_dynamic(entry.patches, patcher, lora_name, device, dtype,
+                                     progress=lambda done: pbar.update_absolute(done))
+        entry.plan_reason = plan.reason
+        if plan.layers is not None:
+            entry.layers = plan.layers
+
+    entry, what = _entry_for(patcher.model, make_patches, lora_name, ident, build)
+    target = "diffusion model" if side.name == "model" else "text encoder"
+    if not entry.patches:
+        return Decision("off", f"no LoRA keys for the {target}"), side.obj
+
+    if mode == "merged":
+        full_reason = "mode merged"
+    elif entry.plan_reason is not None:
+        full_reason = entry.plan_reason
+    else:
+        full_reason = decision.placement_problem(patcher, extra_bytes=0 if what == "cached" else entry.nbytes)
+    if full_reason is not None:
+        if run_key is not None:
+            _last_run.pop(run_key, None)
+        return Decision("full", f"{full_reason}; ComfyUI patch path"), side.full(entry.patches)
+
+    if what == "cached":
+        d = decision.fast_or_not(patcher, entry)
+        change = _what_changed(run_key, entry, lora_name, side.strength)
+        if change is not None:
+            d = Decision(d.path, f"{d.reason}; {change}")
+        if d.path == "build":
+            entry.attach()  # idempotent: re-registers exactly these factors on every layer
+    else:
+        d = Decision("build", f"{what}: {len(entry.layers)} layers, {entry.nbytes / 1024:.0f} KiB on {entry.device}")
+    entry.last_strength = side.strength
+    if run_key is not None:
+        _last_run[run_key] = (lora_name, side.strength)
+    return d, side.dynamic(entry)
+
+
 def apply(model, clip, lora_name: str, strength_model: float, strength_clip: float,
-          enabled: bool = True, mode: str = "auto", node_id: str | None = None):
+          enabled: bool = True, mode: str = "auto", node_id: str | None = None, notify: bool = True):
     """Returns (model, clip, event). With `enabled` false the inputs come back unchanged."""
     t0 = time.perf_counter()
 
-    def done(d: Decision, clip_note: str | None = None):
-        ev = Event(lora=lora_name, path=d.path, reason=d.reason, clip=clip_note, node=node_id,
+    def done(d: Decision, clip_d: Decision | None = None):
+        ev = Event(lora=lora_name, path=d.path, reason=d.reason, node=node_id,
+                   clip=None if clip_d is None else f"{clip_d.path} ({clip_d.reason})",
+                   clip_path=None if clip_d is None else clip_d.path,
                    ms=(time.perf_counter() - t0) * 1000.0)
-        return record(ev)
+        return record(ev, notify=notify)
 
     if not enabled:
         return model, clip, done(Decision("off", "disabled"))
@@ -68,6 +159,8 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
 
     def split():
         # Read and mapped at most once per execution, and only when an entry must be built.
+        # Both sides are checked here, before any entry is stored, so a bad file leaves
+        # nothing cached.
         if "split" not in read:
             sd = adapters.read_file(ident, lora_name)
             unet_p, clip_p = adapters.split_patches(sd, model if use_model else None, clip if use_clip else None)
@@ -78,59 +171,49 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
             read["split"] = (unet_p, clip_p)
         return read["split"]
 
-    out_model, out_clip, clip_note = model, clip, None
-    # The file is read only if an entry must be built, and split() checks both sides at once
-    # before any entry is stored, so a bad file leaves nothing cached.
-    d = Decision("off", "no LoRA keys for the diffusion model")
+    key = (lambda side: (node_id, side)) if node_id is not None else (lambda side: None)
+    out_model, out_clip = model, clip
+    d = clip_d = None
     if use_model:
-        d, out_model = _apply_model(model, lora_name, ident, strength_model, mode, lambda: split()[0])
+        d, out_model = _apply_side(_Side("model", model, strength_model), lora_name, ident, mode,
+                                   lambda: split()[0], key("model"))
     if use_clip:
-        centry, _ = _entry_for(clip.cond_stage_model, lambda: split()[1], lora_name, ident,
-                               lambda e: setattr(e, "plan_reason", "text encoder"))
-        if centry.patches:
-            out_clip = clip.clone()
-            out_clip.add_patches(centry.patches, strength_clip)
-            clip_note = "ComfyUI patches (text encoder)"
-        else:
-            clip_note = "no LoRA keys for the text encoder"
-    return out_model, out_clip, done(d, clip_note)
+        clip_d, out_clip = _apply_side(_Side("clip", clip, strength_clip), lora_name, ident, mode,
+                                       lambda: split()[1], key("clip"))
+    if d is None:  # text encoder only: the event's path is the text encoder's
+        d = Decision(clip_d.path, f"text encoder: {clip_d.reason}")
+    return out_model, out_clip, done(d, clip_d)
 
 
-def _apply_model(model, lora_name, ident, strength, mode, make_patches):
-    device, dtype = decision.device_dtype(model)
+@dataclass(frozen=True)
+class StackRow:
+    lora_name: str
+    strength_model: float
+    strength_clip: float
+    enabled: bool = True
 
-    def build(entry: Entry) -> None:
-        pbar = comfy.utils.ProgressBar(len(entry.patches))
-        plan = adapters.plan_dynamic(entry.patches, model, lora_name, device, dtype,
-                                     progress=lambda done: pbar.update_absolute(done))
-        entry.plan_reason = plan.reason
-        if plan.layers is not None:
-            entry.layers = plan.layers
 
-    entry, what = _entry_for(model.model, make_patches, lora_name, ident, build)
-    if not entry.patches:  # the file only holds text encoder keys
-        return Decision("off", "no LoRA keys for the diffusion model"), model
-
-    full_reason = None
-    if mode == "merged":
-        full_reason = "mode merged"
-    elif entry.plan_reason is not None:
-        full_reason = entry.plan_reason
+def apply_stack(model, clip, rows: list[StackRow], mode: str = "auto", node_id: str | None = None):
+    """Several adapters in one node: the same as a chain of LoRA Cache Loaders, one per row.
+    Each row records its own event; the node's badge gets one summary event."""
+    t0 = time.perf_counter()
+    row_events = []
+    for i, row in enumerate(rows):
+        if row.lora_name in (None, "", "None"):
+            continue
+        row_id = f"{node_id}:{i + 1}" if node_id is not None else None
+        model, clip, ev = apply(model, clip, row.lora_name, row.strength_model, row.strength_clip,
+                                row.enabled, mode, row_id, notify=False)
+        row_events.append(ev)
+    if not row_events:
+        summary = Event(lora="(none)", path="off", reason="no LoRA selected", node=node_id,
+                        ms=(time.perf_counter() - t0) * 1000.0)
     else:
-        full_reason = decision.placement_problem(model, extra_bytes=0 if what == "cached" else entry.nbytes)
-
-    if full_reason is not None:
-        n = model.clone()
-        n.add_patches(entry.patches, strength)
-        return Decision("full", f"{full_reason}; ComfyUI patch path"), n
-
-    if what == "cached":
-        d = decision.fast_or_not(model, entry)
-        if entry.last_strength is not None and entry.last_strength != strength:
-            d = Decision(d.path, f"{d.reason}; strength {entry.last_strength:g}->{strength:g}")
-        if d.path == "build":
-            entry.attach()  # idempotent: re-registers exactly these factors on every layer
-    else:
-        d = Decision("build", f"{what}: {len(entry.layers)} layers, {entry.nbytes / 1024:.0f} KiB on {entry.device}")
-    entry.last_strength = strength
-    return d, scope.carry(model, entry, strength)
+        def weight(e: Event) -> int:
+            return max(_PATH_WEIGHT[e.path], _PATH_WEIGHT[e.clip_path or "off"])
+        worst = max(row_events, key=weight)
+        path = next(p for p, w in _PATH_WEIGHT.items() if w == weight(worst))
+        reason = ", ".join(f"{e.lora}: {e.path}" for e in row_events) + f" | {worst.lora}: {worst.reason}"
+        summary = Event(lora=", ".join(e.lora for e in row_events), path=path, reason=reason, node=node_id,
+                        ms=(time.perf_counter() - t0) * 1000.0, rows=[e.as_dict() for e in row_events])
+    return model, clip, record(summary)

@@ -78,11 +78,51 @@ class LoraCacheLoaderModelOnly(LoraCacheLoader):
         return (m,)
 
 
+STACK_ROWS = 4
+
+
+class LoraCacheStack:
+    DESCRIPTION = ("Several LoRAs in one node, each with its strength and an on/off switch: the same as "
+                   "a chain of LoRA Cache Loaders. Rows set to None are skipped. Each row's strength "
+                   "applies to the diffusion model and, when a CLIP is connected, to the text encoder.")
+    CATEGORY = "loaders"
+    FUNCTION = "load_stack"
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The diffusion model with the LoRAs.", "The CLIP model with the LoRAs (None if none was connected).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = ["None"] + folder_paths.get_filename_list("loras")
+        required = {"model": ("MODEL", {"tooltip": "The diffusion model the LoRAs will be applied to."})}
+        for i in range(1, STACK_ROWS + 1):
+            required[f"lora_{i}"] = (names, {"default": "None", "tooltip": f"LoRA file of row {i} (None: row unused)."})
+            required[f"strength_{i}"] = ("FLOAT", {**_STRENGTH, "tooltip": f"Strength of row {i}. Can be negative."})
+            required[f"enabled_{i}"] = ("BOOLEAN", {"default": True, "tooltip": f"Row {i} on/off; turning a cached row back on costs microseconds."})
+        required["mode"] = (list(lora_cache.MODES), {"default": "auto", "tooltip": _MODE_TIP})
+        return {"required": required,
+                "optional": {"clip": ("CLIP", {"tooltip": "Optional text encoder; the rows' strengths apply to it too."})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kw):
+        return tuple(lora_cache.fingerprint(kw.get(f"lora_{i}"), kw.get(f"enabled_{i}", True))
+                     for i in range(1, STACK_ROWS + 1))
+
+    def load_stack(self, model, mode="auto", clip=None, unique_id=None, **rows):
+        stack = [lora_cache.StackRow(rows[f"lora_{i}"], rows[f"strength_{i}"],
+                                     rows[f"strength_{i}"] if clip is not None else 0.0, rows[f"enabled_{i}"])
+                 for i in range(1, STACK_ROWS + 1) if f"lora_{i}" in rows]
+        m, c, _ = lora_cache.apply_stack(model, clip, stack, mode, unique_id)
+        return (m, c)
+
+
 NODE_CLASS_MAPPINGS = {
     "LoraCacheLoader": LoraCacheLoader,
     "LoraCacheLoaderModelOnly": LoraCacheLoaderModelOnly,
+    "LoraCacheStack": LoraCacheStack,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraCacheLoader": "LoRA Cache Loader",
     "LoraCacheLoaderModelOnly": "LoRA Cache Loader (Model Only)",
+    "LoraCacheStack": "LoRA Cache Stack",
 }

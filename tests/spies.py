@@ -11,11 +11,18 @@ MP = comfy.model_patcher.ModelPatcher
 
 
 @contextlib.contextmanager
-def count_weight_work():
+def count_weight_work(only=None):
     """Counts ModelPatcher.load, weight-restoring unpatch_model, partially_unload/partially_load
     that move weights, patch_weight_to_device that computes a patched weight, and
-    LoadedModel.model_unload."""
+    LoadedModel.model_unload. With `only` (a BaseModel or text encoder module), counts only the
+    work done on that module tree."""
     counts: Counter = Counter()
+
+    def concerns(obj) -> bool:
+        if only is None:
+            return True
+        patcher = obj.model if isinstance(obj, comfy.model_management.LoadedModel) else obj
+        return patcher is not None and patcher.model is only
     originals = {}
 
     def wrap(owner, name, key_fn):
@@ -24,7 +31,7 @@ def count_weight_work():
 
         def spy(self, *a, **kw):
             key = key_fn(self, *a, **kw)
-            if key:
+            if key and concerns(self):
                 counts[key] += 1
             return orig(self, *a, **kw)
 

@@ -54,3 +54,37 @@ def clip(cls: str, inputs: dict, text: str = "a tiny test prompt", seed: int = 4
     p["t"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["l0", 1], "text": text}}
     p["9"] = {"class_type": "LCTestCondSink", "inputs": {"conditioning": ["t", 0], "tag": "cond"}}
     return p
+
+
+def paired(rows: list[tuple[str, float, bool]], seed: int = 42, node: str = OURS,
+           stock_names: dict[str, str] | None = None) -> dict:
+    """Our chain on tiny_sd and the equivalent stock chain on tiny_sd_ref (the same weights, a
+    separate model object) in one prompt, so stock's re-patching never touches our model.
+    Each row is (lora, strength, enabled); a disabled row is a stock node at strength 0.
+
+    The stock LoraLoader has no change check: after a file is rewritten under the same name,
+    ComfyUI reuses its cached output (and the node its cached tensors). So a reference for a
+    rewritten file reads a copy under another name: `stock_names` maps ours to the stock one."""
+    p = sd([(node, {"lora_name": lora, "strength_model": s, "enabled": on, "mode": "auto"})
+            for lora, s, on in rows], seed)
+    p["r1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd_ref.safetensors", "weight_dtype": "default"}}
+    ref = ["r1", 0]
+    for i, (lora, s, on) in enumerate(rows):
+        stock_lora = (stock_names or {}).get(lora, lora)
+        p[f"s{i}"] = {"class_type": STOCK, "inputs": {"model": ref, "lora_name": stock_lora, "strength_model": s if on else 0.0}}
+        ref = [f"s{i}", 0]
+    p["r5"] = _sampler(ref, ["2", 0], ["3", 0], seed)
+    p["r6"] = {"class_type": "LCTestLatentSink", "inputs": {"samples": ["r5", 0], "tag": "ref"}}
+    return p
+
+
+def stack_node(rows: list[tuple[str, float, bool]], seed: int = 42, mode: str = "auto") -> dict:
+    """One LoRA Cache Stack node carrying `rows` (padded with unused rows)."""
+    p = sd([], seed)
+    inputs: dict = {"model": ["1", 0], "mode": mode}
+    for i in range(4):
+        lora, s, on = rows[i] if i < len(rows) else ("None", 1.0, True)
+        inputs.update({f"lora_{i + 1}": lora, f"strength_{i + 1}": s, f"enabled_{i + 1}": on})
+    p["st"] = {"class_type": "LoraCacheStack", "inputs": inputs}
+    p["5"]["inputs"]["model"] = ["st", 0]
+    return p
