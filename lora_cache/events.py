@@ -11,6 +11,8 @@ log = logging.getLogger("lora_cache")
 
 PATHS = ("fast", "build", "full", "off")
 _recent: deque["Event"] = deque(maxlen=200)
+# What `auto` chose per sampling and what the sampling cost (time from ON_PRE_RUN to cleanup).
+_samplings: deque[dict] = deque(maxlen=50)
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,20 @@ def recent(limit: int = 50) -> list[dict]:
     return [e.as_dict() for e in list(_recent)[-limit:]]
 
 
+def record_sampling(info: dict) -> None:
+    info = {**info, "time": time.time()}
+    _samplings.append(info)
+    log.info("[LoRA Cache] sampling with %s: %s form (%s), %.1f ms", ", ".join(info["adapters"]),
+             info["form"], info["reason"], info["ms"])
+
+
+def samplings() -> list[dict]:
+    return list(_samplings)
+
+
 def clear() -> None:
     _recent.clear()
+    _samplings.clear()
 
 
 def _notify_ui(event: Event) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 
 from . import events
+from .cost_model import COSTS
 from .store import STORE
 
 log = logging.getLogger("lora_cache")
@@ -28,11 +29,12 @@ def stats() -> dict:
         if a["device"] is not None:
             by_device[a["device"]] = by_device.get(a["device"], 0) + a["bytes"]
     return {"adapters": adapters, "bytes_by_device": by_device, "generation": STORE.generation,
-            "events": events.recent()}
+            "events": events.recent(), "samplings": events.samplings(), "auto_costs": COSTS.measured()}
 
 
 def purge() -> dict:
     n = STORE.purge()
+    COSTS.clear()
     log.info("[LoRA Cache] purged %d cached adapters", n)
     return {"purged": n}
 

@@ -19,12 +19,15 @@ sibling runs); only the owner's eject or cleanup deactivates.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 
-from comfy.patcher_extension import CallbacksMP, PatcherInjection
+import torch
+from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
-from . import files, layers
+from . import events, files, layers, weight_merge
+from .cost_model import COSTS
 from .errors import LoraCacheError
 from .store import Entry
 
@@ -35,34 +38,43 @@ log = logging.getLogger("lora_cache")
 @dataclass
 class _Activation:
     owner: weakref.ref
-    modules: list
+    modules: list  # modules whose forward carries factors
+    merged: weight_merge.Merged | None = None  # weights merged for this run, restored on release
+    timing: tuple | None = None  # (cost key, form, start) of a measured sampling
 
 
 # base module tree id -> what we activated and for whom, so deactivation undoes exactly that.
 _active: dict[int, _Activation] = {}
+# base model id -> cost key of the sampling about to start (set around it by OUTER_SAMPLE)
+_planned: dict[int, tuple] = {}
 
 
 @dataclass(frozen=True)
 class AdapterStack:
-    """The ordered adapters a patcher carries, with their strengths. Immutable: clones share it."""
+    """The ordered adapters a patcher carries, with their strengths and modes (auto, dynamic,
+    merged). Immutable: clones share it."""
 
-    items: tuple[tuple[Entry, float], ...] = ()
+    items: tuple[tuple[Entry, float, str], ...] = ()
 
-    def with_adapter(self, entry: Entry, strength: float) -> "AdapterStack":
-        return AdapterStack(self.items + ((entry, strength),))
+    def with_adapter(self, entry: Entry, strength: float, mode: str = "dynamic") -> "AdapterStack":
+        return AdapterStack(self.items + ((entry, strength, mode),))
 
 
 def stack_of(patcher) -> AdapterStack:
     return patcher.get_attachment(KEY) or AdapterStack()
 
 
-def carry(patcher, entry: Entry, strength: float):
-    """A clone of the diffusion model's `patcher` that activates `entry` on top of what it carries."""
+def carry(patcher, entry: Entry, strength: float, mode: str = "auto"):
+    """A clone of the diffusion model's `patcher` that activates `entry` on top of what it
+    carries: unmerged (dynamic), merged into the weights for each sampling (merged), or
+    whichever the cost model measured faster for that sampling (auto)."""
     n = patcher.clone()
-    n.set_attachments(KEY, stack_of(patcher).with_adapter(entry, strength))
+    n.set_attachments(KEY, stack_of(patcher).with_adapter(entry, strength, mode))
     for call_type, fn in ((CallbacksMP.ON_PRE_RUN, _on_pre_run), (CallbacksMP.ON_CLEANUP, _on_cleanup)):
         n.remove_callbacks_with_key(call_type, KEY)
         n.add_callback_with_key(call_type, KEY, fn)
+    n.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, KEY)
+    n.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
     return n
 
 
@@ -70,13 +82,13 @@ def carry_clip(clip, entry: Entry, strength: float):
     """A clone of `clip` (comfy.sd.CLIP) whose patcher activates `entry` while it is loaded."""
     n = clip.clone()
     p = n.patcher
-    p.set_attachments(KEY, stack_of(clip.patcher).with_adapter(entry, strength))
+    p.set_attachments(KEY, stack_of(clip.patcher).with_adapter(entry, strength, "dynamic"))
     p.set_injections(KEY, [PatcherInjection(inject=_activate, eject=_release)])
     return n
 
 
 def _check_current(stack: AdapterStack, model) -> None:
-    for entry, _ in stack.items:
+    for entry, _, _ in stack.items:
         if not entry.live or entry.model_ref() is not model:
             raise LoraCacheError(f"LoRA '{entry.lora}': its cache entry was purged or replaced after "
                                  f"the node ran; queue the prompt again")
@@ -85,41 +97,105 @@ def _check_current(stack: AdapterStack, model) -> None:
                                  f"queue the prompt again to load the new file")
 
 
-def _activate(patcher) -> None:
+def _activate(patcher, forms: dict[str, str] | None = None, timing: tuple | None = None) -> None:
+    """Activates the patcher's adapters on its model: each item unmerged, or merged into the
+    weights where `forms` maps its mode to "merged"."""
     stack = patcher.get_attachment(KEY)
     if not stack or not stack.items:
         return
     model = patcher.model
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
     _check_current(stack, model)
-    touched = []
-    for entry, strength in stack.items:
-        for _, module, factors in entry.modules():
-            layers.activate(module, factors, strength)
-            touched.append(module)
-    _active[id(model)] = _Activation(weakref.ref(patcher), touched)
+    act = _Activation(weakref.ref(patcher, lambda ref, mid=id(model): _owner_gone(mid, ref)), [], timing=timing)
+    _active[id(model)] = act
+    to_merge: dict[str, tuple[str, object, list]] = {}
+    for entry, strength, mode in stack.items:
+        merged = (forms or {}).get(mode, "dynamic") == "merged"
+        for path, module, factors in entry.modules():
+            if merged:
+                to_merge.setdefault(path, (f"{path}.weight", module, []))[2].extend((f, strength) for f in factors)
+            else:
+                layers.activate(module, factors, strength)
+                act.modules.append(module)
+    if to_merge:
+        act.merged = weight_merge.merge(list(to_merge.values()))
 
 
 def _release(patcher) -> None:
     act = _active.get(id(patcher.model))
-    if act is not None and act.owner() is patcher:
+    # A dead owner counts as the caller: when the garbage collector frees a cycle it clears
+    # weak references before ModelPatcher.__del__ ejects, so the owner's own eject finds None.
+    owner = act.owner() if act is not None else None
+    if act is not None and (owner is None or owner is patcher):
         _deactivate(id(patcher.model))
 
 
+def _owner_gone(model_id: int, ref: weakref.ref) -> None:
+    """The patcher that activated adapters was freed without releasing them (e.g. a CLIP clone
+    dropped from ComfyUI's cache): nothing can run it any more, so the layers go bare."""
+    act = _active.get(model_id)
+    if act is not None and act.owner is ref:
+        _deactivate(model_id)
+
+
+def _outer_sample(executor, *args, **kwargs):
+    """Around one sampling: tells ON_PRE_RUN the latent shape and step count, which `auto`
+    keys its measured costs on (ON_PRE_RUN itself gets only the patcher)."""
+    patcher = executor.class_obj.model_patcher
+    noise, sigmas = args[0], args[3]
+    items = stack_of(patcher).items
+    _planned[id(patcher.model)] = (tuple(id(e) for e, _, _ in items), tuple(noise.shape), len(sigmas) - 1)
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        _planned.pop(id(patcher.model), None)
+
+
+def _sync(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _on_pre_run(patcher) -> None:
-    _activate(patcher)
-    if patcher.model.model_lowvram and stack_of(patcher).items:
+    stack = stack_of(patcher)
+    if not stack.items:
+        return
+    model = patcher.model
+    forms = {"dynamic": "dynamic", "merged": "merged", "auto": "dynamic"}
+    why = None
+    key = _planned.get(id(model))
+    if key is not None and any(mode == "auto" for _, _, mode in stack.items):
+        forms["auto"], why = COSTS.choose(key)
+    if model.model_lowvram and "merged" in forms.values():
+        log.warning("[LoRA Cache] model was loaded partially for this sampling: merged adapters run "
+                    "unmerged instead (weights not on the device cannot be merged in place)")
+        forms = {m: "dynamic" for m in forms}
+    timing = (key, forms["auto"], why, _sync(patcher.load_device)) if key is not None and why else None
+    _activate(patcher, forms, timing)
+    if model.model_lowvram:
         log.warning("[LoRA Cache] model was loaded partially for this sampling; the adapter runs "
                     "unmerged on top of ComfyUI's lowvram weights (correct, but slower)")
 
 
 def _on_cleanup(patcher) -> None:
+    act = _active.get(id(patcher.model))
     _release(patcher)
+    if act is not None and act.owner() is patcher and act.timing is not None:
+        key, form, why, start = act.timing
+        seconds = _sync(patcher.load_device) - start
+        COSTS.record(key, form, seconds)
+        events.record_sampling({"form": form, "reason": why, "ms": seconds * 1000.0,
+                                "adapters": [e.lora for e, _, _ in stack_of(patcher).items]})
 
 
 def _deactivate(model_id: int) -> None:
     act = _active.pop(model_id, None)
-    for module in act.modules if act is not None else ():
+    if act is None:
+        return
+    if act.merged is not None:
+        act.merged.restore()
+    for module in act.modules:
         layers.deactivate(module)
 
 

@@ -50,9 +50,10 @@ class _Side:
         n.add_patches(patches, self.strength)
         return n
 
-    def dynamic(self, entry: Entry):
-        carry = scope.carry if self.name == "model" else scope.carry_clip
-        return carry(self.obj, entry, self.strength)
+    def dynamic(self, entry: Entry, mode: str):
+        if self.name == "model":
+            return scope.carry(self.obj, entry, self.strength, mode)
+        return scope.carry_clip(self.obj, entry, self.strength)
 
 
 def _entry_for(target_model, patches_of, lora: str, ident, build_factors) -> tuple[Entry, str]:
@@ -105,7 +106,8 @@ def _apply_side(side: _Side, lora_name: str, ident, mode: str, make_patches: Cal
     if not entry.patches:
         return Decision("off", f"no LoRA keys for the {target}"), side.obj
 
-    if mode == "merged":
+    # The text encoder's merged mode is ComfyUI's own: it has no sampling that brackets a merge.
+    if mode == "merged" and side.name == "clip":
         full_reason = "mode merged"
     elif entry.plan_reason is not None:
         full_reason = entry.plan_reason
@@ -116,7 +118,11 @@ def _apply_side(side: _Side, lora_name: str, ident, mode: str, make_patches: Cal
             _last_run.pop(run_key, None)
         return Decision("full", f"{full_reason}; ComfyUI patch path"), side.full(entry.patches)
 
-    if what == "cached":
+    if mode == "merged":
+        built = "cached factors" if what == "cached" else f"factors built now ({what})"
+        d = Decision("full", f"mode merged: {len(entry.layers)} layers merged in place from {built} on "
+                             f"{entry.device} for each sampling, restored exactly after; no reload")
+    elif what == "cached":
         d = decision.fast_or_not(patcher, entry)
         change = _what_changed(run_key, entry, lora_name, side.strength)
         if change is not None:
@@ -128,7 +134,7 @@ def _apply_side(side: _Side, lora_name: str, ident, mode: str, make_patches: Cal
     entry.last_strength = side.strength
     if run_key is not None:
         _last_run[run_key] = (lora_name, side.strength)
-    return d, side.dynamic(entry)
+    return d, side.dynamic(entry, mode)
 
 
 def apply(model, clip, lora_name: str, strength_model: float, strength_clip: float,

@@ -54,7 +54,7 @@ def test_every_path_matches_stock(fresh, loras, model):
 
     runs = [("build", dict(strength=0.8)), ("off", dict(strength=0.8, enabled=False)),
             ("fast", dict(strength=0.8)), ("full", dict(strength=0.8, mode="merged")),
-            ("build", dict(strength=0.8))]
+            ("fast", dict(strength=0.8))]
     for expected, kw in runs:
         out = h.run(wf.sd([wf.ours(lora, **kw)], model=model))["out"]
         ev = h.last_event()
@@ -62,8 +62,12 @@ def test_every_path_matches_stock(fresh, loras, model):
         assert close(out, base if expected == "off" else stock), (expected, (out - stock).abs().max())
         if expected == "off":
             assert torch.equal(out, base)
-    # after "full" (merged weights) the next dynamic run must not double-apply
-    assert "merged for another patcher" in ev["reason"]
+    # after stock merged its weights, the next dynamic run must not double-apply
+    assert close(h.run(wf.sd([wf.stock(lora, 0.8)], model=model))["out"], stock)
+    out = h.run(wf.sd([wf.ours(lora, 0.8)], model=model))["out"]
+    ev = h.last_event()
+    assert ev["path"] == "build" and "merged for another patcher" in ev["reason"], ev
+    assert close(out, stock)
     if other:
         out = h.run(wf.sd([wf.ours(other)], model=model))["out"]
         assert close(out, h.run(wf.sd([wf.stock(other)], model=model))["out"])

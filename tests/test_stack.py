@@ -234,3 +234,38 @@ def test_random_history_matches_stock_at_every_step(fresh, pool):
         elif action != "none":
             assert dict(work) == {}, (step, action, dict(work))
     assert counted["fast"] > 40 and counted["build"] > 5 and counted["off"] > 10, counted
+
+
+def test_dropped_clip_clone_leaves_text_encoder_bare(fresh, pool):
+    """A CLIP clone whose adapters are active and that is freed by the garbage collector (in a
+    reference cycle, where weak references die before ModelPatcher.__del__ ejects) must not
+    leave its adapter active on the shared text encoder."""
+    import gc
+    from importlib import import_module
+
+    from harness import tiny_clip
+
+    h = fresh
+    name = "te_drop.safetensors"
+    g = torch.Generator().manual_seed(17)
+    sd = {}
+    for proj in ("q_proj", "v_proj"):
+        k = f"lora_te_text_model_encoder_layers_0_self_attn_{proj}"
+        sd[k + ".lora_up.weight"] = 0.3 * torch.randn(64, 4, generator=g)
+        sd[k + ".lora_down.weight"] = 0.3 * torch.randn(4, 64, generator=g)
+    tiny_models.write_lora(h.loras / name, sd)
+    clip = tiny_clip()
+    tokens = clip.tokenize("a tiny test prompt")
+    base = clip.encode_from_tokens(tokens)
+    _, ours, ev = h.lc.apply(None, clip, name, 0.0, 0.9)
+    assert ev.clip_path == "build"
+    with_adapter = ours.encode_from_tokens(tokens)
+    assert not close(with_adapter, base)
+    layers = import_module(h.pkg_name + ".lora_cache.layers")
+    modules = [m for e in h.lc.STORE.entries() if e.lora == name for _, m, _ in e.modules()]
+    assert modules and all(layers.is_installed(m) for m in modules)  # active after the encode
+    ours.patcher.cycle = ours.patcher  # only the cycle collector can free it now
+    del ours
+    gc.collect()
+    assert not any(layers.is_installed(m) for m in modules)
+    assert torch.equal(clip.encode_from_tokens(tokens), base)
