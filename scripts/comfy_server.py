@@ -82,6 +82,9 @@ class ComfyServer:
                 pass
             self.ws = None
         if self.proc is not None and self.proc.poll() is None:
+            # ComfyUI's prompt worker is a daemon thread: interrupted mid-sampling at exit, the
+            # process aborts. Let queued work finish first (bounded), as a user would.
+            self.wait_idle(timeout=120)
             # Ctrl-C, as a user stops it: ComfyUI's main catches KeyboardInterrupt, logs
             # "Stopped server" and exits 0. terminate/kill only if it does not.
             self.proc.send_signal(signal.SIGINT)
@@ -97,6 +100,19 @@ class ComfyServer:
         if getattr(self, "_log", None):
             self._log.close()
         return self.proc.returncode if self.proc else None
+
+    def wait_idle(self, timeout: float = 120.0) -> bool:
+        """Waits until nothing is running or pending in ComfyUI's queue."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                q = self.get("/queue")
+            except (RuntimeError, urllib.error.URLError, OSError):
+                return False
+            if not q["queue_running"] and not q["queue_pending"]:
+                return True
+            time.sleep(0.2)
+        return False
 
     def stopped_cleanly(self) -> bool:
         """Exit status 0, the shutdown line in the log, and the port closed."""

@@ -25,8 +25,9 @@ SERIES = [
 OURS = "LoraCacheLoaderModelOnly"
 STOCK = "LoraLoaderModelOnly"
 WORKFLOWS = comfy_host.ROOT / "workflows"
-# The shipped API-format workflows (workflows/): ours and its stock-LoraLoader twin.
-API_FILES = {OURS: "lora_cache_demo_api.json", STOCK: "stock_lora_demo_api.json"}
+# The shipped API-format workflows: ours and its stock-LoraLoader twin. They sit in api/
+# because ComfyUI lists every .json directly in workflows/ as a template for the canvas.
+API_FILES = {OURS: "api/lora_cache_demo.json", STOCK: "api/stock_lora_demo.json"}
 
 
 def load_api(node: str = OURS) -> dict:
