@@ -73,7 +73,7 @@ def _queue_and_wait(page, server, expect_path: str):
         return {event: n.loraCacheEvent, text: n.loraCacheBadgeText, events: n.loraCacheEvents.length}; }""", LORA_NODE)
 
 
-def test_badge_and_panel_in_real_chromium(server, browser_context, tmp_path):
+def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     ui_wf = json.loads((demo.WORKFLOWS / "lora_cache_demo.json").read_text())
     api_wf = demo.load_api()
     page = browser_context.new_page()
