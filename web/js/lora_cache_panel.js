@@ -32,6 +32,13 @@ function el(tag, attrs = {}, ...children) {
 function deviceRows(stats) {
   const devices = new Map();
   for (const [dev, bytes] of Object.entries(stats.bytes_by_device ?? {})) devices.set(dev, { bytes });
+  // or one record per device: {"cuda:0": {"bytes": ..., "budget": ...}}
+  for (const [dev, rec] of Object.entries(stats.devices ?? {})) {
+    if (!rec || typeof rec !== "object") continue;
+    const row = devices.get(dev) ?? { bytes: rec.bytes ?? 0 };
+    if (rec.budget !== undefined) row.budget = rec.budget;
+    devices.set(dev, row);
+  }
   for (const [key, value] of Object.entries(stats)) {
     if (!/budget/i.test(key)) continue;
     if (value && typeof value === "object") {
