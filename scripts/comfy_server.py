@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -80,15 +82,46 @@ class ComfyServer:
                 pass
             self.ws = None
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            # ComfyUI's prompt worker is a daemon thread: interrupted mid-sampling at exit, the
+            # process aborts. Let queued work finish first (bounded), as a user would.
+            self.wait_idle(timeout=120)
+            # Ctrl-C, as a user stops it: ComfyUI's main catches KeyboardInterrupt, logs
+            # "Stopped server" and exits 0. terminate/kill only if it does not.
+            self.proc.send_signal(signal.SIGINT)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=10)
         if getattr(self, "_log", None):
             self._log.close()
         return self.proc.returncode if self.proc else None
+
+    def wait_idle(self, timeout: float = 120.0) -> bool:
+        """Waits until nothing is running or pending in ComfyUI's queue."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                q = self.get("/queue")
+            except (RuntimeError, urllib.error.URLError, OSError):
+                return False
+            if not q["queue_running"] and not q["queue_pending"]:
+                return True
+            time.sleep(0.2)
+        return False
+
+    def stopped_cleanly(self) -> bool:
+        """Exit status 0, the shutdown line in the log, and the port closed."""
+        if self.proc is None or self.proc.returncode != 0:
+            return False
+        if b"Stopped server" not in self.log_path.read_bytes():
+            return False
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) != 0
 
     def __enter__(self):
         return self.start()
@@ -111,6 +144,17 @@ class ComfyServer:
         if status != 200:
             raise RuntimeError(f"GET {path}: {status} {body}")
         return body
+
+    def get_bytes(self, path: str) -> bytes:
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return r.read()
+
+    def output_images(self, prompt_id: str) -> list[bytes]:
+        """The PNG files a finished prompt saved, fetched as the UI does: /history, then /view."""
+        outputs = self.get(f"/history/{prompt_id}")[prompt_id]["outputs"]
+        files = [img for out in outputs.values() for img in out.get("images", [])]
+        return [self.get_bytes("/view?" + urllib.parse.urlencode(
+            {"filename": f["filename"], "subfolder": f["subfolder"], "type": f["type"]})) for f in files]
 
     def queue(self, prompt: dict) -> tuple[int, dict]:
         return self.request("POST", "/prompt", {"prompt": prompt, "client_id": self.client_id})

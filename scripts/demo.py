@@ -22,27 +22,34 @@ SERIES = [
 ]
 
 
-def workflow(lora_inputs: dict, node: str = "LoraCacheLoaderModelOnly", seed: int = 7) -> dict:
+OURS = "LoraCacheLoaderModelOnly"
+STOCK = "LoraLoaderModelOnly"
+WORKFLOWS = comfy_host.ROOT / "workflows"
+# The shipped API-format workflows: ours and its stock-LoraLoader twin. They sit in api/
+# because ComfyUI lists every .json directly in workflows/ as a template for the canvas.
+API_FILES = {OURS: "api/lora_cache_demo.json", STOCK: "api/stock_lora_demo.json"}
+
+
+def load_api(node: str = OURS) -> dict:
+    return json.loads((WORKFLOWS / API_FILES[node]).read_text())
+
+
+def workflow(lora_inputs: dict, node: str = OURS, seed: int = 7) -> dict:
+    """The shipped workflow for `node` with the LoRA node's inputs and the seed set.
+
+    The stock twin has no `enabled` input: "off" there means the LoRA node is left out
+    (bypassed), and the sampler takes the loader's model directly."""
+    p = load_api(node)
+    lora_id = next(k for k, v in p.items() if v["class_type"] == node)
+    sampler = next(v for v in p.values() if v["class_type"] == "KSampler")
+    sampler["inputs"]["seed"] = seed
     inputs = dict(lora_inputs)
-    if node == "LoraCacheLoaderModelOnly":
-        inputs.setdefault("mode", "auto")
-    else:
-        inputs.pop("enabled", None)
-    lora_ref = ["4", 0]
-    p = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "LotusConditioning", "inputs": {}},
-        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "4": {"class_type": node, "inputs": {"model": ["1", 0], **inputs}},
-        "5": {"class_type": "KSampler", "inputs": {
-            "model": lora_ref, "seed": seed, "steps": 4, "cfg": 1.5, "sampler_name": "euler",
-            "scheduler": "normal", "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["3", 0],
-            "denoise": 1.0}},
-        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "lora_cache_demo"}},
-    }
-    if node == "LoraLoaderModelOnly" and not lora_inputs.get("enabled", True):
-        p["5"]["inputs"]["model"] = ["1", 0]
-        del p["4"]
+    if node == STOCK:
+        if not inputs.pop("enabled", True):
+            sampler["inputs"]["model"] = p[lora_id]["inputs"]["model"]
+            del p[lora_id]
+            return p
+    p[lora_id]["inputs"].update(inputs)
     return p
 
 
@@ -51,24 +58,26 @@ def make_files(base: Path) -> None:
     import tiny_models
 
     tiny_models.write_sd_unet(base / "models/diffusion_models/tiny_sd.safetensors", seed=0)
+    tiny_models.write_taesd(base / "models/vae_approx")
     unet = {k: v.half().float() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
     tiny_models.write_lora(base / "models/loras/style.safetensors", tiny_models.sd_lora_state_dict(unet, seed=1))
     tiny_models.write_lora(base / "models/loras/detail.safetensors",
                            tiny_models.sd_lora_state_dict(unet, seed=2, kinds=("attn",)))
 
 
-def run_series(server: ComfyServer, node: str = "LoraCacheLoaderModelOnly") -> list[dict]:
+def run_series(server: ComfyServer, node: str = OURS) -> list[dict]:
     rows = []
     for label, inputs in SERIES:
-        before = len(server.get("/lora_cache/stats")["events"])
         res = server.run(workflow(inputs, node))
         errors = [d for t, d in res["messages"] if t == "execution_error"]
         if res["status"] != 200 or errors:
             raise RuntimeError(f"run '{label}' failed: {res.get('body') or errors}")
-        events = server.get("/lora_cache/stats")["events"]
-        ev = events[-1] if len(events) > before else None
+        # The node's own websocket message for this run (the stock node sends none).
+        evs = [d for t, d in res["messages"] if t == "lora_cache.event"]
+        ev = evs[-1] if evs else None
         rows.append({"run": label, "path": ev["path"] if ev else "-", "reason": ev["reason"] if ev else "-",
-                     "node_ms": ev["ms"] if ev else None, "run_s": res["seconds"]})
+                     "node_ms": ev["ms"] if ev else None, "run_s": res["seconds"],
+                     "prompt_id": res["prompt_id"]})
     return rows
 
 
@@ -85,7 +94,7 @@ def main(argv=None) -> int:
     with server:
         print(f"ComfyUI {server.get('/system_stats')['system']['comfyui_version']} running at {server.url}")
         rows = run_series(server)
-        stock = run_series(server, node="LoraLoaderModelOnly")
+        stock = run_series(server, node=STOCK)
         stats = server.get("/lora_cache/stats")
     print()
     print(f"{'run':<15} {'path':<6} {'node ms':>9} {'run s':>7}  {'stock run s':>11}  reason")

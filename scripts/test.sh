@@ -3,5 +3,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup_host.sh"
+bash "$ROOT/scripts/setup_browser.sh"
 cd "$ROOT"
-exec "$ROOT/.host/venv/bin/python" -m pytest -q "$@"
+exec "$ROOT/.host/venv/bin/python" -m pytest -q -rs "$@"

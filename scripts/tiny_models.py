@@ -132,3 +132,26 @@ def write_lora(path: Path, sd: dict[str, torch.Tensor]) -> Path:
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
     tmp.replace(path)
     return path
+
+
+def write_taesd(vae_approx_dir: Path, seed: int = 3) -> Path:
+    """A TAESD-shaped VAE with random weights, as the two files the stock VAELoader lists as
+    "taesd" (models/vae_approx/taesd_encoder.* and taesd_decoder.*), so SaveImage gets pixels."""
+    from comfy.taesd.taesd import Decoder, Encoder
+
+    vae_approx_dir.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts = {"taesd_encoder": Encoder(), "taesd_decoder": Decoder()}
+        # ComfyUI's ops skip weight init; fan-in scaled weights keep activations finite and
+        # the decoded pixels spread out, so different latents give visibly different images.
+        with torch.no_grad():
+            for module in parts.values():
+                for name, p in module.named_parameters():
+                    if p.ndim > 1:
+                        p.copy_(torch.randn(p.shape) * (1.0 / p[0].numel()) ** 0.5)
+                    else:
+                        p.zero_()
+    for name, module in parts.items():
+        write_lora(vae_approx_dir / f"{name}.safetensors", module.state_dict())
+    return vae_approx_dir
