@@ -3,7 +3,7 @@
 // re-run always replaces the badge. When ComfyUI serves the node from its own output cache the
 // node does not execute and sends nothing; "execution_cached" names it, and the badge says so
 // instead of passing off the previous run's event as this one's.
-// A stack node sends one event per LoRA in one execution: all of them are drawn, one a line.
+// A stack node sends one summary event with its rows: each row is drawn, one a line.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -52,14 +52,20 @@ function badgeLines(node) {
 function onEvent({ detail }) {
   const node = findNode(detail?.node);
   if (!node) return;
-  // A new prompt starts a new list; within one prompt a stack adds one event per LoRA.
-  if (node.loraCachePrompt !== currentPrompt || !node.loraCacheEvents) {
-    node.loraCacheEvents = [];
+  if (Array.isArray(detail.rows)) {
+    // A LoRA Cache Stack sends one summary event carrying each row's event: one line a row.
+    node.loraCacheEvents = detail.rows.length ? detail.rows.slice() : [detail];
     node.loraCachePrompt = currentPrompt;
+  } else {
+    // A new prompt starts a new list; within one prompt a node may report more than once.
+    if (node.loraCachePrompt !== currentPrompt || !node.loraCacheEvents) {
+      node.loraCacheEvents = [];
+      node.loraCachePrompt = currentPrompt;
+    }
+    const same = node.loraCacheEvents.findIndex((e) => e.lora === detail.lora);
+    if (same >= 0) node.loraCacheEvents.splice(same, 1, detail);
+    else node.loraCacheEvents.push(detail);
   }
-  const same = node.loraCacheEvents.findIndex((e) => e.lora === detail.lora);
-  if (same >= 0) node.loraCacheEvents.splice(same, 1, detail);
-  else node.loraCacheEvents.push(detail);
   node.loraCacheEvent = detail;
   node.loraCacheStale = false;
   node.setDirtyCanvas(true, true);
