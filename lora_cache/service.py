@@ -7,7 +7,7 @@ import weakref
 
 import comfy.utils
 
-from . import adapters, decision, files, scope
+from . import adapters, capabilities, decision, files, scope
 from .errors import LoraCacheError
 from .events import Decision, Event, record
 from .store import STORE, Entry
@@ -117,7 +117,8 @@ def _apply_model(model, lora_name, ident, strength, mode, make_patches):
     elif entry.plan_reason is not None:
         full_reason = entry.plan_reason
     else:
-        full_reason = decision.placement_problem(model, extra_bytes=0 if what == "cached" else entry.nbytes)
+        full_reason = (capabilities.dynamic_path_problem(model)
+                       or decision.placement_problem(model, extra_bytes=0 if what == "cached" else entry.nbytes))
 
     if full_reason is not None:
         n = model.clone()
