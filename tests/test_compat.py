@@ -137,6 +137,10 @@ def test_real_host_and_patcher_are_capable(fresh, lora, caps):
     ("pre_run_without_callbacks", "overrides pre_run() without ComfyUI's ON_PRE_RUN callbacks"),
 ])
 def test_patcher_lacking_a_capability_takes_full_path(fresh, lora, variant_node, variant, words):
+    if variant == "dynamic" and hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        # This ComfyUI treats every is_dynamic() patcher as a real ModelPatcherDynamic (which
+        # needs a GPU and comfy-aimdo); the class itself is probed in the next test.
+        pytest.skip("host has ModelPatcherDynamic: a marked CPU patcher cannot sample here")
     h = fresh
     stock = h.run(with_variant(variant, [wf.stock(lora, 0.8)]))["out"]
     base = h.run(with_variant(variant, []))["out"]
@@ -150,6 +154,20 @@ def test_patcher_lacking_a_capability_takes_full_path(fresh, lora, variant_node,
     # the same model through a capable patcher is back on the dynamic path
     out = h.run(wf.sd([wf.ours(lora, 0.8)]))["out"]
     assert h.last_event()["path"] in ("build", "fast") and close(out, stock)
+
+
+def test_model_patcher_dynamic_class_is_detected(caps):
+    """Where ComfyUI has dynamic VRAM, its own patcher class reports dynamic. On the CPU its
+    constructor hands back a plain ModelPatcher, so the class is probed without construction."""
+    cls = getattr(comfy.model_patcher, "ModelPatcherDynamic", None)
+    if cls is None:
+        pytest.skip("this ComfyUI has no ModelPatcherDynamic (0.3.75)")
+    cpu = torch.device("cpu")
+    plain = cls(torch.nn.Linear(4, 4), load_device=cpu, offload_device=cpu)
+    assert type(plain) is comfy.model_patcher.ModelPatcher and caps.dynamic_path_problem(plain) is None
+    dynamic = object.__new__(cls)
+    reason = caps.dynamic_path_problem(dynamic)
+    assert reason.startswith("ComfyUI dynamic VRAM (ModelPatcherDynamic)"), reason
 
 
 def test_model_managed_by_dynamic_vram_takes_full_path(fresh, lora, monkeypatch):
