@@ -10,7 +10,7 @@ from typing import Callable
 
 import comfy.utils
 
-from . import adapters, decision, files, scope
+from . import adapters, capabilities, decision, files, scope
 from .errors import LoraCacheError
 from .events import Decision, Event, record
 from .store import STORE, Entry
@@ -112,7 +112,8 @@ def _apply_side(side: _Side, lora_name: str, ident, mode: str, make_patches: Cal
     elif entry.plan_reason is not None:
         full_reason = entry.plan_reason
     else:
-        full_reason = decision.placement_problem(patcher, extra_bytes=0 if what == "cached" else entry.nbytes)
+        full_reason = (capabilities.dynamic_path_problem(patcher)
+                       or decision.placement_problem(patcher, extra_bytes=0 if what == "cached" else entry.nbytes))
     if full_reason is not None:
         if run_key is not None:
             _last_run.pop(run_key, None)

@@ -60,7 +60,12 @@ def flux_patcher(seed: int = 0):
     import comfy.model_patcher
     import comfy.supported_models
 
-    cfg = comfy.supported_models.Flux(dict(FLUX_CONFIG))
+    import comfy.ldm.flux.model
+
+    config = dict(FLUX_CONFIG)
+    if "txt_ids_dims" in getattr(comfy.ldm.flux.model.FluxParams, "__dataclass_fields__", {}):
+        config["txt_ids_dims"] = []  # newer ComfyUI: what its own detection sets for classic Flux
+    cfg = comfy.supported_models.Flux(config)
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, "", device=mm.unet_offload_device())
     _randomize(model.diffusion_model, seed)

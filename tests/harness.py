@@ -168,7 +168,7 @@ class Host:
 
     def new_executor(self):
         self.executor = self.execution.PromptExecutor(self.server, cache_type=self.execution.CacheType.CLASSIC,
-                                                         cache_args={"lru": 0, "ram": 0})
+                                                         cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     def validate(self, prompt: dict) -> list[str]:
         valid = asyncio.run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))

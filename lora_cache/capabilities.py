@@ -1,0 +1,105 @@
+"""Whether this ComfyUI host, and the model patcher the node was given, let the dynamic path
+run safely. Every check looks at features (attributes, methods, what a method does), never at
+a version string: ComfyUI forks and custom patchers (GGUF, Nunchaku, multi-GPU) ship their own
+classes, and the same version can run with or without dynamic VRAM.
+
+`dynamic_path_problem(patcher)` returns a reason string (shown in the node's event) or None.
+docs/compat.md says which ComfyUI behaviour each check stands for.
+"""
+from __future__ import annotations
+
+import inspect
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.weight_adapter
+
+# What the dynamic path calls on the patcher it is given (service, scope, decision).
+_PATCHER_METHODS = ("clone", "get_attachment", "set_attachments", "add_callback_with_key",
+                    "remove_callbacks_with_key", "pre_run", "cleanup", "model_size")
+# What decision.py reads to tell fast / build / full; ComfyUI's ModelPatcher.__init__ sets the
+# model's ones.
+_PATCHER_ATTRS = ("patches_uuid", "backup", "load_device")
+_MODEL_ATTRS = ("model_lowvram", "model_loaded_weight_memory", "lowvram_patch_counter",
+                "current_weight_patches_uuid", "device")
+# ComfyUI's sampling runs `pre_run()` after loading and `cleanup()` in its `finally`; the
+# adapter is active exactly in between, through these callbacks.
+_CALLBACKS = (("pre_run", "ON_PRE_RUN"), ("cleanup", "ON_CLEANUP"))
+
+
+def host_problem() -> str | None:
+    """What the dynamic path needs from ComfyUI's library, whatever the patcher."""
+    callbacks = getattr(comfy.patcher_extension, "CallbacksMP", None)
+    for _, name in _CALLBACKS:
+        if not hasattr(callbacks, name):
+            return f"this ComfyUI has no patcher callback {name}"
+    for module, names in ((comfy.lora, ("load_lora", "model_lora_keys_unet", "model_lora_keys_clip")),
+                          (comfy.lora_convert, ("convert_lora",))):
+        for name in names:
+            if not callable(getattr(module, name, None)):
+                return f"this ComfyUI has no {module.__name__}.{name}"
+    for name in ("WeightAdapterBase", "LoRAAdapter"):
+        if not isinstance(getattr(comfy.weight_adapter, name, None), type):
+            return f"this ComfyUI has no comfy.weight_adapter.{name}"
+    return None
+
+
+def _runs_callbacks(patcher, method: str, call_type: str) -> bool:
+    """Does `patcher.<method>()` still fire ComfyUI's callbacks of `call_type`?
+
+    True for ComfyUI's own method (most custom patchers inherit it), and for an override whose
+    source fires the callbacks itself or defers to ComfyUI's through super()."""
+    fn = getattr(type(patcher), method, None)
+    stock = getattr(comfy.model_patcher.ModelPatcher, method, None)
+    if fn is not None and fn is stock:
+        return True
+    src = _source(fn)
+    return call_type in src or f"super().{method}(" in src
+
+
+def _source(fn) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+def _is_dynamic_vram(patcher) -> bool:
+    # ModelPatcherDynamic (comfy-aimdo) answers is_dynamic() with True; a model it manages
+    # carries its virtual VRAM regions even when a plain patcher (a clone made with
+    # disable_dynamic, or a custom node's own) is handed to us.
+    is_dynamic = getattr(patcher, "is_dynamic", None)
+    if callable(is_dynamic) and is_dynamic():
+        return True
+    model = getattr(patcher, "model", None)
+    return bool(getattr(model, "dynamic_vbars", None)) or bool(getattr(model, "dynamic_patchers", None))
+
+
+def dynamic_path_problem(patcher) -> str | None:
+    """Why the dynamic path cannot be made safe for this patcher on this host, or None."""
+    problem = host_problem()
+    if problem is not None:
+        return problem
+    kind = type(patcher).__name__
+    if _is_dynamic_vram(patcher):
+        return (f"ComfyUI dynamic VRAM ({kind}) streams this model's weights and applies LoRA "
+                f"patches while casting them")
+    for name in _PATCHER_METHODS:
+        if not callable(getattr(patcher, name, None)):
+            return f"the model patcher ({kind}) has no {name}()"
+    for method, call_type in _CALLBACKS:
+        if not _runs_callbacks(patcher, method, call_type):
+            return f"the model patcher ({kind}) overrides {method}() without ComfyUI's {call_type} callbacks"
+    for name in _PATCHER_ATTRS:
+        if not hasattr(patcher, name):
+            return f"the model patcher ({kind}) has no '{name}'"
+    model = patcher.model
+    for name in _MODEL_ATTRS:
+        if not hasattr(model, name):
+            return f"the model ({type(model).__name__}) has no '{name}' load state"
+    multi = getattr(patcher, "get_additional_models_with_key", None)
+    if getattr(patcher, "is_multigpu_base_clone", False) or (callable(multi) and multi("multigpu")):
+        return "multi-GPU clones sample on other copies of the model"
+    return None
