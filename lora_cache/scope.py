@@ -89,7 +89,11 @@ def carry_clip(clip, entry: Entry, strength: float):
 
 def _check_current(stack: AdapterStack, model) -> None:
     for entry, _, _ in stack.items:
-        if not entry.live or entry.model_ref() is not model:
+        if entry.live and entry.model_ref() is not model:
+            raise LoraCacheError(f"LoRA '{entry.lora}': a node after the LoRA Cache Loader moved the model "
+                                 f"onto another model object (a device-selection or multi-GPU clone); "
+                                 f"place such nodes before the LoRA Cache Loader")
+        if not entry.live:
             raise LoraCacheError(f"LoRA '{entry.lora}': its cache entry was purged or replaced after "
                                  f"the node ran; queue the prompt again")
         if not files.unchanged(entry.identity):
