@@ -1,3 +1,3 @@
-from .lora_cache_loader import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from .lora_cache_loader import NODES, comfy_entrypoint
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["NODES", "comfy_entrypoint"]
