@@ -23,6 +23,16 @@ def _lora_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
 
 
+def _check_names(*names) -> bool | str:
+    """validate_inputs: 0.3.75 checks a V3 combo's value against its options only when the node
+    validates it itself, so a missing file must be refused here to fail at POST /prompt."""
+    known = set(_lora_names())
+    for name in names:
+        if name is not None and name != "None" and name not in known:
+            return f"LoRA file '{name}' not found in the loras folders"
+    return True
+
+
 def _mode_input() -> io.Combo.Input:
     return io.Combo.Input("mode", options=list(lora_cache.MODES), default="auto", tooltip=_MODE_TIP)
 
@@ -61,6 +71,10 @@ class LoraCacheLoader(io.ComfyNode):
         return lora_cache.fingerprint(lora_name, enabled)
 
     @classmethod
+    def validate_inputs(cls, lora_name=None):
+        return _check_names(lora_name)
+
+    @classmethod
     def execute(cls, model, clip, lora_name, strength_model, strength_clip, enabled=True, mode="auto") -> io.NodeOutput:
         m, c, _ = lora_cache.apply(model, clip, lora_name, strength_model, strength_clip, enabled, mode,
                                    cls.hidden.unique_id)
@@ -79,6 +93,10 @@ class LoraCacheLoaderModelOnly(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, lora_name=None, enabled=True, **_):
         return lora_cache.fingerprint(lora_name, enabled)
+
+    @classmethod
+    def validate_inputs(cls, lora_name=None):
+        return _check_names(lora_name)
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, enabled=True, mode="auto") -> io.NodeOutput:
@@ -114,6 +132,10 @@ class LoraCacheStack(io.ComfyNode):
     def fingerprint_inputs(cls, **kw):
         return tuple(lora_cache.fingerprint(kw.get(f"lora_{i}"), kw.get(f"enabled_{i}", True))
                      for i in range(1, STACK_ROWS + 1))
+
+    @classmethod
+    def validate_inputs(cls, lora_1=None, lora_2=None, lora_3=None, lora_4=None):
+        return _check_names(lora_1, lora_2, lora_3, lora_4)
 
     @classmethod
     def execute(cls, model, mode="auto", clip=None, **rows) -> io.NodeOutput:

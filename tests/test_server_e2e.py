@@ -88,7 +88,7 @@ def test_bad_file_is_a_node_error_and_server_keeps_serving(server):
     assert "broken.safetensors" not in [a["name"] for a in server.get("/lora_cache/stats")["adapters"]]
     # a file that is not in the loras folder is refused at POST /prompt, before anything runs
     status, body = server.queue(demo.workflow(dict(lora_name="missing.safetensors", strength_model=1.0, enabled=True)))
-    assert status == 400 and "2" in body["node_errors"]
+    assert status == 400 and "2" in body["node_errors"], (status, body)
     assert body["node_errors"]["2"]["class_type"] == "LoraCacheLoaderModelOnly"
     assert "missing.safetensors" in str(body["node_errors"]["2"]["errors"])
     ok = server.run(demo.workflow(dict(lora_name="style.safetensors", strength_model=0.9, enabled=True)))
