@@ -6,8 +6,9 @@ of it is kept (on the same device when the memory allows, else in pinned host me
 `restore` copies it back: bit-exact, unlike subtracting the delta again, which drifts in
 fp16 / bf16. Only the touched weights are copied.
 
-The delta is computed as ComfyUI's `calculate_weight` computes it: in fp32, W + strength *
-scale * up @ down (into the factor's output slice), then cast to the weight's dtype.
+A Linear factor is merged with one in-place `W.addmm_(up, down, alpha)` on the weight (or its
+output slice): the GEMM accumulates W + alpha * up @ down in fp32 and rounds once to the weight's
+dtype, as ComfyUI's `calculate_weight` (fp32, then cast) does, without an fp32 copy of W.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class Merged:
         self.headroom = headroom
         self.where: str | None = None
         self.backup_bytes = 0
+        self.backup_bytes_last = 0  # what the last merge copied (kept after restore)
         self.merged = False
 
     def _choose(self) -> bool:
@@ -81,18 +83,18 @@ class Merged:
                     copy.copy_(w.detach(), non_blocking=True)
                 self.backup[id(m)] = (m, copy)
                 self.backup_bytes += copy.numel() * copy.element_size()
-            w32 = w.detach().float()
+            wd = w.detach()
             for f in fs:
-                d = _delta(f, w, strength)
-                if f.out_slice is None:
-                    w32.add_(d)
+                target = wd if f.out_slice is None else wd[f.out_slice[0]:f.out_slice[0] + f.out_slice[1]]
+                if f.kind == "linear" and f.down.dtype == wd.dtype and f.down.device == wd.device:
+                    # down [in, r], up [r, out]: W[out, in] += alpha * up^T @ down^T
+                    target.addmm_(f.up.t(), f.down.t(), alpha=float(strength) * f.scale)
                 else:
-                    start, length = f.out_slice
-                    w32[start:start + length].add_(d)
-            w.detach().copy_(w32)
+                    target.copy_(target.float() + _delta(f, w, strength).to(target.device))
         if device is not None:
             _sync(device)
         self.where = "device" if on_device else "pinned host"
+        self.backup_bytes_last = self.backup_bytes
         self.merged = True
         return (time.perf_counter() - t0) * 1000.0
 
