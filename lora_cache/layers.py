@@ -209,12 +209,21 @@ def _direct_capable(module: torch.nn.Module, prev) -> bool:
 _COMFY_FORWARDS: tuple | None = None
 
 
+def _no_op() -> None:
+    return None
+
+
+_EVERY_OP: Callable = _no_op
+
+
 def _comfy_linear_forwards() -> tuple:
-    global _COMFY_FORWARDS
+    global _COMFY_FORWARDS, _EVERY_OP
     if _COMFY_FORWARDS is None:
         try:
             import comfy.ops
             _COMFY_FORWARDS = (comfy.ops.disable_weight_init.Linear.forward,)
+            # ComfyUI's Linear forward checks for an interrupt on every call; so does ours.
+            _EVERY_OP = getattr(comfy.ops, "run_every_op", _no_op)
         except Exception:  # outside ComfyUI (a bare torch module in a test)
             _COMFY_FORWARDS = ()
     return _COMFY_FORWARDS
@@ -225,6 +234,7 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     base = prev if prev is not None else type(module).forward.__get__(module)
     direct = _direct_capable(module, prev)
     linear = F.linear
+    every_op = _EVERY_OP
 
     def generic(x, y):
         for factors, strength in slot.active:
@@ -243,6 +253,7 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
                 and not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
                          or getattr(module, "bias_function", None))
                 and x.dtype == module.weight.dtype):
+            every_op()
             y = linear(x, module.weight, module.bias)
             if y.requires_grad or not plan or x.dtype != plan[0][0].dtype or x.device != plan[0][0].device:
                 return generic(x, y)
