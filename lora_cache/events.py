@@ -3,6 +3,7 @@ and the web badge, so all three always say the same thing."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -73,10 +74,9 @@ def clear() -> None:
 
 def _notify_ui(event: Event) -> None:
     # The badge must update on every execution, so the node pushes its event itself.
-    try:
-        from server import PromptServer
-    except Exception:
-        return
-    instance = getattr(PromptServer, "instance", None)
+    # Only a server that is already imported can have an instance; importing it here would
+    # be retried (and fail slowly) on every execution where ComfyUI runs without a server.
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
     if instance is not None and event.node is not None:
         instance.send_sync("lora_cache.event", event.as_dict())

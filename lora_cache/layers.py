@@ -7,7 +7,7 @@ active adapter runs ComfyUI's forward with no wrapper in the call path.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -25,6 +25,8 @@ class LayerFactors:
     Linear: `down_t` is down^T [in, r] and `up_t` is up^T [r, out], laid out for addmm_.
     Conv: `down` [r, in, *k] (or [r, in, 1..] with `mid` [r, r, *k]) and `up` [out, r, 1..].
     `out_slice` is (start, length) where the target is a slice of a fused weight (Flux qkv).
+    Linear factors of one layer share one down projection (`share_down`): their `down`s are
+    then column views of `shared_down`.
     """
 
     kind: str
@@ -33,6 +35,9 @@ class LayerFactors:
     scale: float
     mid: torch.Tensor | None = None
     out_slice: tuple[int, int] | None = None
+    # Set by share_down(): the layer's factors' downs side by side, and this factor's columns.
+    shared_down: torch.Tensor | None = field(default=None, repr=False)
+    shared_cols: tuple[int, int] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -82,14 +87,41 @@ class LayerFactors:
         return y.add_(delta, alpha=alpha)
 
 
+def share_down(factors: tuple[LayerFactors, ...]) -> torch.Tensor | None:
+    """One down projection for all Linear factors of a layer (Flux's q/k/v slices of a fused
+    qkv weight, or q/k/v/mlp of linear1): their downs side by side in one [in, R] matrix, each
+    factor's `down` becoming a view of its columns. One GEMM then computes every factor's
+    `x @ down`, and the memory is the same as before. Idempotent."""
+    if len(factors) < 2 or any(f.kind != "linear" for f in factors):
+        return None
+    first = factors[0]
+    if first.shared_down is not None and all(f.shared_down is first.shared_down for f in factors):
+        return first.shared_down
+    d0 = first.down
+    if any(f.down.dtype != d0.dtype or f.down.device != d0.device or f.down.shape[0] != d0.shape[0]
+           for f in factors):
+        return None
+    shared = torch.cat([f.down for f in factors], 1).contiguous()
+    col = 0
+    for f in factors:
+        r = f.down.shape[1]
+        f.down = shared[:, col:col + r]
+        f.shared_down, f.shared_cols = shared, (col, col + r)
+        col += r
+    return shared
+
+
 class LayerSlot:
-    __slots__ = ("adapters", "active", "installed", "prev_forward")
+    __slots__ = ("adapters", "active", "installed", "prev_forward", "plan")
 
     def __init__(self):
         self.adapters: dict[object, tuple[LayerFactors, ...]] = {}
         self.active: list[tuple[tuple[LayerFactors, ...], float]] = []
         self.installed: Callable | None = None
         self.prev_forward: Callable | None = None
+        # What the direct forward computes, rebuilt on activate: per active adapter
+        # (down [in, R], ((col_lo, col_hi, up, alpha, out_start, out_len), ...)).
+        self.plan: tuple | None = None
 
 
 def slot_of(module: torch.nn.Module, create: bool = False) -> LayerSlot | None:
@@ -120,6 +152,7 @@ def holds(module: torch.nn.Module, key: object, factors: tuple[LayerFactors, ...
 def activate(module: torch.nn.Module, factors: tuple[LayerFactors, ...], strength: float) -> None:
     slot = slot_of(module, create=True)
     slot.active.append((factors, strength))
+    slot.plan = _plan(slot.active)
     if slot.installed is None:
         _install(module, slot)
 
@@ -129,6 +162,7 @@ def deactivate(module: torch.nn.Module) -> None:
     if slot is None:
         return
     slot.active.clear()
+    slot.plan = None
     if slot.installed is not None:
         # Only undo our own forward; if something replaced it after us, leave theirs alone.
         if module.__dict__.get("forward") is slot.installed:
@@ -145,16 +179,96 @@ def is_installed(module: torch.nn.Module) -> bool:
     return slot is not None and slot.installed is not None
 
 
+def _plan(active) -> tuple | None:
+    """The direct forward's work for the active adapters, or None if some factor is not a
+    Linear one (then the generic path serves the layer)."""
+    plan = []
+    for factors, strength in active:
+        if any(f.kind != "linear" for f in factors):
+            return None
+        shared = share_down(factors)
+        if shared is None:
+            for f in factors:
+                plan.append((f.down, ((None, None, f.up, strength * f.scale) + (f.out_slice or (None, None)),)))
+        else:
+            parts = tuple(f.shared_cols + (f.up, strength * f.scale) + (f.out_slice or (None, None))
+                          for f in factors)
+            plan.append((shared, parts))
+    return tuple(plan)
+
+
+def _direct_capable(module: torch.nn.Module, prev) -> bool:
+    # The direct forward computes the base product itself with F.linear. Only for layers whose
+    # forward is ComfyUI's (or torch's) plain Linear forward and nothing of another party's.
+    if prev is not None or not isinstance(module, torch.nn.Linear):
+        return False
+    fwd = type(module).forward
+    return fwd is torch.nn.Linear.forward or fwd in _comfy_linear_forwards()
+
+
+_COMFY_FORWARDS: tuple | None = None
+
+
+def _no_op() -> None:
+    return None
+
+
+_EVERY_OP: Callable = _no_op
+
+
+def _comfy_linear_forwards() -> tuple:
+    global _COMFY_FORWARDS, _EVERY_OP
+    if _COMFY_FORWARDS is None:
+        try:
+            import comfy.ops
+            _COMFY_FORWARDS = (comfy.ops.disable_weight_init.Linear.forward,)
+            # ComfyUI's Linear forward checks for an interrupt on every call; so does ours.
+            _EVERY_OP = getattr(comfy.ops, "run_every_op", _no_op)
+        except Exception:  # outside ComfyUI (a bare torch module in a test)
+            _COMFY_FORWARDS = ()
+    return _COMFY_FORWARDS
+
+
 def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     prev = module.__dict__.get("forward")
     base = prev if prev is not None else type(module).forward.__get__(module)
+    direct = _direct_capable(module, prev)
+    linear = F.linear
+    every_op = _EVERY_OP
 
-    def forward(x, *args, **kwargs):
-        y = base(x, *args, **kwargs)
+    def generic(x, y):
         for factors, strength in slot.active:
             for f in factors:
                 y = f.add_to(module, x, y, strength)
         return y
+
+    def forward(x, *args, **kwargs):
+        plan = slot.plan
+        # Direct path: ComfyUI's Linear forward would only check the cast settings (fixed once
+        # the model is loaded for sampling) and call F.linear; with the check done here, the
+        # base product and the low-rank updates run without ComfyUI's Python frames. The
+        # updates go into the output in place: one `x @ down` per adapter (shared by q/k/v
+        # slices) and one addmm_ per factor.
+        if (direct and plan is not None and not args and not kwargs
+                and not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                         or getattr(module, "bias_function", None))
+                and x.dtype == module.weight.dtype):
+            every_op()
+            y = linear(x, module.weight, module.bias)
+            if y.requires_grad or not plan or x.dtype != plan[0][0].dtype or x.device != plan[0][0].device:
+                return generic(x, y)
+            x2 = x.reshape(-1, x.shape[-1])
+            y2 = y.view(-1, y.shape[-1])
+            for down, parts in plan:
+                h = x2 @ down
+                for lo, hi, up, alpha, start, length in parts:
+                    hh = h if lo is None else h[:, lo:hi]
+                    if start is None:
+                        y2.addmm_(hh, up, alpha=alpha)
+                    else:
+                        y2[:, start:start + length].addmm_(hh, up, alpha=alpha)
+            return y
+        return generic(x, base(x, *args, **kwargs))
 
     slot.prev_forward = prev
     slot.installed = forward

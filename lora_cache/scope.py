@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
-from . import events, files, layers, weight_merge
+from . import events, files, layers, merge
 from .cost_model import COSTS
 from .errors import LoraCacheError
 from .store import Entry
@@ -39,7 +39,7 @@ log = logging.getLogger("lora_cache")
 class _Activation:
     owner: weakref.ref
     modules: list  # modules whose forward carries factors
-    merged: weight_merge.Merged | None = None  # weights merged for this run, restored on release
+    merged: merge.Merged | None = None  # weights merged for this run, restored on release
     timing: tuple | None = None  # (cost key, form, start) of a measured sampling
 
 
@@ -112,17 +112,24 @@ def _activate(patcher, forms: dict[str, str] | None = None, timing: tuple | None
     _check_current(stack, model)
     act = _Activation(weakref.ref(patcher, lambda ref, mid=id(model): _owner_gone(mid, ref)), [], timing=timing)
     _active[id(model)] = act
-    to_merge: dict[str, tuple[str, object, list]] = {}
+    to_merge = []
     for entry, strength, mode in stack.items:
-        merged = (forms or {}).get(mode, "dynamic") == "merged"
-        for path, module, factors in entry.modules():
+        # merge.py has no form for LoCon's mid kernel: such an adapter stays unmerged.
+        merged = (forms or {}).get(mode, "dynamic") == "merged" and not any(
+            f.mid is not None for _, _, fs in entry.modules() for f in fs)
+        for _, module, factors in entry.modules():
             if merged:
-                to_merge.setdefault(path, (f"{path}.weight", module, []))[2].extend((f, strength) for f in factors)
+                to_merge.append((module, factors, strength))
             else:
                 layers.activate(module, factors, strength)
                 act.modules.append(module)
     if to_merge:
-        act.merged = weight_merge.merge(list(to_merge.values()))
+        act.merged = merge.Merged(to_merge)
+        try:
+            act.merged.merge()
+        except BaseException:
+            act.merged.restore()  # the weights touched so far
+            raise
 
 
 def _release(patcher) -> None:

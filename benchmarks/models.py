@@ -1,0 +1,166 @@
+"""SDXL- and Flux-shaped models from ComfyUI's own classes with random weights, and LoRA
+files for them in names ComfyUI's key map accepts.
+
+The weights are allocated where the model will run (`device`) and filled there: a 12B model
+is never random-initialised on the host. `tiny` gives the same classes at a size the CPU
+test suite runs in seconds.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+import comfy.lora
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models
+
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+    "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+# The same classes at CPU-test size: 2 levels, 1 transformer block each.
+SDXL_TINY = dict(SDXL_UNET, model_channels=64, num_res_blocks=[1, 1], channel_mult=[1, 2],
+                 transformer_depth=[0, 1], transformer_depth_middle=1, transformer_depth_output=[0, 0, 1, 1],
+                 context_dim=128, adm_in_channels=2816)
+
+FLUX_DIT = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+    "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+    "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True, "guidance_embed": True, "patch_size": 2,
+}
+FLUX_TINY = dict(FLUX_DIT, vec_in_dim=32, context_in_dim=48, hidden_size=64, num_heads=2, depth=2,
+                 depth_single_blocks=2, axes_dim=[8, 12, 12])
+
+
+class Spec:
+    """What the benchmark needs to know about one model shape."""
+
+    def __init__(self, kind: str, tiny: bool, dtype: torch.dtype):
+        self.kind = kind
+        self.tiny = tiny
+        self.dtype = dtype
+        if kind == "sdxl":
+            self.unet = dict(SDXL_TINY if tiny else SDXL_UNET)
+            self.cfg = 1.0 if tiny else 7.0  # cfg > 1: ComfyUI batches cond and uncond (batch 2)
+            self.latent = (1, 4, 8, 8) if tiny else (1, 4, 128, 128)
+            self.context = (1, 8 if tiny else 77, self.unet["context_dim"])
+        else:
+            self.unet = dict(FLUX_TINY if tiny else FLUX_DIT)
+            self.cfg = 1.0
+            self.latent = (1, 16, 8, 8) if tiny else (1, 16, 128, 128)
+            self.context = (1, 8 if tiny else 256, self.unet["context_in_dim"])
+        self.cfg = 2.0 if tiny and kind == "sdxl" else self.cfg
+
+    @property
+    def label(self) -> str:
+        return f"{'tiny ' if self.tiny else ''}{'SDXL' if self.kind == 'sdxl' else 'Flux'}"
+
+    def conditioning(self, device_gen_seed: int = 5):
+        g = torch.Generator().manual_seed(device_gen_seed)
+        ctx = torch.randn(*self.context, generator=g)
+        if self.kind == "sdxl":
+            extra = {"pooled_output": torch.randn(1, 1280, generator=g), "width": 1024, "height": 1024,
+                     "target_width": 1024, "target_height": 1024}
+        else:
+            extra = {"pooled_output": torch.randn(1, self.unet["vec_in_dim"], generator=g), "guidance": 3.5}
+        return [[ctx, extra]]
+
+
+def build(spec: Spec, seed: int = 0):
+    """A ModelPatcher over ComfyUI's SDXL / Flux model class, weights random on the load device."""
+    load_device = mm.get_torch_device()
+    if spec.kind == "sdxl":
+        cfg = comfy.supported_models.SDXL(dict(spec.unet))
+    else:
+        cfg = comfy.supported_models.Flux(dict(spec.unet))
+    cfg.set_inference_dtype(spec.dtype, None)
+    # ComfyUI's ops skip parameter init: the weights are allocated, uninitialised, on load_device.
+    model = cfg.get_model({}, "", device=load_device)
+    randomize(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device, mm.unet_offload_device())
+
+
+@torch.no_grad()
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    dev = next(module.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.ndim == 1:
+            if "norm" in name or name.endswith("scale"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+        else:
+            fan_in = p[0].numel()
+            p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=g)
+
+
+def block_linears(spec: Spec, model) -> list[str]:
+    """Module paths of every Linear in the transformer blocks (SDXL: the SpatialTransformers,
+    proj_in/proj_out included; Flux: the double and single blocks, modulation included)."""
+    out = []
+    for name, m in model.diffusion_model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        if spec.kind == "sdxl":
+            if ".transformer_blocks." in name or name.endswith(".proj_in") or name.endswith(".proj_out"):
+                out.append("diffusion_model." + name)
+        elif name.startswith("double_blocks.") or name.startswith("single_blocks."):
+            out.append("diffusion_model." + name)
+    return out
+
+
+def lora_state_dict(spec: Spec, patcher, rank: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A rank-`rank` LoRA on every block Linear. SDXL in kohya naming (lora_unet_*); Flux in
+    diffusers naming (transformer.*), whose to_q/to_k/to_v (and single blocks' proj_mlp) ComfyUI
+    maps onto the fused qkv / linear1 weights with offsets. Factors are drawn on the model's
+    device and returned on the host for saving."""
+    model = patcher.model
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    by_weight: dict[str, list[tuple[str, object]]] = {}
+    for name, target in key_map.items():
+        key = target if isinstance(target, str) else target[0]
+        by_weight.setdefault(key, []).append((name, target))
+    dev = patcher.load_device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    for path in block_linears(spec, model):
+        key = path + ".weight"
+        w = model.get_submodule(path).weight
+        cands = by_weight.get(key, [])
+        if spec.kind == "flux":
+            names = [(n, t) for n, t in cands if n.startswith("transformer.")]
+            split = [(n, t) for n, t in names if not isinstance(t, str) and t[1] is not None]
+            chosen = split or names[:1] or [(path, key)]
+        else:
+            chosen = [(n, t) for n, t in cands if n == "lora_unet_" + path[len("diffusion_model."):].replace(".", "_")]
+        if not chosen:
+            raise RuntimeError(f"no LoRA key in ComfyUI's key map for {key}")
+        for name, target in chosen:
+            out_dim = target[1][2] if not isinstance(target, str) and target[1] is not None else w.shape[0]
+            in_dim = w.shape[1]
+            down = torch.randn(rank, in_dim, generator=g, device=dev) / math.sqrt(in_dim)
+            up = torch.randn(out_dim, rank, generator=g, device=dev) * (0.3 / math.sqrt(rank))
+            if spec.kind == "sdxl":
+                sd[name + ".lora_down.weight"] = down.to(spec.dtype).cpu()
+                sd[name + ".lora_up.weight"] = up.to(spec.dtype).cpu()
+            else:
+                sd[name + ".lora_A.weight"] = down.to(spec.dtype).cpu()
+                sd[name + ".lora_B.weight"] = up.to(spec.dtype).cpu()
+            sd[name + ".alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def write(path: Path, sd: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
