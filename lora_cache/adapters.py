@@ -139,6 +139,10 @@ def plan_dynamic(patches: Patches, model_patcher, lora_name: str, device, dtype,
                 raise LoraCacheError(
                     f"LoRA file '{lora_name}': '{key}' expects a {out_dim}x{module.in_features} weight but "
                     f"the factors make {up.shape[0]}x{down.shape[1]} (a LoRA for another model?)")
+            if rank > min(out_dim, module.in_features):
+                raise LoraCacheError(
+                    f"LoRA file '{lora_name}': '{key}' has rank {rank}, more than the layer's "
+                    f"{out_dim}x{module.in_features} weight can use (not a low-rank adapter)")
             if function is not None:
                 if not _row_linear(function, up):
                     return Plan(None, f"patch function on '{key}' does not commute with the factors")
@@ -165,6 +169,10 @@ def plan_dynamic(patches: Patches, model_patcher, lora_name: str, device, dtype,
                 raise LoraCacheError(
                     f"LoRA file '{lora_name}': '{key}' factors {tuple(up.shape)} x {tuple(down.shape)} "
                     f"do not fit the {type(module).__name__} {module.out_channels}x{module.in_channels}x{kernel}")
+            if rank > min(module.out_channels, module.in_channels * math.prod(kernel)):
+                raise LoraCacheError(
+                    f"LoRA file '{lora_name}': '{key}' has rank {rank}, more than the "
+                    f"{type(module).__name__} {module.out_channels}x{module.in_channels}x{kernel} can use")
             f = LayerFactors("conv", down.to(device, dtype).contiguous(), up.to(device, dtype).contiguous(), scale,
                              mid=None if mid is None else mid.to(device, dtype).contiguous())
         else:
