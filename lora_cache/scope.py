@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from comfy.patcher_extension import CallbacksMP
 
-from . import files, layers
+from . import files, layers, memory
 from .errors import LoraCacheError
-from .store import Entry
+from .store import STORE, Entry
 
 KEY = "lora_cache"
 log = logging.getLogger("lora_cache")
@@ -43,7 +43,8 @@ def carry(patcher, entry: Entry, strength: float):
     """A clone of `patcher` that activates `entry` on top of what it already carries."""
     n = patcher.clone()
     n.set_attachments(KEY, stack_of(patcher).with_adapter(entry, strength))
-    for call_type, fn in ((CallbacksMP.ON_PRE_RUN, _on_pre_run), (CallbacksMP.ON_CLEANUP, _on_cleanup)):
+    for call_type, fn in ((CallbacksMP.ON_PRE_RUN, _on_pre_run), (CallbacksMP.ON_CLEANUP, _on_cleanup),
+                          (CallbacksMP.ON_DETACH, memory.on_detach)):
         n.remove_callbacks_with_key(call_type, KEY)
         n.add_callback_with_key(call_type, KEY, fn)
     return n
@@ -62,6 +63,7 @@ def _on_pre_run(patcher) -> None:
         if not files.unchanged(entry.identity):
             raise LoraCacheError(f"LoRA file '{entry.lora}' changed on disk after the node ran; "
                                  f"queue the prompt again to load the new file")
+    STORE.pin(id(model), [e for e, _ in stack.items])  # never evicted while sampling; moved back if needed
     touched = []
     for entry, strength in stack.items:
         for _, module, factors in entry.modules():
@@ -75,6 +77,7 @@ def _on_pre_run(patcher) -> None:
 
 def _on_cleanup(patcher) -> None:
     _deactivate(id(patcher.model))
+    STORE.unpin(id(patcher.model))
 
 
 def _deactivate(model_id: int) -> None:
