@@ -1,9 +1,15 @@
 """Issue 6 on the real server (HTTP + websocket only): a soak of 300+ queued runs checked
 against stock with flat memory, POST /interrupt in the middle of sampling, and ComfyUI's
-"Unload models" (POST /free) between runs."""
+"Unload models" (POST /free) between runs, also under --disable-smart-memory.
+
+The servers run with LORA_CACHE_TEST_CPU_AS_DEVICE=1 (see lora_cache/memory.py): on this
+CPU-only host the CPU is handled like a GPU, so an unload moves the factors and the next run
+must move them back, the code path a GPU takes."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import time
 
@@ -61,13 +67,25 @@ def saved_latent(server: ComfyServer, res: dict) -> torch.Tensor:
     raise AssertionError(f"no SaveLatent output in {[t for t, _ in res['messages']]}")
 
 
+@contextlib.contextmanager
+def started(base, extra_args=()):
+    os.environ["LORA_CACHE_TEST_CPU_AS_DEVICE"] = "1"
+    try:
+        s = ComfyServer(base, extra_args=extra_args).start()
+    finally:
+        del os.environ["LORA_CACHE_TEST_CPU_AS_DEVICE"]
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = make_base_dir(tmp_path_factory.mktemp("reliability_base"))
     demo.make_files(base)
-    s = ComfyServer(base).start()
-    yield s
-    s.stop()
+    with started(base) as s:
+        yield s
 
 
 SETTINGS = [(lora, strength, True) for lora in ("style.safetensors", "detail.safetensors")
@@ -152,3 +170,55 @@ def test_interrupt_mid_sampling_then_runs_match_stock(server):
     ours_off = saved_latent(server, run_ok(server, prompt("style.safetensors", 0.8, enabled=False, steps=2, seed=9,
                                                           prefix="aoff")))
     assert torch.equal(base, ours_off)
+
+
+def adapter(server, name):
+    return next(a for a in server.get("/lora_cache/stats")["adapters"] if a["name"] == name)
+
+
+def last_event(server):
+    return server.get("/lora_cache/stats")["events"][-1]
+
+
+def test_unload_models_button_moves_factors_then_runs_match_stock(server):
+    """POST /free {"unload_models": true} is the UI's "Unload models": ComfyUI unloads every
+    model; the factors leave the device with it and come back before the next use."""
+    ref = saved_latent(server, run_ok(server, prompt("detail.safetensors", 0.9, stock=True, steps=2, prefix="fref")))
+    out = saved_latent(server, run_ok(server, prompt("detail.safetensors", 0.9, steps=2, prefix="f1")))
+    assert torch.allclose(out, ref, rtol=RTOL, atol=ATOL)
+    assert adapter(server, "detail.safetensors")["resident"]
+    assert server.request("POST", "/free", {"unload_models": True})[0] == 200
+    deadline = time.time() + 60
+    while adapter(server, "detail.safetensors")["resident"]:
+        assert time.time() < deadline, "the factors never left the device"
+        time.sleep(0.2)
+    mem = server.get("/lora_cache/stats")["memory"]
+    assert mem["moved_to_cpu"]["bytes"] == adapter(server, "detail.safetensors")["bytes"] > 0
+    out = saved_latent(server, run_ok(server, prompt("detail.safetensors", 0.9, steps=2, prefix="f2")))
+    ev = last_event(server)
+    assert ev["path"] == "build" and "ComfyUI unloaded the model" in ev["reason"], ev
+    assert torch.allclose(out, ref, rtol=RTOL, atol=ATOL)
+    assert adapter(server, "detail.safetensors")["resident"]
+
+
+def test_disable_smart_memory_server_series_matches_stock(tmp_path):
+    """--disable-smart-memory: ComfyUI unloads every model after each prompt, so the factors
+    follow each time; every output still equals stock."""
+    base = make_base_dir(tmp_path / "dsm")
+    demo.make_files(base)
+    with started(base, ("--disable-smart-memory",)) as s:
+        series = [("style.safetensors", 1.0, True), ("style.safetensors", 1.0, False),
+                  ("style.safetensors", 1.0, True), ("style.safetensors", 0.6, True),
+                  ("detail.safetensors", 1.0, True), ("style.safetensors", 0.6, True)]
+        refs = {}
+        paths = []
+        for i, (lora, strength, enabled) in enumerate(series):
+            key = (lora, strength) if enabled else None
+            if key not in refs:
+                refs[key] = saved_latent(s, run_ok(s, prompt(lora, strength, enabled, stock=True, prefix=f"r{i}")))
+            res = run_ok(s, prompt(lora, strength, enabled, prefix=f"o{i}"))
+            assert torch.allclose(saved_latent(s, res), refs[key], rtol=RTOL, atol=ATOL), (i, lora, strength, enabled)
+            paths += [(d["path"], d["reason"]) for t, d in res["messages"] if t == "lora_cache.event"]
+            assert not any(a["resident"] for a in s.get("/lora_cache/stats")["adapters"])  # unloaded after the prompt
+        assert [p for p, _ in paths] == ["build", "off", "build", "build", "build", "build"], paths
+        assert all("ComfyUI unloaded the model" in r for p, r in paths[2:4] + paths[5:]), paths
