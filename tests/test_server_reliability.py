@@ -222,3 +222,20 @@ def test_disable_smart_memory_server_series_matches_stock(tmp_path):
             assert not any(a["resident"] for a in s.get("/lora_cache/stats")["adapters"])  # unloaded after the prompt
         assert [p for p, _ in paths] == ["build", "off", "build", "build", "build", "build"], paths
         assert all("ComfyUI unloaded the model" in r for p, r in paths[2:4] + paths[5:]), paths
+
+
+def test_budget_follows_the_comfyui_setting(server):
+    """The frontend stores the setting through ComfyUI's own settings API; the server-side budget
+    reads it from there (and the settings extension is served to the browser)."""
+    mb = lambda: server.get("/lora_cache/stats")["memory"]["device"]["cpu"]  # noqa: E731
+    run_ok(server, prompt("style.safetensors", 0.5, prefix="s1"))
+    assert "default" in mb()["source"]
+    assert server.request("POST", "/settings/LoraCache.GpuBudgetMB", 640)[0] == 200
+    try:
+        assert mb()["limit"] == 640 * 2**20 and mb()["source"] == "ComfyUI setting LoraCache.GpuBudgetMB"
+    finally:
+        server.request("POST", "/settings/LoraCache.GpuBudgetMB", 0)
+    assert "default" in mb()["source"]
+    import urllib.request
+    with urllib.request.urlopen(server.url + "/extensions/lora_cache_loader/lora_cache_settings.js", timeout=30) as r:
+        assert b"LoraCache.GpuBudgetMB" in r.read()
