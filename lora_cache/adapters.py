@@ -6,6 +6,7 @@ maps, load_lora), so every file and naming the stock LoraLoader accepts is accep
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,12 @@ def read_file(identity: FileIdentity, lora_name: str) -> dict[str, torch.Tensor]
     try:
         sd = comfy.utils.load_torch_file(identity.path, safe_load=True)
     except Exception as e:  # safetensors and torch.load raise many types; all mean "unreadable"
+        if "Weights only load failed" in str(e):  # torch's own text suggests an unsafe load: not ours
+            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            raise LoraCacheError(
+                f"LoRA file '{lora_name}' could not be loaded: it holds pickled Python objects"
+                f"{f' ({m.group(1)})' if m else ''} that ComfyUI's safe loading refuses (code in a "
+                f"pickle is never run); use a safetensors file") from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoraCacheError(
             f"LoRA file '{lora_name}' could not be loaded (truncated, corrupt, or not a "
