@@ -192,8 +192,10 @@ def test_unload_models_button_moves_factors_then_runs_match_stock(server):
     while adapter(server, "detail.safetensors")["resident"]:
         assert time.time() < deadline, "the factors never left the device"
         time.sleep(0.2)
-    mem = server.get("/lora_cache/stats")["memory"]
-    assert mem["moved_to_cpu"]["bytes"] == adapter(server, "detail.safetensors")["bytes"] > 0
+    stats = server.get("/lora_cache/stats")
+    assert not any(a["resident"] for a in stats["adapters"])  # every cached adapter of the model left
+    assert stats["memory"]["moved_to_cpu"]["bytes"] == sum(a["bytes"] for a in stats["adapters"]) > 0
+    assert stats["memory"]["device"]["cpu"]["bytes"] == 0
     out = saved_latent(server, run_ok(server, prompt("detail.safetensors", 0.9, steps=2, prefix="f2")))
     ev = last_event(server)
     assert ev["path"] == "build" and "ComfyUI unloaded the model" in ev["reason"], ev
