@@ -6,6 +6,7 @@ maps, load_lora), so every file and naming the stock LoraLoader accepts is accep
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,12 @@ def read_file(identity: FileIdentity, lora_name: str) -> dict[str, torch.Tensor]
     try:
         sd = comfy.utils.load_torch_file(identity.path, safe_load=True)
     except Exception as e:  # safetensors and torch.load raise many types; all mean "unreadable"
+        if "Weights only load failed" in str(e):  # torch's own text suggests an unsafe load: not ours
+            m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            raise LoraCacheError(
+                f"LoRA file '{lora_name}' could not be loaded: it holds pickled Python objects"
+                f"{f' ({m.group(1)})' if m else ''} that ComfyUI's safe loading refuses (code in a "
+                f"pickle is never run); use a safetensors file") from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoraCacheError(
             f"LoRA file '{lora_name}' could not be loaded (truncated, corrupt, or not a "
@@ -139,6 +146,10 @@ def plan_dynamic(patches: Patches, model_patcher, lora_name: str, device, dtype,
                 raise LoraCacheError(
                     f"LoRA file '{lora_name}': '{key}' expects a {out_dim}x{module.in_features} weight but "
                     f"the factors make {up.shape[0]}x{down.shape[1]} (a LoRA for another model?)")
+            if rank > min(out_dim, module.in_features):
+                raise LoraCacheError(
+                    f"LoRA file '{lora_name}': '{key}' has rank {rank}, more than the layer's "
+                    f"{out_dim}x{module.in_features} weight can use (not a low-rank adapter)")
             if function is not None:
                 if not _row_linear(function, up):
                     return Plan(None, f"patch function on '{key}' does not commute with the factors")
@@ -165,6 +176,10 @@ def plan_dynamic(patches: Patches, model_patcher, lora_name: str, device, dtype,
                 raise LoraCacheError(
                     f"LoRA file '{lora_name}': '{key}' factors {tuple(up.shape)} x {tuple(down.shape)} "
                     f"do not fit the {type(module).__name__} {module.out_channels}x{module.in_channels}x{kernel}")
+            if rank > min(module.out_channels, module.in_channels * math.prod(kernel)):
+                raise LoraCacheError(
+                    f"LoRA file '{lora_name}': '{key}' has rank {rank}, more than the "
+                    f"{type(module).__name__} {module.out_channels}x{module.in_channels}x{kernel} can use")
             f = LayerFactors("conv", down.to(device, dtype).contiguous(), up.to(device, dtype).contiguous(), scale,
                              mid=None if mid is None else mid.to(device, dtype).contiguous())
         else:

@@ -63,6 +63,8 @@ def unattached_layers(entry: Entry) -> str | None:
     model = entry.model_ref()
     if model is None:
         return "model was freed"
+    if not entry.resident:  # memory budget or a ComfyUI unload moved them (store.py)
+        return f"its factors were moved to cpu ({entry.offload_reason}); moved back to {entry.home}"
     for path, module, factors in entry.modules():
         if not layers.holds(module, entry, factors):
             return f"layer {path} no longer holds the cached factors"

@@ -33,15 +33,49 @@ class FileIdentity:
         return f"sha256 {self.sha256[:12]}, {self.size} bytes"
 
 
+def _escapes(lora_name: str) -> str | None:
+    """Why `lora_name` is not a plain name relative to a loras folder, or None.
+
+    ComfyUI's get_full_path silently re-roots '../x' and '/abs/x' inside each folder; a name
+    like that never comes from the file list, so it is refused rather than reinterpreted."""
+    if "\x00" in lora_name:
+        return "contains a NUL character"
+    if os.path.isabs(lora_name) or lora_name.startswith(("/", "\\")) or (os.name == "nt" and lora_name[1:2] == ":"):
+        return "is an absolute path"
+    if ".." in lora_name.replace("\\", "/").split("/"):
+        return "contains '..'"
+    return None
+
+
+def _inside(path: str, folder: str) -> bool:
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # different drives
+        return False
+
+
 def resolve(lora_name: str) -> str:
-    """The real path of `lora_name` inside ComfyUI's loras folders."""
+    """The real path of `lora_name` inside ComfyUI's loras folders.
+
+    Refuses names that escape the folders and files whose real path (after symlinks) lies
+    outside every loras folder: a request may only name what the loras list offers."""
     if not isinstance(lora_name, str) or not lora_name:
         raise LoraCacheError(f"LoRA name {lora_name!r} is not a file name")
+    why = _escapes(lora_name)
+    if why is not None:
+        raise LoraCacheError(f"LoRA name {lora_name!r} is refused: it {why}; give a name from the "
+                             f"loras folders' list")
     path = folder_paths.get_full_path("loras", lora_name)
+    folders = folder_paths.get_folder_paths("loras")
     if path is None:
-        folders = ", ".join(folder_paths.get_folder_paths("loras"))
-        raise LoraCacheError(f"LoRA file '{lora_name}' not found in the loras folders ({folders})")
-    return os.path.realpath(path)
+        raise LoraCacheError(f"LoRA file '{lora_name}' not found in the loras folders ({', '.join(folders)})")
+    real = os.path.realpath(path)
+    if not any(_inside(real, os.path.realpath(f)) for f in folders):
+        raise LoraCacheError(
+            f"LoRA file '{lora_name}' is refused: it resolves to {real}, outside every loras folder "
+            f"(a symlink out); put the file in a loras folder or add its folder to ComfyUI's "
+            f"extra_model_paths.yaml")
+    return real
 
 
 def _stat_key(path: str) -> tuple:

@@ -18,6 +18,7 @@ def stats() -> dict:
             "name": e.lora,
             "bytes": e.nbytes,
             "device": e.device,
+            "resident": e.resident,
             "dynamic": e.plan_reason is None,
             "reason": e.plan_reason,
             "layers": len(e.layers),
@@ -28,8 +29,9 @@ def stats() -> dict:
     for a in adapters:
         if a["device"] is not None:
             by_device[a["device"]] = by_device.get(a["device"], 0) + a["bytes"]
-    return {"adapters": adapters, "bytes_by_device": by_device, "generation": STORE.generation,
-            "events": events.recent(), "samplings": events.samplings(), "auto_costs": COSTS.measured()}
+    return {"adapters": adapters, "bytes_by_device": by_device, "memory": STORE.memory_stats(),
+            "generation": STORE.generation, "events": events.recent(), "samplings": events.samplings(),
+            "auto_costs": COSTS.measured()}
 
 
 def purge() -> dict:

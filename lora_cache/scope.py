@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import torch
 from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
-from . import events, files, layers, merge
+from . import events, files, layers, memory, merge
 from .cost_model import COSTS
 from .errors import LoraCacheError
-from .store import Entry
+from .store import STORE, Entry
 
 KEY = "lora_cache"
 log = logging.getLogger("lora_cache")
@@ -70,7 +70,8 @@ def carry(patcher, entry: Entry, strength: float, mode: str = "auto"):
     whichever the cost model measured faster for that sampling (auto)."""
     n = patcher.clone()
     n.set_attachments(KEY, stack_of(patcher).with_adapter(entry, strength, mode))
-    for call_type, fn in ((CallbacksMP.ON_PRE_RUN, _on_pre_run), (CallbacksMP.ON_CLEANUP, _on_cleanup)):
+    for call_type, fn in ((CallbacksMP.ON_PRE_RUN, _on_pre_run), (CallbacksMP.ON_CLEANUP, _on_cleanup),
+                          (CallbacksMP.ON_DETACH, memory.on_detach)):
         n.remove_callbacks_with_key(call_type, KEY)
         n.add_callback_with_key(call_type, KEY, fn)
     n.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, KEY)
@@ -110,6 +111,7 @@ def _activate(patcher, forms: dict[str, str] | None = None, timing: tuple | None
     model = patcher.model
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
     _check_current(stack, model)
+    STORE.pin(id(model), [e for e, _, _ in stack.items])  # never evicted while active; moved back if needed
     act = _Activation(weakref.ref(patcher, lambda ref, mid=id(model): _owner_gone(mid, ref)), [], timing=timing)
     _active[id(model)] = act
     to_merge = []
@@ -204,6 +206,7 @@ def _deactivate(model_id: int) -> None:
     act = _active.pop(model_id, None)
     if act is None:
         return
+    STORE.unpin(model_id)
     if act.merged is not None:
         act.merged.restore()
     for module in act.modules:

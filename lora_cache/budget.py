@@ -1,0 +1,132 @@
+"""How many bytes of cached factors may stay where, and which adapter leaves first.
+
+Two tiers. The *device* tier is the factors on their model's load device (a GPU in normal
+use), limited per device. The *host* tier is factors the cache moved to the CPU to free the
+device; beyond its limit the least recently used ones leave memory (the entry is dropped and
+rebuilt from the file on next use). The order is a small explicit LRU in the style of
+sglang's srt/lora/eviction_policy.py: mark_used / select_victim / remove, plus counters.
+Adapters in use by the running sampling are pinned and never selected.
+
+Limits, in MB: the environment variables LORA_CACHE_GPU_BUDGET_MB (device tier, per device)
+and LORA_CACHE_CPU_BUDGET_MB (host tier) win; else the ComfyUI setting "LoraCache.GpuBudgetMB"
+(Settings dialog, read from the default user's comfy.settings.json); else 10% of the device's
+total memory and 10% of system RAM.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, OrderedDict
+from typing import Hashable, Iterable
+
+import torch
+
+_MB = 1024 * 1024
+DEFAULT_FRACTION = 0.10
+SETTING_ID = "LoraCache.GpuBudgetMB"
+ENV_DEVICE = "LORA_CACHE_GPU_BUDGET_MB"
+ENV_HOST = "LORA_CACHE_CPU_BUDGET_MB"
+
+
+class LRUPolicy:
+    """Least recently used first. Keys are cache entries (anything hashable)."""
+
+    def __init__(self):
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+        self.counters: Counter = Counter()
+
+    def mark_used(self, key: Hashable) -> None:
+        self._order[key] = None
+        self._order.move_to_end(key)
+
+    def remove(self, key: Hashable) -> None:
+        self._order.pop(key, None)
+
+    def select_victim(self, candidates: Iterable[Hashable], pinned: Iterable[Hashable] = ()) -> Hashable | None:
+        """The least recently used candidate that is not pinned, or None."""
+        cand = set(candidates)
+        pin = set(pinned)
+        for key in self._order:
+            if key in cand and key not in pin:
+                return key
+        # candidates never marked used count as oldest
+        for key in cand - pin - set(self._order):
+            return key
+        return None
+
+    def order(self) -> list:
+        return list(self._order)
+
+
+_setting_cache: dict = {}
+
+
+def setting_mb() -> float | None:
+    """The ComfyUI setting, from the default user's settings file (re-read when it changes)."""
+    try:
+        import folder_paths
+        path = os.path.join(folder_paths.get_user_directory(), "default", "comfy.settings.json")
+        st = os.stat(path)
+    except Exception:
+        return None
+    key = (path, st.st_mtime_ns, st.st_size)
+    if _setting_cache.get("key") != key:
+        value = None
+        try:
+            with open(path) as f:
+                raw = json.load(f).get(SETTING_ID)
+            if raw not in (None, "") and float(raw) > 0:
+                value = float(raw)
+        except Exception:
+            value = None
+        _setting_cache.update(key=key, value=value)
+    return _setting_cache["value"]
+
+
+def _env_mb(name: str) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        v = float(raw)
+    except ValueError:
+        return None
+    return v if v >= 0 else None
+
+
+def _total(device: torch.device) -> int:
+    import comfy.model_management as mm
+    try:
+        return int(mm.get_total_memory(device))
+    except Exception:
+        return 0
+
+
+class Budget:
+    """Byte limits per tier. `overrides` (device string -> bytes) let tests and callers set a
+    limit for one device, the CPU included, without touching the environment."""
+
+    def __init__(self):
+        self.overrides: dict[str, int] = {}
+        self.host_override: int | None = None
+
+    def device_limit(self, device: torch.device | str) -> tuple[int, str]:
+        """(bytes, where the number comes from)."""
+        d = torch.device(device)
+        if str(d) in self.overrides:
+            return self.overrides[str(d)], "set by the caller"
+        env = _env_mb(ENV_DEVICE)
+        if env is not None:
+            return int(env * _MB), f"{ENV_DEVICE}"
+        s = setting_mb()
+        if s is not None:
+            return int(s * _MB), f"ComfyUI setting {SETTING_ID}"
+        return int(_total(d) * DEFAULT_FRACTION), f"default: {DEFAULT_FRACTION:.0%} of {d} memory"
+
+    def host_limit(self) -> tuple[int, str]:
+        if self.host_override is not None:
+            return self.host_override, "set by the caller"
+        env = _env_mb(ENV_HOST)
+        if env is not None:
+            return int(env * _MB), f"{ENV_HOST}"
+        return int(_total(torch.device("cpu")) * DEFAULT_FRACTION), f"default: {DEFAULT_FRACTION:.0%} of system RAM"

@@ -1,0 +1,65 @@
+"""Moving cached factors off their device and back, and following ComfyUI's model unloads.
+
+ComfyUI calls a patcher's ON_DETACH callbacks whenever it detaches the model: at a load of
+another patcher of the same model (weights stay; `unpatch_all` False), and when it unloads
+the model (free_memory, unload_all_models, POST /free with unload_models; `unpatch_all` True,
+the weights have moved to the offload device). The node adds `on_detach` to every patcher it
+returns (clones inherit it), so when a model leaves its device its factors leave too.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("lora_cache")
+
+HOST = torch.device("cpu")
+# Factors that live on the CPU (a --cpu model) have nowhere cheaper to go, so they are never
+# "moved to the CPU". Tests set this (or the environment variable, for a server) to run the
+# offload path on a CPU-only host.
+CPU_AS_DEVICE = os.environ.get("LORA_CACHE_TEST_CPU_AS_DEVICE") == "1"
+
+
+def can_offload(home: torch.device | None) -> bool:
+    return home is not None and (torch.device(home).type != "cpu" or CPU_AS_DEVICE)
+
+
+def _to_host(t: torch.Tensor, home: torch.device) -> torch.Tensor:
+    out = t.detach().to(HOST, copy=True)
+    if torch.device(home).type == "cuda" and torch.cuda.is_available():
+        try:
+            out = out.pin_memory()  # faster and asynchronous-capable copy back
+        except RuntimeError:
+            pass
+    return out
+
+
+def move_factors(layer_factors: dict, to_host: bool, home: torch.device) -> None:
+    """Moves every factor tensor in place (the LayerFactors objects, which the layers hold,
+    stay the same; only their tensors change place)."""
+    for fs in layer_factors.values():
+        for f in fs:
+            for name in ("down", "up", "mid"):
+                t = getattr(f, name)
+                if t is None:
+                    continue
+                setattr(f, name, _to_host(t, home) if to_host else t.to(home, non_blocking=True))
+    if not to_host and torch.device(home).type == "cuda":
+        torch.cuda.current_stream(home).synchronize()
+
+
+def model_left_device(patcher) -> bool:
+    model = patcher.model
+    return model.model_loaded_weight_memory == 0 or model.device != patcher.load_device
+
+
+def on_detach(patcher, unpatch_all: bool) -> None:
+    """ComfyUI's ON_DETACH: if the model left its device, its cached factors leave it too."""
+    if not unpatch_all or not model_left_device(patcher):
+        return
+    from .store import STORE
+    n = STORE.offload_model(patcher.model, "ComfyUI unloaded the model")
+    if n:
+        log.info("[LoRA Cache] model unloaded by ComfyUI: factors of %d cached adapters moved to cpu", n)

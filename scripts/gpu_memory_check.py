@@ -1,0 +1,101 @@
+"""GPU check of the memory budget and of following ComfyUI's unloads (device machine, no server).
+
+The tiny SD-type model on the GPU, three LoRAs, a device budget that holds one: the least
+recently used factors must leave the GPU for pinned host memory and come back before use;
+comfy.model_management.unload_all_models / free_memory must take the factors off the GPU;
+--lowvram / --novram states must take the full path. Every output is compared with stock.
+Prints a JSON report. Run from scripts/: python3 gpu_memory_check.py
+(Written for issue 6 but not yet run on a GPU: the device tool runs the session checkout.)
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import comfy_host
+
+comfy_host.boot(cpu=False)
+
+import torch  # noqa: E402
+
+import comfy.model_management as mm  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+import tiny_models  # noqa: E402
+from gpu_smoke import load_package  # noqa: E402
+
+
+def main() -> int:
+    lc = load_package()
+    store = lc.STORE
+    tmp = Path(tempfile.mkdtemp())
+    folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
+    unet_sd16 = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
+    ref_sd = {k: v.float() for k, v in unet_sd16.items()}
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        tiny_models.write_lora(tmp / f"{name}.safetensors", tiny_models.sd_lora_state_dict(ref_sd, seed=seed))
+    base = comfy.sd.load_diffusion_model_state_dict(dict(unet_sd16))
+    g = torch.Generator().manual_seed(3)
+    cond = [[torch.randn(1, 77, 1024, generator=g), {}]]
+    latent = torch.zeros(1, 4, 16, 16)
+    noise = comfy.sample.prepare_noise(latent, 42)
+
+    def sample(model):
+        return comfy.sample.sample(model, noise, 4, 1.5, "euler", "normal", cond, cond, latent, seed=42).float()
+
+    stock = {}
+    for n in "abc":
+        m, _ = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(str(tmp / f"{n}.safetensors")), 1.0, 0)
+        stock[n] = sample(m)
+    dev = mm.get_torch_device()
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "runs": []}
+
+    def run(label, n, **kw):
+        m, _, ev = lc.apply(base, None, f"{n}.safetensors", 1.0, 0.0, True, "auto")
+        out = sample(m)
+        ents = {e.lora[0]: e for e in store.entries()}
+        report["runs"].append({
+            "run": label, "path": ev.path, "reason": ev.reason,
+            "max_abs_diff_vs_stock": float((out - stock[n]).abs().max()), "ref_max_abs": float(stock[n].abs().max()),
+            "factors": {k: {"device": e.device, "resident": e.resident,
+                            "pinned": bool(next(iter(e.layers.values()))[0].down.is_pinned()) if e.layers else None}
+                        for k, e in sorted(ents.items())},
+            "cuda_allocated": torch.cuda.memory_allocated(dev), **kw})
+
+    run("a first use", "a")
+    one = store.entries()[0].nbytes
+    store.budget.overrides[str(dev)] = one + 1
+    run("b first use (budget holds one)", "b")
+    run("a again", "a")
+    run("c first use", "c")
+    store.budget.overrides.clear()
+    run("b again (no budget)", "b")
+    mm.unload_all_models()
+    report["after_unload_all_models"] = {e.lora: {"device": e.device, "resident": e.resident}
+                                         for e in store.entries()}
+    report["after_unload_cuda_allocated"] = torch.cuda.memory_allocated(dev)
+    run("b after unload_all_models", "b")
+    mm.free_memory(1e30, dev)
+    report["after_free_memory"] = {e.lora: {"device": e.device, "resident": e.resident} for e in store.entries()}
+    run("b after free_memory", "b")
+    report["memory"] = lc.stats()["memory"]
+    for state in ("LOW_VRAM", "NO_VRAM"):
+        old = mm.vram_state
+        mm.vram_state = getattr(mm.VRAMState, state)
+        try:
+            m, _, ev = lc.apply(base, None, "a.safetensors", 1.0, 0.0, True, "auto")
+            out = sample(m)
+            report[state] = {"path": ev.path, "reason": ev.reason,
+                             "max_abs_diff_vs_stock": float((out - stock["a"]).abs().max())}
+        finally:
+            mm.vram_state = old
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Issue 6, memory: the LRU policy, the byte budget (device tier -> CPU -> out of memory,
+pinned adapters never evicted) and ComfyUI's own unloads (unload_all_models, free_memory,
+--disable-smart-memory), on the real in-process host.
+
+The host has no GPU, so the tests set memory.CPU_AS_DEVICE: the CPU is then handled like an
+accelerator (factors 'moved to the CPU' are copied to new host tensors and flagged), which runs
+exactly the code a GPU runs, and a budget is set for the 'cpu' device."""
+from __future__ import annotations
+
+from importlib import import_module
+
+import pytest
+import torch
+
+import comfy.model_management as mm
+
+import workflows as wf
+from harness import tiny_models
+
+RTOL, ATOL = 1e-4, 2e-4
+
+
+def close(a, b):
+    return torch.allclose(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.fixture(scope="module")
+def loras(host):
+    names = {}
+    for name, seed, kinds in (("m_a", 61, ("attn", "ff")), ("m_b", 62, ("attn",)), ("m_c", 63, ("attn", "ff"))):
+        tiny_models.write_lora(host.loras / f"{name}.safetensors",
+                               tiny_models.sd_lora_state_dict(host.unet_sd, seed=seed, kinds=kinds))
+        names[name] = f"{name}.safetensors"
+    return names
+
+
+@pytest.fixture
+def mem(host):
+    """CPU handled like a device, budgets reset afterwards."""
+    host.new_executor()
+    host.lc.purge()
+    memory = import_module(host.pkg_name + ".lora_cache.memory")
+    store = host.lc.STORE
+    old = memory.CPU_AS_DEVICE
+    memory.CPU_AS_DEVICE = True
+    store.policy.counters.clear()
+    yield host
+    memory.CPU_AS_DEVICE = old
+    store.budget.overrides.clear()
+    store.budget.host_override = None
+    host.lc.purge()
+
+
+def entry(h, lora):
+    es = [e for e in h.lc.STORE.entries() if e.lora == lora]
+    assert len(es) == 1, es
+    return es[0]
+
+
+def test_lru_policy(host):
+    budget = import_module(host.pkg_name + ".lora_cache.budget")
+    p = budget.LRUPolicy()
+    for k in "abc":
+        p.mark_used(k)
+    assert p.select_victim("abc") == "a"
+    p.mark_used("a")
+    assert p.select_victim("abc") == "b"
+    assert p.select_victim("abc", pinned={"b"}) == "c"
+    assert p.select_victim("ab", pinned={"a", "b"}) is None
+    p.remove("b")
+    assert p.order() == ["c", "a"]
+    assert p.select_victim({"x"}) == "x"  # never used counts as oldest
+
+
+def test_budget_env_and_setting(host, monkeypatch, tmp_path):
+    budget = import_module(host.pkg_name + ".lora_cache.budget")
+    b = budget.Budget()
+    limit, source = b.device_limit("cpu")
+    assert limit > 0 and "default" in source
+    import folder_paths
+    user = tmp_path / "user"
+    (user / "default").mkdir(parents=True)
+    (user / "default" / "comfy.settings.json").write_text('{"LoraCache.GpuBudgetMB": 12}')
+    monkeypatch.setattr(folder_paths, "get_user_directory", lambda: str(user))
+    assert b.device_limit("cpu") == (12 * 2**20, "ComfyUI setting LoraCache.GpuBudgetMB")
+    monkeypatch.setenv("LORA_CACHE_GPU_BUDGET_MB", "3")
+    assert b.device_limit("cpu")[0] == 3 * 2**20  # the environment wins
+    monkeypatch.setenv("LORA_CACHE_CPU_BUDGET_MB", "5")
+    assert b.host_limit()[0] == 5 * 2**20
+
+
+def test_budget_moves_lru_to_cpu_then_out_of_memory(mem, loras):
+    h = mem
+    store = h.lc.STORE
+    stock = {n: h.run(wf.sd([wf.stock(loras[n], 0.9)]))["out"] for n in ("m_a", "m_b", "m_c")}
+    size = {}
+    for n in ("m_a", "m_b", "m_c"):
+        h.run(wf.sd([wf.ours(loras[n], 0.9)]))
+        size[n] = entry(h, loras[n]).nbytes
+    h.lc.purge()
+    # the device holds the biggest one alone, never two; the CPU tier holds one (the biggest)
+    store.budget.overrides["cpu"] = max(size.values()) + 1
+    store.budget.host_override = max(size.values()) + 1
+    assert sum(sorted(size.values())[:2]) > store.budget.overrides["cpu"]
+
+    out = h.run(wf.sd([wf.ours(loras["m_a"], 0.9)]))["out"]
+    a = entry(h, loras["m_a"])
+    assert a.resident and close(out, stock["m_a"])
+    out = h.run(wf.sd([wf.ours(loras["m_b"], 0.9)]))["out"]
+    b = entry(h, loras["m_b"])
+    assert close(out, stock["m_b"])
+    assert b.resident and not a.resident  # a was least recently used: moved to the CPU
+    assert "memory budget" in a.offload_reason
+    stats = h.lc.stats()
+    assert stats["memory"]["device"]["cpu"]["bytes"] == size["m_b"]
+    assert stats["memory"]["device"]["cpu"]["limit"] == store.budget.overrides["cpu"]
+    assert stats["memory"]["moved_to_cpu"]["bytes"] == size["m_a"]
+    assert {x["name"]: x["resident"] for x in stats["adapters"]} == {loras["m_a"]: False, loras["m_b"]: True}
+
+    # a again: moved back before use (a build with its reason), b leaves the device
+    out = h.run(wf.sd([wf.ours(loras["m_a"], 0.9)]))["out"]
+    ev = h.last_event()
+    assert ev["path"] == "build" and "moved to cpu" in ev["reason"] and "moved back" in ev["reason"], ev
+    assert entry(h, loras["m_a"]) is a and a.resident and not b.resident
+    assert close(out, stock["m_a"])
+
+    # c: a leaves the device; the CPU tier now holds a and b, over its budget: b (older) is dropped
+    out = h.run(wf.sd([wf.ours(loras["m_c"], 0.9)]))["out"]
+    assert close(out, stock["m_c"])
+    assert [e.lora for e in store.entries() if e.lora == loras["m_b"]] == []
+    assert not b.live and not a.resident
+    assert store.policy.counters["dropped"] == 1 and store.policy.counters["moved_to_cpu"] >= 3
+    out = h.run(wf.sd([wf.ours(loras["m_b"], 0.9)]))["out"]
+    ev = h.last_event()
+    assert ev["path"] == "build" and ev["reason"].startswith("first use"), ev
+    assert close(out, stock["m_b"])
+
+
+def test_adapters_in_use_are_never_evicted(mem, loras):
+    """Two adapters chained in one prompt, a device budget that fits one: while sampling, both
+    are pinned and on the device (so the output is right); afterwards the budget applies."""
+    h = mem
+    store = h.lc.STORE
+    stock = h.run(wf.sd([wf.stock(loras["m_a"], 0.7), wf.stock(loras["m_b"], -0.5)]))["out"]
+    store.budget.overrides["cpu"] = 1  # nothing fits
+    seen = []
+    scope = import_module(h.pkg_name + ".lora_cache.scope")
+    layers = import_module(h.pkg_name + ".lora_cache.layers")
+    prompt = wf.sd([wf.ours(loras["m_a"], 0.7), wf.ours(loras["m_b"], -0.5)])
+    # Our own ON_PRE_RUN, wrapped to record what the sampling sees right after it ran.
+    orig = scope._on_pre_run
+
+    def pre_run(patcher):
+        orig(patcher)
+        items = scope.stack_of(patcher).items
+        seen.append([(e.lora, e.resident, e in store.pinned(),
+                      all(layers.is_installed(m) for _, m, _ in e.modules())) for e, _ in items])
+
+    scope._on_pre_run = pre_run
+    try:
+        out = h.run(prompt)["out"]
+    finally:
+        scope._on_pre_run = orig
+    assert close(out, stock)
+    assert seen and len(seen[0]) == 2 and all(res and pin and inst for _, res, pin, inst in seen[0]), seen
+    assert not store.pinned()  # released at cleanup
+    # the next node run applies the budget again: everything not in use leaves the device
+    h.run(wf.sd([wf.ours(loras["m_c"], 0.5)]))
+    assert not entry(h, loras["m_a"]).resident and not entry(h, loras["m_b"]).resident
+
+
+@pytest.mark.parametrize("how", ["unload_all_models", "free_memory", "disable_smart_memory"])
+def test_comfyui_unload_moves_factors_off_the_device(mem, loras, how):
+    h = mem
+    store = h.lc.STORE
+    lora = loras["m_a"]
+    stock = h.run(wf.sd([wf.stock(lora, 0.8)]))["out"]
+    old = mm.DISABLE_SMART_MEMORY
+    mm.DISABLE_SMART_MEMORY = how == "disable_smart_memory"
+    try:
+        out = h.run(wf.sd([wf.ours(lora, 0.8)]))["out"]
+        e = entry(h, lora)
+        assert close(out, stock)
+        if how == "unload_all_models":
+            mm.unload_all_models()
+        elif how == "free_memory":
+            mm.free_memory(1e30, mm.get_torch_device())
+        # with --disable-smart-memory ComfyUI unloaded the model at the end of the prompt
+        assert not e.resident and e.offload_reason == "ComfyUI unloaded the model", (e.resident, e.offload_reason)
+        stats = h.lc.stats()
+        assert stats["memory"]["device"]["cpu"]["bytes"] == 0
+        assert stats["memory"]["moved_to_cpu"]["bytes"] == e.nbytes
+        # the same prompt again: the node runs (the move changed its fingerprint), moves the
+        # factors back (a build with its reason) and the output equals stock
+        out = h.run(wf.sd([wf.ours(lora, 0.8)]))["out"]
+        ev = h.last_event()
+        assert ev["path"] == "build" and "ComfyUI unloaded the model" in ev["reason"], ev
+        assert close(out, stock) and entry(h, lora) is e
+        if how != "disable_smart_memory":
+            assert e.resident
+            h.run(wf.sd([wf.ours(lora, 0.8, enabled=False)]))
+            out = h.run(wf.sd([wf.ours(lora, 0.8)]))["out"]
+            assert h.last_event()["path"] == "fast" and close(out, stock)
+        else:
+            assert not e.resident  # unloaded again after this prompt
+    finally:
+        mm.DISABLE_SMART_MEMORY = old
+
+
+def test_cpu_homed_factors_stay_without_the_test_switch(host, loras):
+    """On a real --cpu install the factors already live in host memory: an unload moves nothing
+    and the next re-enable stays fast (nothing to gain from copying host memory to itself)."""
+    h = host
+    h.new_executor()
+    h.lc.purge()
+    memory = import_module(h.pkg_name + ".lora_cache.memory")
+    assert not memory.CPU_AS_DEVICE
+    h.run(wf.sd([wf.ours(loras["m_b"])]))
+    mm.unload_all_models()
+    assert entry(h, loras["m_b"]).resident
+    h.run(wf.sd([wf.ours(loras["m_b"], 0.5)]))
+    assert h.last_event()["path"] == "fast"
+    h.lc.purge()
