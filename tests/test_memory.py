@@ -154,7 +154,7 @@ def test_adapters_in_use_are_never_evicted(mem, loras):
         orig(patcher)
         items = scope.stack_of(patcher).items
         seen.append([(e.lora, e.resident, e in store.pinned(),
-                      all(layers.is_installed(m) for _, m, _ in e.modules())) for e, _ in items])
+                      all(layers.is_installed(m) for _, m, _ in e.modules())) for e, _, _ in items])
 
     scope._on_pre_run = pre_run
     try:

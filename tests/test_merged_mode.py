@@ -20,7 +20,7 @@ def close(a, b):
 @pytest.fixture(scope="module")
 def merge_loras(host):
     names = []
-    for name, seed, kinds in (("m_a", 41, ("attn", "ff", "conv")), ("m_b", 42, ("attn",))):
+    for name, seed, kinds in (("mm_a", 41, ("attn", "ff", "conv")), ("mm_b", 42, ("attn",))):
         tiny_models.write_lora(host.loras / f"{name}.safetensors",
                                tiny_models.sd_lora_state_dict(host.unet_sd, seed=seed, kinds=kinds))
         names.append(f"{name}.safetensors")
