@@ -213,6 +213,9 @@ def main(argv=None) -> int:
                 return m, {"path": ev.path, "reason": ev.reason, "event_ms": ev.ms}
 
             res["ours"] = run_seq("ours", ours, args.repeats)
+            # Merged mode through the node: the cached factors merged in place at each sampling
+            # and restored after it (lora_cache/merge.py via the sampling scope), no reload.
+            res["ours_merged"] = run_seq("ours-merged", lambda tag, s: ours(tag, s, "merged"), args.repeats)
             res["cache"] = {
                 "gpu_bytes_allocated_delta": (torch.cuda.memory_allocated() - mem0) if cuda else None,
                 "factor_bytes": sum(e.nbytes for e in STORE.entries()),
@@ -243,6 +246,12 @@ def main(argv=None) -> int:
 
             steps = args.steps
             per: dict = {}
+            # auto keys its measurements on (adapter set, latent, steps): a warm-up sampling and one
+            # of each form come first (untimed here), then it serves the faster form.
+            lc.events.clear()  # this model's samplings only
+            m_auto, _ = ours("a", 1.0, "auto")
+            for _ in range(3):
+                sample(m_auto, steps)
             # Eager SDXL is bound by the host launching kernels, whose speed drifts: the modes
             # that need no reload are timed in interleaved rounds and the medians kept.
             for _ in range(args.image_rounds):
@@ -288,6 +297,8 @@ def main(argv=None) -> int:
                 per["merged (ours, mode merged)"].update(info)
             sample(base)
             res["per_step"] = per
+            res["auto_samplings"] = [dict(x) for x in lc.stats()["samplings"]]
+            res["auto_costs"] = lc.stats()["auto_costs"]
             print("  per step ms: " + ", ".join(f"{k} {v['step_ms']:.2f}" for k, v in per.items()), flush=True)
 
             if args.forms:

@@ -63,8 +63,13 @@ class Entry:
         model = self.model_ref()
         if model is None:
             return
+        # The fast path walks every targeted layer; nn.Module.get_submodule per path per run was
+        # most of its time on a 700-layer model. The module tree of a model does not change.
+        mods = self.__dict__.get("_mods")
+        if mods is None:
+            mods = self.__dict__["_mods"] = {p: model.get_submodule(p) for p in self.layers}
         for path, factors in self.layers.items():
-            yield path, model.get_submodule(path), factors
+            yield path, mods[path], factors
 
     def attach(self) -> None:
         if not self.resident:
