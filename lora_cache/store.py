@@ -65,11 +65,13 @@ class Entry:
             return
         # The fast path walks every targeted layer; nn.Module.get_submodule per path per run was
         # most of its time on a 700-layer model. The module tree of a model does not change.
+        # Weak references: the layers' slots refer to this entry, and a strong cycle would keep
+        # the factors alive after the model is freed until the next garbage collection.
         mods = self.__dict__.get("_mods")
         if mods is None:
-            mods = self.__dict__["_mods"] = {p: model.get_submodule(p) for p in self.layers}
+            mods = self.__dict__["_mods"] = {p: weakref.ref(model.get_submodule(p)) for p in self.layers}
         for path, factors in self.layers.items():
-            yield path, mods[path], factors
+            yield path, mods[path](), factors
 
     def attach(self) -> None:
         if not self.resident:
