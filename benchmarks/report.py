@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 OPS = ["first apply", "off", "re-enable", "strength change", "switch"]
-MODES = ["base", "off", "dynamic", "auto", "merged", "merged (cache, in place)"]
+MODES = ["base", "off", "dynamic", "auto", "merged", "merged (cache, in place)", "merged (ours, mode merged)"]
 
 
 def med(xs):
@@ -76,6 +76,23 @@ def render(r: dict, cmd: str) -> str:
               f"{f(o['run_s'], 3)} | {f(sp, 1, 'x')} | {'/'.join(o['path'])} | {work_str(s['work'])} / "
               f"{work_str(o['work'])} | {ex} |")
         w("")
+        if m.get("ours_merged"):
+            w("### Toggles in merged mode (the node's `mode` merged: factors merged in place per sampling)\n")
+            w("| operation | stock run s | ours (merged) node ms | ours (merged) run s | run speed-up | path | weight work |")
+            w("|---|---|---|---|---|---|---|")
+            for op in OPS:
+                s_, o = op_stats(m["stock"], op), op_stats(m["ours_merged"], op)
+                sp = (s_["run_s"] / o["run_s"]) if s_["run_s"] and o["run_s"] else None
+                w(f"| {op} | {f(s_['run_s'], 3)} | {f(o['node_ms'], 3)} (n={o['n']}) | {f(o['run_s'], 3)} | "
+                  f"{f(sp, 1, 'x')} | {'/'.join(o['path'])} | {work_str(o['work'])} |")
+            w("")
+        if m.get("auto_samplings"):
+            w("### auto: what the cost model chose per sampling\n")
+            w("| # | form | sampling ms | reason |")
+            w("|---|---|---|---|")
+            for i, smp in enumerate(m["auto_samplings"]):
+                w(f"| {i + 1} | {smp['form']} | {f(smp['ms'], 1)} | {smp['reason']} |")
+            w("")
         w("### Per step and per 20-step image (1024x1024)\n")
         per = m["per_step"]
         base = per.get("base", {}).get("step_ms")
@@ -94,6 +111,10 @@ def render(r: dict, cmd: str) -> str:
                         f"{f(p['restore_ms'], 1)} ms (copies on {p['backup_where']}), no reload")
             if mode == "off":
                 note = "adapter cached, disabled; same patcher as base: " + str(p.get("same_patcher_as_base"))
+            if mode == "auto":
+                note = "the node in auto (form chosen per sampling by measured cost)"
+            if mode == "merged (ours, mode merged)":
+                note = "the node in mode merged (merge + restore inside each sampling, after a stock reload)"
             w(f"| {mode} | {f(p['step_ms'])} | {f(pct(p['step_ms'], base), 1, '%')} | {f(p['image_s'], 3)} | "
               f"{p['wrappers_in_call_path']} | {note} |")
         w("")
