@@ -56,7 +56,19 @@ def _loader_inputs(with_clip: bool) -> list:
     return inputs
 
 
-class LoraCacheLoader(io.ComfyNode):
+class _OneLoRA(io.ComfyNode):
+    """What both one-LoRA nodes share: the change fingerprint and the file name check."""
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name=None, enabled=True, **_):
+        return lora_cache.fingerprint(lora_name, enabled)
+
+    @classmethod
+    def validate_inputs(cls, lora_name=None):
+        return _check_names(lora_name)
+
+
+class LoraCacheLoader(_OneLoRA):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -67,21 +79,13 @@ class LoraCacheLoader(io.ComfyNode):
             hidden=[io.Hidden.unique_id])
 
     @classmethod
-    def fingerprint_inputs(cls, lora_name=None, enabled=True, **_):
-        return lora_cache.fingerprint(lora_name, enabled)
-
-    @classmethod
-    def validate_inputs(cls, lora_name=None):
-        return _check_names(lora_name)
-
-    @classmethod
     def execute(cls, model, clip, lora_name, strength_model, strength_clip, enabled=True, mode="auto") -> io.NodeOutput:
         m, c, _ = lora_cache.apply(model, clip, lora_name, strength_model, strength_clip, enabled, mode,
                                    cls.hidden.unique_id)
         return io.NodeOutput(m, c)
 
 
-class LoraCacheLoaderModelOnly(io.ComfyNode):
+class LoraCacheLoaderModelOnly(_OneLoRA):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -89,14 +93,6 @@ class LoraCacheLoaderModelOnly(io.ComfyNode):
             description=_DESCRIPTION, inputs=_loader_inputs(with_clip=False),
             outputs=[io.Model.Output(tooltip="The diffusion model with the LoRA.")],
             hidden=[io.Hidden.unique_id])
-
-    @classmethod
-    def fingerprint_inputs(cls, lora_name=None, enabled=True, **_):
-        return lora_cache.fingerprint(lora_name, enabled)
-
-    @classmethod
-    def validate_inputs(cls, lora_name=None):
-        return _check_names(lora_name)
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, enabled=True, mode="auto") -> io.NodeOutput:

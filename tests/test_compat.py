@@ -19,12 +19,9 @@ import comfy.weight_adapter
 import workflows as wf
 from harness import tiny_models
 
-RTOL, ATOL = 1e-4, 2e-4
+from compare import close
+
 VARIANT = "LCTestPatcherVariant"
-
-
-def close(a, b):
-    return torch.allclose(a, b, rtol=RTOL, atol=ATOL)
 
 
 class _Missing:
@@ -86,13 +83,6 @@ def lora(host):
                            tiny_models.sd_lora_state_dict(host.unet_sd, seed=7, kinds=("attn", "ff")))
     return "compat.safetensors"
 
-
-@pytest.fixture
-def fresh(host):
-    host.new_executor()
-    host.lc.purge()
-    yield host
-    host.lc.purge()
 
 
 @pytest.fixture(scope="module")

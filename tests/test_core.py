@@ -13,11 +13,7 @@ import workflows as wf
 from harness import tiny_models
 from spies import count_weight_work
 
-RTOL, ATOL = 1e-4, 2e-4
-
-
-def close(a, b):
-    return torch.allclose(a, b, rtol=RTOL, atol=ATOL)
+from compare import close
 
 
 @pytest.fixture(scope="module")

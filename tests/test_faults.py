@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import weakref
 
 import pytest
@@ -18,19 +17,8 @@ from comfy_execution.utils import get_executing_context
 import workflows as wf
 from harness import tiny_models
 
-RTOL, ATOL = 1e-4, 2e-4
+from compare import close
 
-
-def close(a, b):
-    return torch.allclose(a, b, rtol=RTOL, atol=ATOL)
-
-
-@pytest.fixture
-def fresh(host):
-    host.new_executor()
-    host.lc.purge()
-    yield host
-    host.lc.purge()
 
 
 @contextlib.contextmanager

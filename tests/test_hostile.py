@@ -13,7 +13,7 @@ import torch
 import workflows as wf
 from harness import tiny_models
 
-RTOL, ATOL = 1e-4, 2e-4
+from compare import close
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +22,6 @@ def good(host):
     tiny_models.write_lora(host.loras / name, tiny_models.sd_lora_state_dict(host.unet_sd, seed=41))
     return name
 
-
-@pytest.fixture
-def fresh(host):
-    host.new_executor()
-    host.lc.purge()
-    yield host
-    host.lc.purge()
 
 
 def node_error(h, prompt, outputs=None) -> str:
@@ -45,7 +38,7 @@ def still_serves(h, good: str) -> None:
     """The next good run works and equals the stock loader's output."""
     out = h.run(wf.sd([wf.ours(good, 0.8)]))["out"]
     stock = h.run(wf.sd([wf.stock(good, 0.8)]))["out"]
-    assert torch.allclose(out, stock, rtol=RTOL, atol=ATOL)
+    assert close(out, stock)
 
 
 def test_names_escaping_the_loras_folders_are_refused(fresh, good):
@@ -89,7 +82,7 @@ def test_names_escaping_the_loras_folders_are_refused(fresh, good):
 
     out = h.run(wf.sd([wf.ours("link_in.safetensors", 0.8)]))["out"]
     assert h.last_event()["path"] == "build"
-    assert torch.allclose(out, h.run(wf.sd([wf.stock(good, 0.8)]))["out"], rtol=RTOL, atol=ATOL)
+    assert close(out, h.run(wf.sd([wf.stock(good, 0.8)]))["out"])
     still_serves(h, good)
 
 
@@ -132,7 +125,7 @@ def test_plain_torch_file_loads_safely_and_matches_stock(fresh):
     torch.save(tiny_models.sd_lora_state_dict(h.unet_sd, seed=44), h.loras / name)
     out = h.run(wf.sd([wf.ours(name)]))["out"]
     assert h.last_event()["path"] == "build"
-    assert torch.allclose(out, h.run(wf.sd([wf.stock(name)]))["out"], rtol=RTOL, atol=ATOL)
+    assert close(out, h.run(wf.sd([wf.stock(name)]))["out"])
 
 
 def _raw_safetensors(header: dict | bytes, data: bytes = b"", length: int | None = None) -> bytes:
@@ -188,4 +181,4 @@ def test_malformed_headers_absurd_ranks_and_shapes(fresh, good):
     tiny_models.write_lora(h.loras / "rank320.safetensors", _with_rank(h.unet_sd, 320))
     out = h.run(wf.sd([wf.ours("rank320.safetensors")]))["out"]
     assert h.last_event()["path"] == "build"
-    assert torch.allclose(out, h.run(wf.sd([wf.stock("rank320.safetensors")]))["out"], rtol=RTOL, atol=ATOL)
+    assert close(out, h.run(wf.sd([wf.stock("rank320.safetensors")]))["out"])

@@ -10,18 +10,13 @@ from __future__ import annotations
 from importlib import import_module
 
 import pytest
-import torch
 
 import comfy.model_management as mm
 
 import workflows as wf
 from harness import tiny_models
 
-RTOL, ATOL = 1e-4, 2e-4
-
-
-def close(a, b):
-    return torch.allclose(a, b, rtol=RTOL, atol=ATOL)
+from compare import close
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +167,6 @@ def test_adapters_in_use_are_never_evicted(mem, loras):
 @pytest.mark.parametrize("how", ["unload_all_models", "free_memory", "disable_smart_memory"])
 def test_comfyui_unload_moves_factors_off_the_device(mem, loras, how):
     h = mem
-    store = h.lc.STORE
     lora = loras["m_a"]
     stock = h.run(wf.sd([wf.stock(lora, 0.8)]))["out"]
     old = mm.DISABLE_SMART_MEMORY

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import demo
 from comfy_server import ComfyServer, make_base_dir
 
-RTOL, ATOL = 1e-4, 2e-4
+from compare import close
 SOAK_RUNS = 320
 WARMUP = 60
 
@@ -116,7 +116,7 @@ def test_soak_outputs_match_stock_and_memory_stays_flat(server):
         res = run_ok(server, prompt(lora, strength, enabled, prefix=f"soak/{i}"))
         out = saved_latent(server, res)
         ref = refs[(lora, strength) if enabled else None]
-        assert torch.allclose(out, ref, rtol=RTOL, atol=ATOL), (i, lora, strength, enabled, (out - ref).abs().max())
+        assert close(out, ref), (i, lora, strength, enabled, (out - ref).abs().max())
         ran = [d for t, d in res["messages"] if t == "lora_cache.event"]
         paths += [d["path"] for d in ran]
         if i >= WARMUP and i % 20 == 0:
@@ -165,7 +165,7 @@ def test_interrupt_mid_sampling_then_runs_match_stock(server):
     hist = server.get(f"/history/{pid}")[pid]
     assert hist["status"]["status_str"] == "error"
     out = saved_latent(server, run_ok(server, prompt("style.safetensors", 0.8, steps=2, seed=9, prefix="after")))
-    assert torch.allclose(out, ref, rtol=RTOL, atol=ATOL)
+    assert close(out, ref)
     base = saved_latent(server, run_ok(server, prompt(None, steps=2, seed=9, prefix="abase")))
     ours_off = saved_latent(server, run_ok(server, prompt("style.safetensors", 0.8, enabled=False, steps=2, seed=9,
                                                           prefix="aoff")))
@@ -185,7 +185,7 @@ def test_unload_models_button_moves_factors_then_runs_match_stock(server):
     model; the factors leave the device with it and come back before the next use."""
     ref = saved_latent(server, run_ok(server, prompt("detail.safetensors", 0.9, stock=True, steps=2, prefix="fref")))
     out = saved_latent(server, run_ok(server, prompt("detail.safetensors", 0.9, steps=2, prefix="f1")))
-    assert torch.allclose(out, ref, rtol=RTOL, atol=ATOL)
+    assert close(out, ref)
     assert adapter(server, "detail.safetensors")["resident"]
     assert server.request("POST", "/free", {"unload_models": True})[0] == 200
     deadline = time.time() + 60
@@ -199,7 +199,7 @@ def test_unload_models_button_moves_factors_then_runs_match_stock(server):
     out = saved_latent(server, run_ok(server, prompt("detail.safetensors", 0.9, steps=2, prefix="f2")))
     ev = last_event(server)
     assert ev["path"] == "build" and "ComfyUI unloaded the model" in ev["reason"], ev
-    assert torch.allclose(out, ref, rtol=RTOL, atol=ATOL)
+    assert close(out, ref)
     assert adapter(server, "detail.safetensors")["resident"]
 
 
@@ -219,7 +219,7 @@ def test_disable_smart_memory_server_series_matches_stock(tmp_path):
             if key not in refs:
                 refs[key] = saved_latent(s, run_ok(s, prompt(lora, strength, enabled, stock=True, prefix=f"r{i}")))
             res = run_ok(s, prompt(lora, strength, enabled, prefix=f"o{i}"))
-            assert torch.allclose(saved_latent(s, res), refs[key], rtol=RTOL, atol=ATOL), (i, lora, strength, enabled)
+            assert close(saved_latent(s, res), refs[key]), (i, lora, strength, enabled)
             paths += [(d["path"], d["reason"]) for t, d in res["messages"] if t == "lora_cache.event"]
             assert not any(a["resident"] for a in s.get("/lora_cache/stats")["adapters"])  # unloaded after the prompt
         assert [p for p, _ in paths] == ["build", "off", "build", "build", "build", "build"], paths
