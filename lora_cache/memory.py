@@ -57,9 +57,10 @@ def model_left_device(patcher) -> bool:
 
 def on_detach(patcher, unpatch_all: bool) -> None:
     """ComfyUI's ON_DETACH: if the model left its device, its cached factors leave it too."""
-    if not unpatch_all or not model_left_device(patcher):
-        return
     from .store import STORE
+    if not unpatch_all or not model_left_device(patcher):
+        STORE.sweep_unloaded()  # another model of ours may have gone without telling us
+        return
     n = STORE.offload_model(patcher.model, "ComfyUI unloaded the model")
     if n:
         log.info("[LoRA Cache] model unloaded by ComfyUI: factors of %d cached adapters moved to cpu", n)

@@ -11,6 +11,7 @@ log = logging.getLogger("lora_cache")
 
 
 def stats() -> dict:
+    STORE.sweep_unloaded()  # report what ComfyUI's own unloads left on the device truthfully
     adapters = []
     for e in STORE.entries():
         model = e.model_ref()

@@ -160,6 +160,7 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
     if not use_model and not use_clip:
         return model, clip, done(Decision("off", "strengths are 0"))
 
+    STORE.sweep_unloaded()
     path = files.resolve(lora_name)
     ident = files.identify(path, lora_name)
     read: dict = {}

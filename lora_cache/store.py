@@ -200,6 +200,25 @@ class AdapterStore:
             return sum(self.offload(e, reason) for e in list(self._entries.values())
                        if e.model_ref() is model and e not in pinned)
 
+    def sweep_unloaded(self) -> int:
+        """Moves off the device the factors of models ComfyUI no longer holds there.
+
+        ON_DETACH reaches us only through our own patchers; when a patcher without our callback
+        (a stock LoRA clone, the loader's own) was the model's last load, ComfyUI's unload calls
+        nobody of ours. So the node, the stats route and our callbacks also look at each model's
+        load state, the one ComfyUI keeps on the model itself."""
+        with self._lock:
+            pinned = self.pinned()
+            gone = {}
+            for e in list(self._entries.values()):
+                model = e.model_ref()
+                if (model is None or not e.resident or e in pinned or e.home is None
+                        or not memory.can_offload(e.home)):
+                    continue
+                if model.model_loaded_weight_memory == 0 or torch.device(model.device).type != e.home.type:
+                    gone[id(e)] = e
+            return sum(self.offload(e, "ComfyUI unloaded the model") for e in gone.values())
+
     def device_bytes(self, device) -> int:
         return sum(e.nbytes for e in self._entries.values() if e.resident and e.home == device)
 

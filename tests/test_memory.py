@@ -215,3 +215,21 @@ def test_cpu_homed_factors_stay_without_the_test_switch(host, loras):
     h.run(wf.sd([wf.ours(loras["m_b"], 0.5)]))
     assert h.last_event()["path"] == "fast"
     h.lc.purge()
+
+
+def test_unload_after_a_stock_load_still_moves_factors_off_the_device(mem, loras):
+    """The model's last load was a stock LoRA clone (no callback of ours): ComfyUI's unload
+    tells us nothing, yet the stats route and the next node run find the model gone and move
+    the factors off the device; the next run equals stock."""
+    h = mem
+    lora = loras["m_b"]
+    h.run(wf.sd([wf.ours(lora, 0.6)]))
+    e = entry(h, lora)
+    stock = h.run(wf.sd([wf.stock(lora, 0.6)]))["out"]  # stock loads the model last
+    assert e.resident
+    mm.unload_all_models()
+    stats = h.lc.stats()
+    assert not e.resident and e.offload_reason == "ComfyUI unloaded the model"
+    assert stats["memory"]["device"]["cpu"]["bytes"] == 0
+    out = h.run(wf.sd([wf.ours(lora, 0.6)]))["out"]
+    assert h.last_event()["path"] == "build" and close(out, stock)
