@@ -180,7 +180,7 @@ def _on_pre_run(patcher) -> None:
     key = _planned.get(id(model))
     if key is not None and any(mode == "auto" for _, _, mode in stack.items):
         forms["auto"], why = COSTS.choose(key)
-    if model.model_lowvram and "merged" in forms.values():
+    if model.model_lowvram and any(forms[mode] == "merged" for _, _, mode in stack.items):
         log.warning("[LoRA Cache] model was loaded partially for this sampling: merged adapters run "
                     "unmerged instead (weights not on the device cannot be merged in place)")
         forms = {m: "dynamic" for m in forms}
