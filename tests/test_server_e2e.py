@@ -68,8 +68,12 @@ def test_demo_series_paths_and_stock_parity(server):
     assert np.abs(ours_img["on"] - ours_img["off"]).max() > 8
     assert np.abs(ours_img["on"] - ours_img["strength 0.6"]).max() > 4
     assert np.abs(ours_img["on"] - ours_img["other adapter"]).max() > 8
-    assert np.array_equal(ours_img["on"], ours_img["on again"])
-    assert np.array_equal(ours_img["on"], ours_img["first again"])
+    # The same settings again: auto may serve the other form (unmerged or merged in place, as
+    # measured), each equal to stock within the rounding stated above, so equal within it too.
+    forms = [s["form"] for s in server.get("/lora_cache/stats")["samplings"]]
+    assert set(forms) <= {"dynamic", "merged"} and "merged" in forms, forms  # auto measured both
+    assert_same_image(ours_img["on"], ours_img["on again"], "on again vs on")
+    assert_same_image(ours_img["on"], ours_img["first again"], "first again vs on")
 
 
 def test_bad_file_is_a_node_error_and_server_keeps_serving(server):
