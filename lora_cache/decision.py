@@ -7,8 +7,9 @@ import torch
 import comfy.model_management as mm
 import comfy.utils
 
-from .events import Decision
 from . import layers
+from .adapters import target_key
+from .events import Decision
 from .store import Entry
 
 MODES = ("auto", "dynamic", "merged")
@@ -96,7 +97,6 @@ def device_dtype(patcher, patches: dict | None = None) -> tuple[torch.device, to
     if dtype is None and hasattr(model, "get_dtype"):
         dtype = model.get_dtype()
     if dtype is None:
-        from .adapters import target_key
         for target in patches or ():
             try:
                 dtype = comfy.utils.get_attr(model, target_key(target)).dtype

@@ -50,17 +50,11 @@ def move_factors(layer_factors: dict, to_host: bool, home: torch.device) -> None
         torch.cuda.current_stream(home).synchronize()
 
 
-def model_left_device(patcher) -> bool:
-    model = patcher.model
-    return model.model_loaded_weight_memory == 0 or model.device != patcher.load_device
-
-
 def on_detach(patcher, unpatch_all: bool) -> None:
-    """ComfyUI's ON_DETACH: if the model left its device, its cached factors leave it too."""
+    """ComfyUI's ON_DETACH (any load or unload touching a model of ours): factors of models that
+    left their device leave it too. The store reads each model's load state, so this one sweep
+    also covers models whose last load was not by a patcher of ours."""
     from .store import STORE
-    if not unpatch_all or not model_left_device(patcher):
-        STORE.sweep_unloaded()  # another model of ours may have gone without telling us
-        return
-    n = STORE.offload_model(patcher.model, "ComfyUI unloaded the model")
+    n = STORE.sweep_unloaded()
     if n:
         log.info("[LoRA Cache] model unloaded by ComfyUI: factors of %d cached adapters moved to cpu", n)

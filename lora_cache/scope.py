@@ -212,8 +212,3 @@ def _deactivate(model_id: int) -> None:
     for module in act.modules:
         layers.deactivate(module)
 
-
-def active_owner(model) -> object | None:
-    """The patcher whose adapters are active on `model` now, if any (for tests and stats)."""
-    act = _active.get(id(model))
-    return act.owner() if act is not None else None

@@ -193,13 +193,6 @@ class AdapterStore:
             self._enforce_host()
             return True
 
-    def offload_model(self, model: torch.nn.Module, reason: str) -> int:
-        """Moves the factors of every unpinned entry of `model` to the CPU."""
-        with self._lock:
-            pinned = self.pinned()
-            return sum(self.offload(e, reason) for e in list(self._entries.values())
-                       if e.model_ref() is model and e not in pinned)
-
     def sweep_unloaded(self) -> int:
         """Moves off the device the factors of models ComfyUI no longer holds there.
 
