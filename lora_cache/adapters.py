@@ -18,7 +18,7 @@ import comfy.weight_adapter
 
 from .errors import LoraCacheError
 from .files import FileIdentity
-from .layers import LayerFactors
+from .layers import LayerFactors, share_down
 
 Patches = dict  # target -> adapter, as returned by comfy.lora.load_lora
 
@@ -187,4 +187,7 @@ def plan_dynamic(patches: Patches, model_patcher, lora_name: str, device, dtype,
         per_module.setdefault(path, []).append(f)
     if progress is not None:
         progress(len(patches))
-    return Plan({k: tuple(v) for k, v in per_module.items()}, None)
+    planned = {k: tuple(v) for k, v in per_module.items()}
+    for fs in planned.values():
+        share_down(fs)  # at build time, so the layer's factors move and count as one set
+    return Plan(planned, None)

@@ -87,6 +87,39 @@ class LayerFactors:
         return y.add_(delta, alpha=alpha)
 
 
+def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    if device.type != "cpu":
+        return t.to(device, non_blocking=True)
+    out = t.detach().to(device, copy=True)
+    if pin:
+        try:
+            out = out.pin_memory()  # the copy back to the device is then asynchronous-capable
+        except RuntimeError:
+            pass
+    return out
+
+
+def move_layer(factors: tuple[LayerFactors, ...], device: torch.device, pin: bool = False) -> None:
+    """Moves one layer's factors to `device` in place: the LayerFactors objects (which the layer's
+    slot holds) stay, their tensors change place. A shared down projection moves once and the
+    factors' `down`s become views of the moved copy again, so nothing stays behind on the old
+    device and nothing is held twice."""
+    shared: dict[int, torch.Tensor] = {}
+    for f in factors:
+        if f.shared_down is not None:
+            key = id(f.shared_down)
+            if key not in shared:
+                shared[key] = _moved(f.shared_down, device, pin)
+            f.shared_down = shared[key]
+            lo, hi = f.shared_cols
+            f.down = f.shared_down[:, lo:hi]
+        else:
+            f.down = _moved(f.down, device, pin)
+        f.up = _moved(f.up, device, pin)
+        if f.mid is not None:
+            f.mid = _moved(f.mid, device, pin)
+
+
 def share_down(factors: tuple[LayerFactors, ...]) -> torch.Tensor | None:
     """One down projection for all Linear factors of a layer (Flux's q/k/v slices of a fused
     qkv weight, or q/k/v/mlp of linear1): their downs side by side in one [in, R] matrix, each

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from . import layers
+
 log = logging.getLogger("lora_cache")
 
 HOST = torch.device("cpu")
@@ -26,27 +28,15 @@ def can_offload(home: torch.device | None) -> bool:
     return home is not None and (torch.device(home).type != "cpu" or CPU_AS_DEVICE)
 
 
-def _to_host(t: torch.Tensor, home: torch.device) -> torch.Tensor:
-    out = t.detach().to(HOST, copy=True)
-    if torch.device(home).type == "cuda" and torch.cuda.is_available():
-        try:
-            out = out.pin_memory()  # faster and asynchronous-capable copy back
-        except RuntimeError:
-            pass
-    return out
-
-
 def move_factors(layer_factors: dict, to_host: bool, home: torch.device) -> None:
-    """Moves every factor tensor in place (the LayerFactors objects, which the layers hold,
-    stay the same; only their tensors change place)."""
+    """Moves every layer's factors in place (see layers.move_layer: the objects the layers hold
+    stay the same, a shared down projection moves as one)."""
+    home = torch.device(home)
+    dest = HOST if to_host else home
+    pin = to_host and home.type == "cuda" and torch.cuda.is_available()
     for fs in layer_factors.values():
-        for f in fs:
-            for name in ("down", "up", "mid"):
-                t = getattr(f, name)
-                if t is None:
-                    continue
-                setattr(f, name, _to_host(t, home) if to_host else t.to(home, non_blocking=True))
-    if not to_host and torch.device(home).type == "cuda":
+        layers.move_layer(fs, dest, pin=pin)
+    if not to_host and home.type == "cuda":
         torch.cuda.current_stream(home).synchronize()
 
 

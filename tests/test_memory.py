@@ -233,3 +233,55 @@ def test_unload_after_a_stock_load_still_moves_factors_off_the_device(mem, loras
     assert stats["memory"]["device"]["cpu"]["bytes"] == 0
     out = h.run(wf.sd([wf.ours(lora, 0.6)]))["out"]
     assert h.last_event()["path"] == "build" and close(out, stock)
+
+
+def _storages(entry) -> dict[int, int]:
+    """data_ptr -> bytes of every distinct storage the entry's factors hold (views share one)."""
+    seen: dict[int, int] = {}
+    for fs in entry.layers.values():
+        for f in fs:
+            for t in (f.shared_down, f.down, f.up, f.mid):
+                if t is not None:
+                    s = t.untyped_storage()
+                    seen[s.data_ptr()] = s.nbytes()
+    return seen
+
+
+def test_flux_fused_qkv_factors_leave_and_return_as_one(mem):
+    """Flux's q/k/v (and single blocks' q/k/v/mlp) share one down projection per layer. An entry
+    moved off the device by the budget leaves nothing behind there (every tensor the device held,
+    the shared one included, is freed), and moved back it holds each byte once."""
+    import gc
+    import weakref
+
+    h = mem
+    store = h.lc.STORE
+    tiny_models.write_lora(h.loras / "m_flux.safetensors", tiny_models.flux_lora_state_dict(seed=64))
+    tiny_models.write_lora(h.loras / "m_flux2.safetensors", tiny_models.flux_lora_state_dict(seed=65))
+    stock = h.run(wf.sd([wf.stock("m_flux.safetensors", 0.8)], model="flux"))["out"]
+    out = h.run(wf.sd([wf.ours("m_flux.safetensors", 0.8, mode="dynamic")], model="flux"))["out"]
+    assert close(out, stock)
+    e = entry(h, "m_flux.safetensors")
+    shared = [fs for fs in e.layers.values() if len(fs) > 1]
+    assert shared and all(f.shared_down is fs[0].shared_down is not None for fs in shared for f in fs)
+    on_device = _storages(e)
+    assert sum(on_device.values()) == e.nbytes  # each byte once
+    held = [weakref.ref(t) for fs in e.layers.values() for f in fs
+            for t in (f.shared_down, f.down, f.up) if t is not None]
+
+    # a second adapter with a budget that fits one: e leaves the device
+    store.budget.overrides["cpu"] = e.nbytes + 1
+    h.run(wf.sd([wf.ours("m_flux2.safetensors", 0.8, mode="dynamic")], model="flux"))
+    assert not e.resident and "memory budget" in e.offload_reason
+    gc.collect()
+    assert all(r() is None for r in held), "a tensor of the moved entry is still alive on the device"
+    assert sum(_storages(e).values()) == e.nbytes
+    assert store.memory_stats()["moved_to_cpu"]["bytes"] == e.nbytes
+
+    # back on the device once, each byte once, and the output equals stock again
+    out = h.run(wf.sd([wf.ours("m_flux.safetensors", 0.8, mode="dynamic")], model="flux"))["out"]
+    assert e.resident and h.last_event()["path"] == "build"
+    assert close(out, stock)
+    assert sum(_storages(e).values()) == e.nbytes
+    assert all(f.down.untyped_storage().data_ptr() == fs[0].shared_down.untyped_storage().data_ptr()
+               for fs in shared for f in fs)
