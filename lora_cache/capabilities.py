@@ -4,10 +4,13 @@ a version string: ComfyUI forks and custom patchers (GGUF, Nunchaku, multi-GPU) 
 classes, and the same version can run with or without dynamic VRAM.
 
 `dynamic_path_problem(patcher)` returns a reason string (shown in the node's event) or None.
+What holds for ComfyUI's library and for a patcher class is worked out once and kept; only the
+facts of the patcher and model at hand are looked at on every execution.
 docs/compat.md says which ComfyUI behaviour each check stands for.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import comfy.lora
@@ -29,6 +32,7 @@ _MODEL_ATTRS = ("model_lowvram", "model_loaded_weight_memory", "lowvram_patch_co
 _CALLBACKS = (("pre_run", "ON_PRE_RUN"), ("cleanup", "ON_CLEANUP"))
 
 
+@functools.cache
 def host_problem() -> str | None:
     """What the dynamic path needs from ComfyUI's library, whatever the patcher."""
     callbacks = getattr(comfy.patcher_extension, "CallbacksMP", None)
@@ -46,12 +50,12 @@ def host_problem() -> str | None:
     return None
 
 
-def _runs_callbacks(patcher, method: str, call_type: str) -> bool:
-    """Does `patcher.<method>()` still fire ComfyUI's callbacks of `call_type`?
+def _runs_callbacks(cls: type, method: str, call_type: str) -> bool:
+    """Does `<cls>.<method>()` still fire ComfyUI's callbacks of `call_type`?
 
     True for ComfyUI's own method (most custom patchers inherit it), and for an override whose
     source fires the callbacks itself or defers to ComfyUI's through super()."""
-    fn = getattr(type(patcher), method, None)
+    fn = getattr(cls, method, None)
     stock = getattr(comfy.model_patcher.ModelPatcher, method, None)
     if fn is not None and fn is stock:
         return True
@@ -77,21 +81,43 @@ def _is_dynamic_vram(patcher) -> bool:
     return bool(getattr(model, "dynamic_vbars", None)) or bool(getattr(model, "dynamic_patchers", None))
 
 
+_class_problems: dict[type, str | None] = {}
+
+
+def forget() -> None:
+    """Drops what was worked out about the host and patcher classes (tests take a capability
+    away from the running host and give it back)."""
+    host_problem.cache_clear()
+    _class_problems.clear()
+
+
+def _class_problem(cls: type) -> str | None:
+    """What the patcher class lacks (methods, callbacks fired by its pre_run/cleanup); kept per class."""
+    if cls not in _class_problems:
+        kind = cls.__name__
+        problem = None
+        for name in _PATCHER_METHODS:
+            if not callable(getattr(cls, name, None)):
+                problem = f"the model patcher ({kind}) has no {name}()"
+                break
+        else:
+            for method, call_type in _CALLBACKS:
+                if not _runs_callbacks(cls, method, call_type):
+                    problem = f"the model patcher ({kind}) overrides {method}() without ComfyUI's {call_type} callbacks"
+                    break
+        _class_problems[cls] = problem
+    return _class_problems[cls]
+
+
 def dynamic_path_problem(patcher) -> str | None:
     """Why the dynamic path cannot be made safe for this patcher on this host, or None."""
-    problem = host_problem()
+    problem = host_problem() or _class_problem(type(patcher))
     if problem is not None:
         return problem
     kind = type(patcher).__name__
     if _is_dynamic_vram(patcher):
         return (f"ComfyUI dynamic VRAM ({kind}) streams this model's weights and applies LoRA "
                 f"patches while casting them")
-    for name in _PATCHER_METHODS:
-        if not callable(getattr(patcher, name, None)):
-            return f"the model patcher ({kind}) has no {name}()"
-    for method, call_type in _CALLBACKS:
-        if not _runs_callbacks(patcher, method, call_type):
-            return f"the model patcher ({kind}) overrides {method}() without ComfyUI's {call_type} callbacks"
     for name in _PATCHER_ATTRS:
         if not hasattr(patcher, name):
             return f"the model patcher ({kind}) has no '{name}'"

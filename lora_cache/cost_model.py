@@ -1,7 +1,7 @@
 """`auto`: per sampling, the unmerged forward or weights merged for the sampling, whichever
 measured faster for this adapter set, latent shape and step count.
 
-Neither form wins everywhere (issue notes on an H100: unmerged costs SDXL about 30 ms a step
+Neither form wins everywhere (measured on an H100: unmerged costs SDXL about 30 ms a step
 but Flux under 20 ms; a merge plus exact restore costs 50-500 ms once). The costs depend on the
 GPU, the model, the adapter's layers and the latent, so they are measured, not guessed: a
 sampling's time from ON_PRE_RUN to the end of ON_CLEANUP (merge and restore included), with
@@ -13,8 +13,22 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import NamedTuple
 
 FORMS = ("dynamic", "merged")
+
+
+class CostKey(NamedTuple):
+    """What a sampling's cost depends on: the adapter set (entry ids), latent shape, step count."""
+
+    adapters: tuple[int, ...]
+    shape: tuple[int, ...]
+    steps: int
+
+
+class Choice(NamedTuple):
+    form: str
+    why: str
 _KEYS_KEPT = 256
 
 
@@ -24,20 +38,20 @@ class CostModel:
         self._warm: set[tuple] = set()
         self._lock = threading.Lock()
 
-    def choose(self, key: tuple) -> tuple[str, str]:
+    def choose(self, key: CostKey) -> Choice:
         """The form for the next sampling of `key`, and why."""
         with self._lock:
             if key not in self._warm:
-                return "dynamic", "auto: first sampling of this adapter set and shape (warm-up, not measured)"
+                return Choice("dynamic", "auto: first sampling of this adapter set and shape (warm-up, not measured)")
             seen = self._seen.get(key, {})
             for form in FORMS:
                 if form not in seen:
-                    return form, f"auto: measuring {form}"
+                    return Choice(form, f"auto: measuring {form}")
             best = min(FORMS, key=seen.__getitem__)
-            return best, (f"auto: {best} measured faster ({seen['dynamic'] * 1000:.1f} ms dynamic vs "
+            return Choice(best, f"auto: {best} measured faster ({seen['dynamic'] * 1000:.1f} ms dynamic vs "
                           f"{seen['merged'] * 1000:.1f} ms merged per sampling)")
 
-    def record(self, key: tuple, form: str, seconds: float) -> None:
+    def record(self, key: CostKey, form: str, seconds: float) -> None:
         with self._lock:
             if key not in self._warm:
                 self._warm.add(key)

@@ -1,106 +1,76 @@
-"""The fast / build / full / off decision. Each check returns a reason string or None, and
-every Decision carries the reason that the log line, the stats route and the badge show."""
+"""The fast / build / full / off decision: one pure function over the facts of one node
+execution. Gathering the facts (reading ComfyUI's state, the cache, the file) is the caller's
+job (service.py); here nothing is read or changed, so every rule can be tested on its own.
+
+Every Decision carries the reason that the log line, the stats route and the badge show.
+"""
 from __future__ import annotations
 
-import torch
-
-import comfy.model_management as mm
-import comfy.utils
-
-from . import layers
-from .adapters import target_key
-from .events import Decision
-from .store import Entry
+from dataclasses import dataclass
+from typing import Literal
 
 MODES = ("auto", "dynamic", "merged")
-_MB = 1024 * 1024
+PATHS = ("fast", "build", "full", "off")
+
+Path = Literal["fast", "build", "full", "off"]
+# How the node's output carries the adapter: our clone that activates cached factors ("cache"),
+# ComfyUI's own add_patches ("comfy"), or not at all: the inputs come back ("none").
+Via = Literal["cache", "comfy", "none"]
 
 
-def placement_problem(patcher, extra_bytes: int = 0) -> str | None:
-    """Why ComfyUI would not hold the whole model on its load device for sampling.
+@dataclass(frozen=True)
+class Decision:
+    """A fast/build/full/off choice, the reason for it and what the node does about it."""
 
-    At node time ComfyUI has not loaded the model for this sampling yet, so this reads what
-    decides it: the current load state, the vram mode and the free memory (ComfyUI's own
-    lowvram rules in load_models_gpu). ON_PRE_RUN re-checks after the real load.
-    """
-    model = patcher.model
-    if model.model_lowvram:
-        return (f"model is partially loaded (lowvram): {model.model_loaded_weight_memory / _MB:.0f} of "
-                f"{patcher.model_size() / _MB:.0f} MB on {patcher.load_device}")
-    dev = patcher.load_device
-    if mm.is_device_cpu(dev):
-        return None  # ComfyUI never loads partially onto the CPU
-    if mm.vram_state == mm.VRAMState.NO_VRAM:
-        return "ComfyUI runs with --novram: weights are streamed per layer"
-    if mm.vram_state == mm.VRAMState.LOW_VRAM:
-        return "ComfyUI runs with --lowvram: weights may be streamed per layer"
-    loaded = model.model_loaded_weight_memory if model.device == dev else 0
-    need = patcher.model_size() - loaded + extra_bytes + mm.minimum_inference_memory()
-    free = mm.get_free_memory(dev)
-    if need > free:
-        return (f"not enough free memory on {dev} to hold the whole model: "
-                f"{need / _MB:.0f} MB needed, {free / _MB:.0f} MB free")
-    return None
+    path: Path
+    reason: str
+    via: Via = "cache"
+    reattach: bool = False  # register the cached factors on the layers again before carrying
+
+    def __post_init__(self):
+        assert self.path in PATHS, self.path
 
 
-def merged_problem(patcher) -> str | None:
-    """Layers whose weights hold patches merged for another patcher.
+@dataclass(frozen=True)
+class Facts:
+    """What one side (diffusion model or text encoder) of one node execution looks like.
 
-    ComfyUI records every merged weight in the patcher's shared `backup`; when those belong to a
-    different `patches_uuid`, sampling this patcher makes ComfyUI restore and reload them, which
-    is a weight transfer the fast path must not cause. Lowvram weight functions count too.
-    """
-    model = patcher.model
-    current = model.current_weight_patches_uuid
-    if patcher.backup and current is not None and current != patcher.patches_uuid:
-        keys = sorted(patcher.backup)
-        return f"{len(keys)} layer weights are merged for another patcher (e.g. {keys[0]}); ComfyUI restores them at load"
-    if model.lowvram_patch_counter:
-        return f"{model.lowvram_patch_counter} layers carry lowvram patches"
-    return None
+    Problems are reason strings (None: no problem); each is read by the caller from ComfyUI's
+    state (load_state.py, capabilities.py) or from the cache entry."""
 
-
-def unattached_layers(entry: Entry) -> str | None:
-    model = entry.model_ref()
-    if model is None:
-        return "model was freed"
-    if not entry.resident:  # memory budget or a ComfyUI unload moved them (store.py)
-        return f"its factors were moved to cpu ({entry.offload_reason}); moved back to {entry.home}"
-    for path, module, factors in entry.modules():
-        if not layers.holds(module, entry, factors):
-            return f"layer {path} no longer holds the cached factors"
-        # ComfyUI marks the modules it leaves offloaded with `prev_comfy_cast_weights` (manual_cast
-        # models cast every layer, so comfy_cast_weights alone says nothing) and gives patched
-        # ones a weight_function.
-        if hasattr(module, "prev_comfy_cast_weights") or getattr(module, "weight_function", None):
-            return f"layer {path} is offloaded (weights cast per call)"
-    return None
+    side: Literal["model", "clip"]
+    mode: str
+    found: str  # "cached", "first use", "file changed on disk (...)"
+    has_patches: bool = True  # the file has LoRA keys for this side
+    adapter_problem: str | None = None  # the adapter's type or layers rule out the cache
+    host_problem: str | None = None  # this ComfyUI / this patcher cannot run the cached path
+    placement_problem: str | None = None  # ComfyUI would not hold the whole model on its device
+    attach_problem: str | None = None  # a cached entry's factors are not ready on its layers
+    merged_problem: str | None = None  # another patcher's patches are merged into the weights
+    layers: int = 0
+    nbytes: int = 0
+    device: str | None = None
+    change: str | None = None  # what changed since this node's last run ("strength 1->0.6")
 
 
-def fast_or_not(patcher, entry: Entry) -> Decision:
-    """Fast only if nothing but flags changes: the entry is current and attached on every
-    targeted layer, no layer is merged for another patcher, and the model is not partial."""
-    for check in (lambda: unattached_layers(entry), lambda: merged_problem(patcher)):
-        problem = check()
+def decide(f: Facts) -> Decision:
+    target = "diffusion model" if f.side == "model" else "text encoder"
+    if not f.has_patches:
+        return Decision("off", f"no LoRA keys for the {target}", via="none")
+    # The text encoder's merged mode is ComfyUI's own: it has no sampling that brackets a merge.
+    if f.mode == "merged" and f.side == "clip":
+        return Decision("full", "mode merged; ComfyUI patch path", via="comfy")
+    for problem in (f.adapter_problem, f.host_problem, f.placement_problem):
         if problem is not None:
-            return Decision("build", f"cached factors reused, but {problem}")
-    return Decision("fast", "cached adapter, layers flagged only")
-
-
-def device_dtype(patcher, patches: dict | None = None) -> tuple[torch.device, torch.dtype]:
-    """Where and in which dtype the layers compute: the factors are stored that way.
-
-    A diffusion model says its compute dtype; a text encoder (manual_cast ops) computes in the
-    dtype its layers hold, so the first patched layer's weight dtype is taken there."""
-    model = patcher.model
-    dtype = getattr(model, "manual_cast_dtype", None)
-    if dtype is None and hasattr(model, "get_dtype"):
-        dtype = model.get_dtype()
-    if dtype is None:
-        for target in patches or ():
-            try:
-                dtype = comfy.utils.get_attr(model, target_key(target)).dtype
-                break
-            except AttributeError:
-                continue
-    return patcher.load_device, dtype or torch.float32
+            return Decision("full", f"{problem}; ComfyUI patch path", via="comfy")
+    if f.mode == "merged":
+        built = "cached factors" if f.found == "cached" else f"factors built now ({f.found})"
+        return Decision("full", f"mode merged: {f.layers} layers merged in place from {built} on "
+                                f"{f.device} for each sampling, restored exactly after; no reload")
+    if f.found != "cached":
+        return Decision("build", f"{f.found}: {f.layers} layers, {f.nbytes / 1024:.0f} KiB on {f.device}")
+    suffix = f"; {f.change}" if f.change else ""
+    for problem in (f.attach_problem, f.merged_problem):
+        if problem is not None:
+            return Decision("build", f"cached factors reused, but {problem}{suffix}", reattach=True)
+    return Decision("fast", f"cached adapter, layers flagged only{suffix}")

@@ -10,21 +10,9 @@ from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger("lora_cache")
 
-PATHS = ("fast", "build", "full", "off")
 _recent: deque["Event"] = deque(maxlen=200)
 # What `auto` chose per sampling and what the sampling cost (time from ON_PRE_RUN to cleanup).
 _samplings: deque[dict] = deque(maxlen=50)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """A fast/build/full/off choice and the reason for it."""
-
-    path: str
-    reason: str
-
-    def __post_init__(self):
-        assert self.path in PATHS, self.path
 
 
 @dataclass

@@ -1,19 +1,32 @@
-"""Moving cached factors off their device and back, and following ComfyUI's model unloads.
+"""Where cached factors live, and the one place that moves them.
 
-ComfyUI calls a patcher's ON_DETACH callbacks whenever it detaches the model: at a load of
-another patcher of the same model (weights stay; `unpatch_all` False), and when it unloads
-the model (free_memory, unload_all_models, POST /free with unload_models; `unpatch_all` True,
-the weights have moved to the offload device). The node adds `on_detach` to every patcher it
-returns (clones inherit it), so when a model leaves its device its factors leave too.
+An entry's factors are on their home device (the model's load device, where they were built),
+in host memory (pinned when the home is CUDA) after the budget or an unload of ComfyUI's moved
+them, or dropped (the entry leaves the cache and is rebuilt from its file on next use). The
+memory owner keeps the byte budget per tier (budget.py), the LRU order of eviction, the
+entries pinned by the sampling now running, and follows ComfyUI's unloads:
+
+- ComfyUI calls a patcher's ON_DETACH callbacks whenever it detaches the model: at a load of
+  another patcher of the same model (weights stay) and when it unloads it (free_memory,
+  unload_all_models, POST /free). Every patcher the node returns carries `on_detach`.
+- ON_DETACH reaches us only through our own patchers; when a patcher without our callback (a
+  stock LoRA clone, the loader's own) was the model's last load, ComfyUI's unload calls nobody
+  of ours, so the node also sweeps at each execution (`sweep_unloaded`).
+
+Reading (`stats`) never moves anything.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from dataclasses import asdict, dataclass
 
 import torch
 
-from . import layers
+from . import layers, load_state
+from .budget import Budget, LRUPolicy
+from .store import STORE, AdapterStore, Entry
 
 log = logging.getLogger("lora_cache")
 
@@ -28,23 +41,166 @@ def can_offload(home: torch.device | None) -> bool:
     return home is not None and (torch.device(home).type != "cpu" or CPU_AS_DEVICE)
 
 
-def move_factors(layer_factors: dict, to_host: bool, home: torch.device) -> None:
-    """Moves every layer's factors in place (see layers.move_layer: the objects the layers hold
-    stay the same, a shared down projection moves as one)."""
-    home = torch.device(home)
+def move_factors(entry: Entry, to_host: bool) -> None:
+    """Moves every layer's factors of `entry` in place (layers.move_layer: the objects the layers
+    hold stay the same, a shared down projection moves as one)."""
+    home = torch.device(entry.home)
     dest = HOST if to_host else home
     pin = to_host and home.type == "cuda" and torch.cuda.is_available()
-    for fs in layer_factors.values():
+    for fs in entry.layers.values():
         layers.move_layer(fs, dest, pin=pin)
     if not to_host and home.type == "cuda":
         torch.cuda.current_stream(home).synchronize()
 
 
+@dataclass(frozen=True)
+class DeviceUse:
+    bytes: int
+    limit: int
+    source: str
+
+
+class Memory:
+    """The memory owner over one cache map (the process-wide STORE)."""
+
+    def __init__(self, store: AdapterStore):
+        self.store = store
+        self.policy = LRUPolicy()
+        self.budget = Budget()
+        self._pins: dict[int, list[Entry]] = {}  # base model id -> entries its sampling uses
+        self._lock = threading.RLock()
+        store.on_drop.append(self._forget)
+
+    # -- the cache map's events ---------------------------------------------------------------
+
+    def _forget(self, entry: Entry) -> None:
+        with self._lock:
+            self.policy.remove(entry)
+            for pinned in self._pins.values():
+                if entry in pinned:
+                    pinned.remove(entry)
+
+    def admit(self, entry: Entry) -> None:
+        """A new entry was stored with its factors on their home: it is the most recently used,
+        and older ones may have to leave the device for it."""
+        with self._lock:
+            self.policy.mark_used(entry)
+            self._enforce(entry.home, keep=entry)
+
+    def used(self, entry: Entry) -> None:
+        with self._lock:
+            self.policy.mark_used(entry)
+
+    # -- pins and residency ---------------------------------------------------------------
+
+    def pinned(self) -> set[Entry]:
+        with self._lock:
+            return {e for es in self._pins.values() for e in es}
+
+    def pin(self, model_id: int, entries: list[Entry]) -> None:
+        """The sampling of model `model_id` uses `entries` now: they are moved back to their
+        device if needed and not evicted until `unpin`."""
+        with self._lock:
+            self._pins[model_id] = list(entries)
+            for e in entries:
+                self.policy.mark_used(e)
+                self.ensure_resident(e)
+
+    def unpin(self, model_id: int) -> None:
+        with self._lock:
+            self._pins.pop(model_id, None)
+
+    def ensure_resident(self, entry: Entry) -> None:
+        with self._lock:
+            if entry.resident or entry.home is None:
+                return
+            move_factors(entry, to_host=False)
+            entry.resident = True
+            entry.offload_reason = None
+            self.policy.counters["moved_back"] += 1
+            self._enforce(entry.home, keep=entry)
+
+    def offload(self, entry: Entry, reason: str) -> bool:
+        with self._lock:
+            if not entry.resident or not can_offload(entry.home) or not entry.layers:
+                return False
+            move_factors(entry, to_host=True)
+            entry.resident = False
+            entry.offload_reason = reason
+            self.policy.counters["moved_to_cpu"] += 1
+            self.store.bump()
+            self._enforce_host()
+            return True
+
+    def sweep_unloaded(self) -> int:
+        """Moves off the device the factors of models ComfyUI no longer holds there."""
+        with self._lock:
+            pinned = self.pinned()
+            gone = [e for e in self.store.entries()
+                    if e.resident and e not in pinned and can_offload(e.home)
+                    and (model := e.model_ref()) is not None and not load_state.holds(model, e.home)]
+            return sum(self.offload(e, "ComfyUI unloaded the model") for e in gone)
+
+    # -- the budget -----------------------------------------------------------------------
+
+    def device_bytes(self, device) -> int:
+        return sum(e.nbytes for e in self.store.entries() if e.resident and e.home == device)
+
+    def host_bytes(self) -> int:
+        return sum(e.nbytes for e in self.store.entries() if not e.resident)
+
+    def _evict(self, entry: Entry, why: str) -> None:
+        log.info("[LoRA Cache] %s: dropped from memory (%s); it is read again on next use", entry.lora, why)
+        self.store.drop(entry)
+        self.policy.counters["dropped"] += 1
+        self.store.bump()
+
+    def _enforce(self, device, keep: Entry | None = None) -> None:
+        """Least recently used factors leave `device` until it is within budget."""
+        if device is None:
+            return
+        limit, _ = self.budget.device_limit(device)
+        while self.device_bytes(device) > limit:
+            pinned = self.pinned() | ({keep} if keep is not None else set())
+            cands = [e for e in self.store.entries() if e.resident and e.home == device and e.nbytes]
+            victim = self.policy.select_victim(cands, pinned)
+            if victim is None:
+                log.warning("[LoRA Cache] %d bytes of factors on %s in use, over the %d byte budget",
+                            self.device_bytes(device), device, limit)
+                return
+            if not self.offload(victim, f"memory budget of {device} ({limit} bytes)"):
+                self._evict(victim, f"memory budget of {device}")
+
+    def _enforce_host(self) -> None:
+        limit, _ = self.budget.host_limit()
+        while self.host_bytes() > limit:
+            cands = [e for e in self.store.entries() if not e.resident]
+            victim = self.policy.select_victim(cands, self.pinned())
+            if victim is None:
+                return
+            self._evict(victim, f"cpu budget ({limit} bytes)")
+
+    def stats(self) -> dict:
+        """Bytes, limits and counters as they are now. Moves nothing."""
+        with self._lock:
+            entries = self.store.entries()
+            devices: dict[str, DeviceUse] = {}
+            for home in sorted({str(e.home) for e in entries if e.home is not None}):
+                limit, source = self.budget.device_limit(home)
+                used = sum(e.nbytes for e in entries if e.resident and str(e.home) == home)
+                devices[home] = DeviceUse(used, limit, source)
+            limit, source = self.budget.host_limit()
+            return {"device": {d: asdict(u) for d, u in devices.items()},
+                    "moved_to_cpu": {"bytes": self.host_bytes(), "limit": limit, "source": source},
+                    "counters": dict(self.policy.counters), "pinned": len(self.pinned())}
+
+
+MEMORY = Memory(STORE)
+
+
 def on_detach(patcher, unpatch_all: bool) -> None:
     """ComfyUI's ON_DETACH (any load or unload touching a model of ours): factors of models that
-    left their device leave it too. The store reads each model's load state, so this one sweep
-    also covers models whose last load was not by a patcher of ours."""
-    from .store import STORE
-    n = STORE.sweep_unloaded()
+    left their device leave it too."""
+    n = MEMORY.sweep_unloaded()
     if n:
         log.info("[LoRA Cache] model unloaded by ComfyUI: factors of %d cached adapters moved to cpu", n)

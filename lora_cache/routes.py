@@ -5,13 +5,15 @@ import logging
 
 from . import events
 from .cost_model import COSTS
+from .memory import MEMORY
 from .store import STORE
 
 log = logging.getLogger("lora_cache")
 
 
 def stats() -> dict:
-    STORE.sweep_unloaded()  # report what ComfyUI's own unloads left on the device truthfully
+    """The cache as it is now. A read: it moves nothing and changes no generation (the web
+    panel polls it after every event)."""
     adapters = []
     for e in STORE.entries():
         model = e.model_ref()
@@ -30,7 +32,7 @@ def stats() -> dict:
     for a in adapters:
         if a["device"] is not None:
             by_device[a["device"]] = by_device.get(a["device"], 0) + a["bytes"]
-    return {"adapters": adapters, "bytes_by_device": by_device, "memory": STORE.memory_stats(),
+    return {"adapters": adapters, "bytes_by_device": by_device, "memory": MEMORY.stats(),
             "generation": STORE.generation, "events": events.recent(), "samplings": events.samplings(),
             "auto_costs": COSTS.measured()}
 

@@ -26,13 +26,25 @@ from dataclasses import dataclass
 import torch
 from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
+from typing import NamedTuple
+
 from . import events, files, layers, memory, merge
-from .cost_model import COSTS
+from .cost_model import COSTS, CostKey
 from .errors import LoraCacheError
-from .store import STORE, Entry
+from .memory import MEMORY
+from .store import Entry
 
 KEY = "lora_cache"
 log = logging.getLogger("lora_cache")
+
+
+class Timing(NamedTuple):
+    """A sampling measured for `auto`: its cost key, the form it ran, why, and when it began."""
+
+    key: CostKey
+    form: str
+    why: str
+    start: float
 
 
 @dataclass
@@ -40,24 +52,29 @@ class _Activation:
     owner: weakref.ref
     modules: list  # modules whose forward carries factors
     merged: merge.Merged | None = None  # weights merged for this run, restored on release
-    timing: tuple | None = None  # (cost key, form, start) of a measured sampling
+    timing: Timing | None = None
 
 
 # base module tree id -> what we activated and for whom, so deactivation undoes exactly that.
 _active: dict[int, _Activation] = {}
 # base model id -> cost key of the sampling about to start (set around it by OUTER_SAMPLE)
-_planned: dict[int, tuple] = {}
+_planned: dict[int, CostKey] = {}
+
+
+class StackItem(NamedTuple):
+    entry: Entry
+    strength: float
+    mode: str  # auto, dynamic, merged
 
 
 @dataclass(frozen=True)
 class AdapterStack:
-    """The ordered adapters a patcher carries, with their strengths and modes (auto, dynamic,
-    merged). Immutable: clones share it."""
+    """The ordered adapters a patcher carries. Immutable: clones share it."""
 
-    items: tuple[tuple[Entry, float, str], ...] = ()
+    items: tuple[StackItem, ...] = ()
 
     def with_adapter(self, entry: Entry, strength: float, mode: str = "dynamic") -> "AdapterStack":
-        return AdapterStack(self.items + ((entry, strength, mode),))
+        return AdapterStack(self.items + (StackItem(entry, strength, mode),))
 
 
 def stack_of(patcher) -> AdapterStack:
@@ -111,7 +128,7 @@ def _activate(patcher, forms: dict[str, str] | None = None, timing: tuple | None
     model = patcher.model
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
     _check_current(stack, model)
-    STORE.pin(id(model), [e for e, _, _ in stack.items])  # never evicted while active; moved back if needed
+    MEMORY.pin(id(model), [e for e, _, _ in stack.items])  # never evicted while active; moved back if needed
     act = _Activation(weakref.ref(patcher, lambda ref, mid=id(model): _owner_gone(mid, ref)), [], timing=timing)
     _active[id(model)] = act
     to_merge = []
@@ -157,7 +174,7 @@ def _outer_sample(executor, *args, **kwargs):
     patcher = executor.class_obj.model_patcher
     noise, sigmas = args[0], args[3]
     items = stack_of(patcher).items
-    _planned[id(patcher.model)] = (tuple(id(e) for e, _, _ in items), tuple(noise.shape), len(sigmas) - 1)
+    _planned[id(patcher.model)] = CostKey(tuple(id(e) for e, _, _ in items), tuple(noise.shape), len(sigmas) - 1)
     try:
         return executor(*args, **kwargs)
     finally:
@@ -184,7 +201,7 @@ def _on_pre_run(patcher) -> None:
         log.warning("[LoRA Cache] model was loaded partially for this sampling: merged adapters run "
                     "unmerged instead (weights not on the device cannot be merged in place)")
         forms = {m: "dynamic" for m in forms}
-    timing = (key, forms["auto"], why, _sync(patcher.load_device)) if key is not None and why else None
+    timing = Timing(key, forms["auto"], why, _sync(patcher.load_device)) if key is not None and why else None
     _activate(patcher, forms, timing)
     if model.model_lowvram:
         log.warning("[LoRA Cache] model was loaded partially for this sampling; the adapter runs "
@@ -195,10 +212,10 @@ def _on_cleanup(patcher) -> None:
     act = _active.get(id(patcher.model))
     _release(patcher)
     if act is not None and act.owner() is patcher and act.timing is not None:
-        key, form, why, start = act.timing
-        seconds = _sync(patcher.load_device) - start
-        COSTS.record(key, form, seconds)
-        events.record_sampling({"form": form, "reason": why, "ms": seconds * 1000.0,
+        t = act.timing
+        seconds = _sync(patcher.load_device) - t.start
+        COSTS.record(t.key, t.form, seconds)
+        events.record_sampling({"form": t.form, "reason": t.why, "ms": seconds * 1000.0,
                                 "adapters": [e.lora for e, _, _ in stack_of(patcher).items]})
 
 
@@ -206,7 +223,7 @@ def _deactivate(model_id: int) -> None:
     act = _active.pop(model_id, None)
     if act is None:
         return
-    STORE.unpin(model_id)
+    MEMORY.unpin(model_id)
     if act.merged is not None:
         act.merged.restore()
     for module in act.modules:

@@ -1,29 +1,35 @@
-"""What one execution of a LoRA Cache Loader node does: decide the path for the diffusion
-model and the text encoder, build or reuse their cache entries, and return the clones.
+"""What one execution of a LoRA Cache node does: gather the facts of each side (diffusion model,
+text encoder), let decision.py choose the path, and return the clones that carry the result.
 Node classes call `apply` / `apply_stack` and nothing else."""
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
-import comfy.utils
-
-from . import adapters, capabilities, decision, files, scope
+from . import adapters, build, capabilities, decision, files, load_state, scope
+from .decision import Decision, Facts
 from .errors import LoraCacheError
-from .events import Decision, Event, record
+from .events import Event, record
+from .memory import MEMORY
 from .store import STORE, Entry
 
-# (node key, side) -> (lora, strength) of that node's last dynamic run: the reason string
-# says what changed ("switch a->b", "strength 0.8->0.6").
-_last_run: dict[tuple[str, str], tuple[str, float]] = {}
+
+class LastRun(NamedTuple):
+    lora: str
+    strength: float
+
+
+# (node key, side) -> that node's last run on the cached path: the reason string says what
+# changed ("switch a->b", "strength 0.8->0.6").
+_last_run: dict[tuple[str, str], LastRun] = {}
 _PATH_WEIGHT = {"off": 0, "fast": 1, "build": 2, "full": 3}
 
 
 def fingerprint(lora_name: str, enabled: bool) -> str | float:
     """The node's change fingerprint (IS_CHANGED): the file's identity and the cache generation,
-    so a rewritten file or a purge makes ComfyUI execute the node again."""
+    so a rewritten file, a purge or factors moved off the device make ComfyUI execute the node
+    again."""
     if not enabled or lora_name in (None, "", "None"):
         return "off"
     try:
@@ -50,92 +56,57 @@ class _Side:
         n.add_patches(patches, self.strength)
         return n
 
-    def dynamic(self, entry: Entry, mode: str):
+    def cached(self, entry: Entry, mode: str):
         if self.name == "model":
             return scope.carry(self.obj, entry, self.strength, mode)
         return scope.carry_clip(self.obj, entry, self.strength)
 
 
-def _entry_for(target_model, patches_of, lora: str, ident, build_factors) -> tuple[Entry, str]:
-    """The current entry for (model, file): reused when the file is unchanged, else rebuilt.
-    Returns the entry and what happened ("cached", "first use", "file changed on disk")."""
-    entry = STORE.get(target_model, ident.path)
-    if entry is not None and entry.identity == ident and entry.live:
-        return entry, "cached"
-    why = "first use" if entry is None else f"file changed on disk ({entry.identity.describe()} -> {ident.describe()})"
-    patches = patches_of()
-    new = Entry(lora=lora, identity=ident, model_ref=weakref.ref(target_model), model_id=id(target_model),
-                patches=patches)
-    build_factors(new)  # may raise: nothing is stored until it returned
-    if entry is not None:
-        STORE.drop(entry)
-    STORE.put(new)
-    return new, why
-
-
 def _what_changed(key: tuple[str, str] | None, entry: Entry, lora: str, strength: float) -> str | None:
     last = _last_run.get(key) if key is not None else None
-    if last is None:
-        last = (lora, entry.last_strength) if entry.last_strength is not None else None
+    if last is None and entry.last_strength is not None:
+        last = LastRun(lora, entry.last_strength)
     if last is None:
         return None
-    if last[0] != lora:
-        return f"switch {last[0]}->{lora}"
-    if last[1] != strength:
-        return f"strength {last[1]:g}->{strength:g}"
+    if last.lora != lora:
+        return f"switch {last.lora}->{lora}"
+    if last.strength != strength:
+        return f"strength {last.strength:g}->{strength:g}"
     return None
 
 
-def _apply_side(side: _Side, lora_name: str, ident, mode: str, make_patches: Callable[[], dict],
+def _facts(side: _Side, found: build.Found, mode: str, run_key: tuple[str, str] | None) -> Facts:
+    entry, patcher = found.entry, side.patcher
+    cached = found.how == "cached"
+    return Facts(
+        side=side.name, mode=mode, found=found.how, has_patches=bool(entry.patches),
+        adapter_problem=entry.plan_reason,
+        host_problem=capabilities.dynamic_path_problem(patcher),
+        placement_problem=load_state.placement_problem(patcher, extra_bytes=0 if cached else entry.nbytes),
+        attach_problem=load_state.unattached_problem(entry) if cached else None,
+        merged_problem=load_state.merged_problem(patcher) if cached else None,
+        layers=len(entry.layers), nbytes=entry.nbytes, device=entry.device,
+        change=_what_changed(run_key, entry, entry.lora, side.strength) if cached else None)
+
+
+def _apply_side(side: _Side, lora_name: str, ident, mode: str, patches_of: Callable[[], dict],
                 run_key: tuple[str, str] | None):
-    patcher = side.patcher
-
-    def build(entry: Entry) -> None:
-        if side.name == "clip" and not entry.patches:
-            return
-        pbar = comfy.utils.ProgressBar(max(len(entry.patches), 1))
-        device, dtype = decision.device_dtype(patcher, entry.patches)
-        plan = adapters.plan_dynamic(entry.patches, patcher, lora_name, device, dtype,
-                                     progress=lambda done: pbar.update_absolute(done))
-        entry.plan_reason = plan.reason
-        if plan.layers is not None:
-            entry.layers = plan.layers
-
-    entry, what = _entry_for(patcher.model, make_patches, lora_name, ident, build)
-    target = "diffusion model" if side.name == "model" else "text encoder"
-    if not entry.patches:
-        return Decision("off", f"no LoRA keys for the {target}"), side.obj
-
-    # The text encoder's merged mode is ComfyUI's own: it has no sampling that brackets a merge.
-    if mode == "merged" and side.name == "clip":
-        full_reason = "mode merged"
-    elif entry.plan_reason is not None:
-        full_reason = entry.plan_reason
-    else:
-        full_reason = (capabilities.dynamic_path_problem(patcher)
-                       or decision.placement_problem(patcher, extra_bytes=0 if what == "cached" else entry.nbytes))
-    if full_reason is not None:
+    found = build.entry_for(side.patcher, lora_name, ident, patches_of)
+    entry = found.entry
+    d = decision.decide(_facts(side, found, mode, run_key))
+    if d.via == "none":
+        return d, side.obj
+    if d.via == "comfy":
         if run_key is not None:
             _last_run.pop(run_key, None)
-        return Decision("full", f"{full_reason}; ComfyUI patch path"), side.full(entry.patches)
-
-    if mode == "merged":
-        built = "cached factors" if what == "cached" else f"factors built now ({what})"
-        d = Decision("full", f"mode merged: {len(entry.layers)} layers merged in place from {built} on "
-                             f"{entry.device} for each sampling, restored exactly after; no reload")
-    elif what == "cached":
-        d = decision.fast_or_not(patcher, entry)
-        change = _what_changed(run_key, entry, lora_name, side.strength)
-        if change is not None:
-            d = Decision(d.path, f"{d.reason}; {change}")
-        if d.path == "build":
-            entry.attach()  # idempotent: re-registers exactly these factors on every layer
-    else:
-        d = Decision("build", f"{what}: {len(entry.layers)} layers, {entry.nbytes / 1024:.0f} KiB on {entry.device}")
+        return d, side.full(entry.patches)
+    if d.reattach:
+        MEMORY.ensure_resident(entry)
+        entry.attach()
     entry.last_strength = side.strength
     if run_key is not None:
-        _last_run[run_key] = (lora_name, side.strength)
-    return d, side.dynamic(entry, mode)
+        _last_run[run_key] = LastRun(lora_name, side.strength)
+    return d, side.cached(entry, mode)
 
 
 def apply(model, clip, lora_name: str, strength_model: float, strength_clip: float,
@@ -151,16 +122,16 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
         return record(ev, notify=notify)
 
     if not enabled:
-        return model, clip, done(Decision("off", "disabled"))
+        return model, clip, done(Decision("off", "disabled", via="none"))
     if mode not in decision.MODES:
         raise LoraCacheError(f"LoRA '{lora_name}': unknown mode {mode!r} (one of {', '.join(decision.MODES)})")
     adapters.check_strength(lora_name, strength_model=strength_model, strength_clip=strength_clip)
     use_model = model is not None and strength_model != 0
     use_clip = clip is not None and strength_clip != 0
     if not use_model and not use_clip:
-        return model, clip, done(Decision("off", "strengths are 0"))
+        return model, clip, done(Decision("off", "strengths are 0", via="none"))
 
-    STORE.sweep_unloaded()
+    MEMORY.sweep_unloaded()
     path = files.resolve(lora_name)
     ident = files.identify(path, lora_name)
     read: dict = {}

@@ -32,6 +32,7 @@ from gpu_smoke import load_package  # noqa: E402
 def main() -> int:
     lc = load_package()
     store = lc.STORE
+    owner = lc.MEMORY
     tmp = Path(tempfile.mkdtemp())
     folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
     unet_sd16 = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
@@ -68,11 +69,11 @@ def main() -> int:
 
     run("a first use", "a")
     one = store.entries()[0].nbytes
-    store.budget.overrides[str(dev)] = one + 1
+    owner.budget.overrides[str(dev)] = one + 1
     run("b first use (budget holds one)", "b")
     run("a again", "a")
     run("c first use", "c")
-    store.budget.overrides.clear()
+    owner.budget.overrides.clear()
     run("b again (no budget)", "b")
     mm.unload_all_models()
     report["after_unload_all_models"] = {e.lora: {"device": e.device, "resident": e.resident}

@@ -73,6 +73,16 @@ def _queue_and_wait(page, server, expect_path: str):
         return {event: n.loraCacheEvent, text: n.loraCacheBadgeText, events: n.loraCacheEvents.length}; }""", LORA_NODE)
 
 
+def _format_bytes(n: float) -> str:
+    """The panel's formatBytes (web/js/lora_cache_panel.js)."""
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = 0
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n /= 1024
+        i += 1
+    return f"{n:.{0 if i == 0 else 1}f} {units[i]}"
+
+
 def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     ui_wf = json.loads((demo.WORKFLOWS / "lora_cache_demo.json").read_text())
     api_wf = demo.load_api()
@@ -122,6 +132,10 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     assert cells[0] == "style.safetensors" and cells[2] == "cpu" and cells[3] == "dynamic"
     assert cells[1].endswith("KiB") and abs(float(cells[1].split()[0]) - entry["bytes"] / 1024) < 0.1
     assert page.inner_text('[data-lora-cache="device"][data-device="cpu"] td:nth-child(2)') == cells[1]
+    # the budget column shows the memory owner's limit for the device and where it comes from
+    budget = page.query_selector('[data-lora-cache="device"][data-device="cpu"] [data-lora-cache="budget"]')
+    limit = stats["memory"]["device"]["cpu"]
+    assert budget.inner_text() == _format_bytes(limit["limit"]) and budget.get_attribute("title") == limit["source"]
     # frame the graph for the screenshot: the LoRA node and its badge beside the open panel
     page.evaluate("() => { app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [460, 150]; app.canvas.setDirty(true, true); }")
     for close in page.query_selector_all("[aria-label='Close'], .p-message-close"):

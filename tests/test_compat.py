@@ -90,6 +90,15 @@ def caps(host):
     return sys.modules[host.pkg_name + ".lora_cache.capabilities"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_capabilities(caps):
+    """The host's and patcher classes' capabilities are worked out once per process; a test that
+    takes one away (and monkeypatch, which gives it back) must start and end from scratch."""
+    caps.forget()
+    yield
+    caps.forget()
+
+
 def with_variant(variant: str, lora_nodes: list) -> dict:
     """UNETLoader -> variant node -> LoRA node(s) -> KSampler."""
     p = wf.sd(lora_nodes)
@@ -173,10 +182,11 @@ def test_model_managed_by_dynamic_vram_takes_full_path(fresh, lora, monkeypatch)
     assert close(out, stock)
 
 
-def test_patcher_class_without_a_method_takes_full_path(fresh, lora, monkeypatch):
+def test_patcher_class_without_a_method_takes_full_path(fresh, lora, monkeypatch, caps):
     h = fresh
     stock = h.run(wf.sd([wf.stock(lora)]))["out"]
     monkeypatch.delattr(comfy.model_patcher.ModelPatcher, "remove_callbacks_with_key")
+    caps.forget()
     out = h.run(wf.sd([wf.ours(lora)]))["out"]
     ev = h.last_event()
     assert ev["path"] == "full" and "has no remove_callbacks_with_key()" in ev["reason"], ev
@@ -187,6 +197,7 @@ def test_host_without_lora_adapter_class_takes_full_path(fresh, lora, monkeypatc
     h = fresh
     stock = h.run(wf.sd([wf.stock(lora)]))["out"]
     monkeypatch.delattr(comfy.weight_adapter, "LoRAAdapter")
+    caps.forget()
     assert caps.host_problem() == "this ComfyUI has no comfy.weight_adapter.LoRAAdapter"
     out = h.run(wf.sd([wf.ours(lora)]))["out"]
     ev = h.last_event()
@@ -221,4 +232,5 @@ def test_probes_on_real_patcher_instances(caps, monkeypatch):
     assert caps.dynamic_path_problem(s) is None
 
     monkeypatch.delattr(comfy.lora, "model_lora_keys_unet")
+    caps.forget()
     assert caps.dynamic_path_problem(tiny_patcher()) == "this ComfyUI has no comfy.lora.model_lora_keys_unet"

@@ -35,14 +35,14 @@ def mem(host):
     host.new_executor()
     host.lc.purge()
     memory = import_module(host.pkg_name + ".lora_cache.memory")
-    store = host.lc.STORE
+    owner = host.lc.MEMORY
     old = memory.CPU_AS_DEVICE
     memory.CPU_AS_DEVICE = True
-    store.policy.counters.clear()
+    owner.policy.counters.clear()
     yield host
     memory.CPU_AS_DEVICE = old
-    store.budget.overrides.clear()
-    store.budget.host_override = None
+    owner.budget.overrides.clear()
+    owner.budget.host_override = None
     host.lc.purge()
 
 
@@ -86,7 +86,7 @@ def test_budget_env_and_setting(host, monkeypatch, tmp_path):
 
 def test_budget_moves_lru_to_cpu_then_out_of_memory(mem, loras):
     h = mem
-    store = h.lc.STORE
+    owner = h.lc.MEMORY
     stock = {n: h.run(wf.sd([wf.stock(loras[n], 0.9)]))["out"] for n in ("m_a", "m_b", "m_c")}
     size = {}
     for n in ("m_a", "m_b", "m_c"):
@@ -94,9 +94,9 @@ def test_budget_moves_lru_to_cpu_then_out_of_memory(mem, loras):
         size[n] = entry(h, loras[n]).nbytes
     h.lc.purge()
     # the device holds the biggest one alone, never two; the CPU tier holds one (the biggest)
-    store.budget.overrides["cpu"] = max(size.values()) + 1
-    store.budget.host_override = max(size.values()) + 1
-    assert sum(sorted(size.values())[:2]) > store.budget.overrides["cpu"]
+    owner.budget.overrides["cpu"] = max(size.values()) + 1
+    owner.budget.host_override = max(size.values()) + 1
+    assert sum(sorted(size.values())[:2]) > owner.budget.overrides["cpu"]
 
     out = h.run(wf.sd([wf.ours(loras["m_a"], 0.9)]))["out"]
     a = entry(h, loras["m_a"])
@@ -108,7 +108,7 @@ def test_budget_moves_lru_to_cpu_then_out_of_memory(mem, loras):
     assert "memory budget" in a.offload_reason
     stats = h.lc.stats()
     assert stats["memory"]["device"]["cpu"]["bytes"] == size["m_b"]
-    assert stats["memory"]["device"]["cpu"]["limit"] == store.budget.overrides["cpu"]
+    assert stats["memory"]["device"]["cpu"]["limit"] == owner.budget.overrides["cpu"]
     assert stats["memory"]["moved_to_cpu"]["bytes"] == size["m_a"]
     assert {x["name"]: x["resident"] for x in stats["adapters"]} == {loras["m_a"]: False, loras["m_b"]: True}
 
@@ -122,9 +122,9 @@ def test_budget_moves_lru_to_cpu_then_out_of_memory(mem, loras):
     # c: a leaves the device; the CPU tier now holds a and b, over its budget: b (older) is dropped
     out = h.run(wf.sd([wf.ours(loras["m_c"], 0.9)]))["out"]
     assert close(out, stock["m_c"])
-    assert [e.lora for e in store.entries() if e.lora == loras["m_b"]] == []
+    assert [e.lora for e in h.lc.STORE.entries() if e.lora == loras["m_b"]] == []
     assert not b.live and not a.resident
-    assert store.policy.counters["dropped"] == 1 and store.policy.counters["moved_to_cpu"] >= 3
+    assert owner.policy.counters["dropped"] == 1 and owner.policy.counters["moved_to_cpu"] >= 3
     out = h.run(wf.sd([wf.ours(loras["m_b"], 0.9)]))["out"]
     ev = h.last_event()
     assert ev["path"] == "build" and ev["reason"].startswith("first use"), ev
@@ -135,9 +135,9 @@ def test_adapters_in_use_are_never_evicted(mem, loras):
     """Two adapters chained in one prompt, a device budget that fits one: while sampling, both
     are pinned and on the device (so the output is right); afterwards the budget applies."""
     h = mem
-    store = h.lc.STORE
+    owner = h.lc.MEMORY
     stock = h.run(wf.sd([wf.stock(loras["m_a"], 0.7), wf.stock(loras["m_b"], -0.5)]))["out"]
-    store.budget.overrides["cpu"] = 1  # nothing fits
+    owner.budget.overrides["cpu"] = 1  # nothing fits
     seen = []
     scope = import_module(h.pkg_name + ".lora_cache.scope")
     layers = import_module(h.pkg_name + ".lora_cache.layers")
@@ -148,7 +148,7 @@ def test_adapters_in_use_are_never_evicted(mem, loras):
     def pre_run(patcher):
         orig(patcher)
         items = scope.stack_of(patcher).items
-        seen.append([(e.lora, e.resident, e in store.pinned(),
+        seen.append([(e.lora, e.resident, e in owner.pinned(),
                       all(layers.is_installed(m) for _, m, _ in e.modules())) for e, _, _ in items])
 
     scope._on_pre_run = pre_run
@@ -158,7 +158,7 @@ def test_adapters_in_use_are_never_evicted(mem, loras):
         scope._on_pre_run = orig
     assert close(out, stock)
     assert seen and len(seen[0]) == 2 and all(res and pin and inst for _, res, pin, inst in seen[0]), seen
-    assert not store.pinned()  # released at cleanup
+    assert not owner.pinned()  # released at cleanup
     # the next node run applies the budget again: everything not in use leaves the device
     h.run(wf.sd([wf.ours(loras["m_c"], 0.5)]))
     assert not entry(h, loras["m_a"]).resident and not entry(h, loras["m_b"]).resident
@@ -219,20 +219,27 @@ def test_cpu_homed_factors_stay_without_the_test_switch(host, loras):
 
 def test_unload_after_a_stock_load_still_moves_factors_off_the_device(mem, loras):
     """The model's last load was a stock LoRA clone (no callback of ours): ComfyUI's unload
-    tells us nothing, yet the stats route and the next node run find the model gone and move
-    the factors off the device; the next run equals stock."""
+    tells us nothing, yet the next node run finds the model gone and moves the factors off the
+    device (and back for its own use); the stats route only reads. The run equals stock."""
     h = mem
+    owner = h.lc.MEMORY
     lora = loras["m_b"]
     h.run(wf.sd([wf.ours(lora, 0.6)]))
     e = entry(h, lora)
     stock = h.run(wf.sd([wf.stock(lora, 0.6)]))["out"]  # stock loads the model last
     assert e.resident
     mm.unload_all_models()
+    # GET /lora_cache/stats is a read: it moves nothing and changes no generation
+    generation = h.lc.STORE.generation
     stats = h.lc.stats()
-    assert not e.resident and e.offload_reason == "ComfyUI unloaded the model"
-    assert stats["memory"]["device"]["cpu"]["bytes"] == 0
+    assert e.resident and h.lc.STORE.generation == generation
+    assert stats["memory"]["device"]["cpu"]["bytes"] == e.nbytes
+    moved = owner.policy.counters["moved_to_cpu"]
     out = h.run(wf.sd([wf.ours(lora, 0.6)]))["out"]
-    assert h.last_event()["path"] == "build" and close(out, stock)
+    ev = h.last_event()
+    assert ev["path"] == "build" and "moved to cpu (ComfyUI unloaded the model)" in ev["reason"], ev
+    assert owner.policy.counters["moved_to_cpu"] == moved + 1 and e.resident
+    assert close(out, stock)
 
 
 def _storages(entry) -> dict[int, int]:
@@ -255,7 +262,7 @@ def test_flux_fused_qkv_factors_leave_and_return_as_one(mem):
     import weakref
 
     h = mem
-    store = h.lc.STORE
+    owner = h.lc.MEMORY
     tiny_models.write_lora(h.loras / "m_flux.safetensors", tiny_models.flux_lora_state_dict(seed=64))
     tiny_models.write_lora(h.loras / "m_flux2.safetensors", tiny_models.flux_lora_state_dict(seed=65))
     stock = h.run(wf.sd([wf.stock("m_flux.safetensors", 0.8)], model="flux"))["out"]
@@ -270,13 +277,13 @@ def test_flux_fused_qkv_factors_leave_and_return_as_one(mem):
             for t in (f.shared_down, f.down, f.up) if t is not None]
 
     # a second adapter with a budget that fits one: e leaves the device
-    store.budget.overrides["cpu"] = e.nbytes + 1
+    owner.budget.overrides["cpu"] = e.nbytes + 1
     h.run(wf.sd([wf.ours("m_flux2.safetensors", 0.8, mode="dynamic")], model="flux"))
     assert not e.resident and "memory budget" in e.offload_reason
     gc.collect()
     assert all(r() is None for r in held), "a tensor of the moved entry is still alive on the device"
     assert sum(_storages(e).values()) == e.nbytes
-    assert store.memory_stats()["moved_to_cpu"]["bytes"] == e.nbytes
+    assert owner.stats()["moved_to_cpu"]["bytes"] == e.nbytes
 
     # back on the device once, each byte once, and the output equals stock again
     out = h.run(wf.sd([wf.ours("m_flux.safetensors", 0.8, mode="dynamic")], model="flux"))["out"]

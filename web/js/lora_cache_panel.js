@@ -1,5 +1,5 @@
 // A "LoRA Cache" sidebar tab: the cached adapters from GET /lora_cache/stats (name, bytes,
-// device, how it is applied), bytes (and budget, where the server reports one) per device, and a Purge
+// device, how it is applied), bytes and budget per device, and a Purge
 // button calling POST /lora_cache/purge. It refreshes when opened, after each LoRA Cache event
 // while it is open, and on its Refresh button. Frontends without sidebar tabs get the same
 // panel in a floating dialog opened from a small button.
@@ -27,31 +27,10 @@ function el(tag, attrs = {}, ...children) {
   return e;
 }
 
-// Per-device totals; budget fields are shown when the server has them (any "budget*" key
-// holding bytes per device, or one number for all devices).
+// Per device: the bytes of factors on it and its budget, as the server's memory owner reports
+// them in stats.memory.device: {"cuda:0": {"bytes": ..., "limit": ..., "source": "..."}}.
 function deviceRows(stats) {
-  const devices = new Map();
-  for (const [dev, bytes] of Object.entries(stats.bytes_by_device ?? {})) devices.set(dev, { bytes });
-  // or one record per device: {"cuda:0": {"bytes": ..., "budget": ...}}
-  for (const [dev, rec] of Object.entries(stats.devices ?? {})) {
-    if (!rec || typeof rec !== "object") continue;
-    const row = devices.get(dev) ?? { bytes: rec.bytes ?? 0 };
-    if (rec.budget !== undefined) row.budget = rec.budget;
-    devices.set(dev, row);
-  }
-  for (const [key, value] of Object.entries(stats)) {
-    if (!/budget/i.test(key)) continue;
-    if (value && typeof value === "object") {
-      for (const [dev, b] of Object.entries(value)) {
-        const row = devices.get(dev) ?? { bytes: 0 };
-        row.budget = typeof b === "object" ? (b.budget ?? b.bytes ?? JSON.stringify(b)) : b;
-        devices.set(dev, row);
-      }
-    } else if (typeof value === "number") {
-      for (const row of devices.values()) row.budget ??= value;
-    }
-  }
-  return devices;
+  return Object.entries(stats.memory?.device ?? {});
 }
 
 class Panel {
@@ -115,8 +94,8 @@ class Panel {
     for (const [dev, row] of deviceRows(stats)) {
       devices.append(el("tr", { "data-lora-cache": "device", "data-device": dev },
         el("td", { style: cell }, dev),
-        el("td", { style: cell }, formatBytes(row.bytes)),
-        el("td", { style: cell }, row.budget === undefined ? "-" : formatBytes(row.budget))));
+        el("td", { style: cell, title: `${row.bytes} bytes` }, formatBytes(row.bytes)),
+        el("td", { style: cell, title: row.source, "data-lora-cache": "budget" }, formatBytes(row.limit))));
     }
     this.body.replaceChildren(table, devices);
   }

@@ -1,0 +1,87 @@
+"""What ComfyUI's own bookkeeping says about a model: whether it holds the model on its load
+device, whether it would hold it whole, whether another patcher's patches are merged into its
+weights, whether a layer is streamed. Read-only: everything here looks, nothing moves.
+
+The decision (decision.py) and the memory owner (memory.py) both read the load state here, so
+"loaded" means one thing in the package.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management as mm
+
+from . import layers
+
+_MB = 1024 * 1024
+
+
+def holds(model, device: torch.device) -> bool:
+    """Whether ComfyUI still holds `model`'s weights on `device` (its load device).
+
+    Read from the state ComfyUI keeps on the model itself: an unload (free_memory,
+    unload_all_models, POST /free, after a prompt under --disable-smart-memory) sets its loaded
+    weight memory to 0 and leaves it on the offload device. A detach for another patcher of the
+    same model leaves both as they are."""
+    return model.model_loaded_weight_memory > 0 and torch.device(model.device).type == torch.device(device).type
+
+
+def placement_problem(patcher, extra_bytes: int = 0) -> str | None:
+    """Why ComfyUI would not hold the whole model on its load device for sampling.
+
+    At node time ComfyUI has not loaded the model for this sampling yet, so this reads what
+    decides it: the current load state, the vram mode and the free memory (ComfyUI's own
+    lowvram rules in load_models_gpu). ON_PRE_RUN re-checks after the real load.
+    """
+    model = patcher.model
+    if model.model_lowvram:
+        return (f"model is partially loaded (lowvram): {model.model_loaded_weight_memory / _MB:.0f} of "
+                f"{patcher.model_size() / _MB:.0f} MB on {patcher.load_device}")
+    dev = patcher.load_device
+    if mm.is_device_cpu(dev):
+        return None  # ComfyUI never loads partially onto the CPU
+    if mm.vram_state == mm.VRAMState.NO_VRAM:
+        return "ComfyUI runs with --novram: weights are streamed per layer"
+    if mm.vram_state == mm.VRAMState.LOW_VRAM:
+        return "ComfyUI runs with --lowvram: weights may be streamed per layer"
+    loaded = model.model_loaded_weight_memory if model.device == dev else 0
+    need = patcher.model_size() - loaded + extra_bytes + mm.minimum_inference_memory()
+    free = mm.get_free_memory(dev)
+    if need > free:
+        return (f"not enough free memory on {dev} to hold the whole model: "
+                f"{need / _MB:.0f} MB needed, {free / _MB:.0f} MB free")
+    return None
+
+
+def merged_problem(patcher) -> str | None:
+    """Layers whose weights hold patches merged for another patcher.
+
+    ComfyUI records every merged weight in the patcher's shared `backup`; when those belong to a
+    different `patches_uuid`, sampling this patcher makes ComfyUI restore and reload them, which
+    is a weight transfer the fast path must not cause. Lowvram weight functions count too.
+    """
+    model = patcher.model
+    current = model.current_weight_patches_uuid
+    if patcher.backup and current is not None and current != patcher.patches_uuid:
+        keys = sorted(patcher.backup)
+        return f"{len(keys)} layer weights are merged for another patcher (e.g. {keys[0]}); ComfyUI restores them at load"
+    if model.lowvram_patch_counter:
+        return f"{model.lowvram_patch_counter} layers carry lowvram patches"
+    return None
+
+
+def unattached_problem(entry) -> str | None:
+    """Why a cached entry's factors are not ready on its layers, or None."""
+    if entry.model_ref() is None:
+        return "model was freed"
+    if not entry.resident:  # the memory owner moved them (memory.py)
+        return f"its factors were moved to cpu ({entry.offload_reason}); moved back to {entry.home}"
+    for path, module, factors in entry.modules():
+        if not layers.holds(module, entry, factors):
+            return f"layer {path} no longer holds the cached factors"
+        # ComfyUI marks the modules it leaves offloaded with `prev_comfy_cast_weights` (manual_cast
+        # models cast every layer, so comfy_cast_weights alone says nothing) and gives patched
+        # ones a weight_function.
+        if hasattr(module, "prev_comfy_cast_weights") or getattr(module, "weight_function", None):
+            return f"layer {path} is offloaded (weights cast per call)"
+    return None
