@@ -1,7 +1,10 @@
-"""The cache entry for (model, LoRA file): reused while the file is unchanged, else built from
-the file through ComfyUI's loading and stored. Nothing is stored until the build succeeded."""
+"""The cache entry for (model, LoRA file): reused while the file is unchanged, else read from the
+file through ComfyUI's loading and stored with its patches. Its factors are planned only when the
+cached path is to serve it (`plan`), so ComfyUI's own patch path costs nothing extra; a plan that
+fails takes the entry out again, so nothing half-built stays cached."""
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Callable, NamedTuple
 
@@ -9,10 +12,14 @@ import torch
 
 import comfy.utils
 
-from . import adapters
+from . import adapters, capabilities, layers
+from .errors import LoraCacheError
 from .files import FileIdentity
 from .memory import MEMORY
 from .store import STORE, Entry
+
+
+log = logging.getLogger("lora_cache")
 
 
 class Found(NamedTuple):
@@ -39,24 +46,46 @@ def device_dtype(patcher, patches: dict | None = None) -> tuple[torch.device, to
     return patcher.load_device, dtype or torch.float32
 
 
-def _plan(entry: Entry, patcher) -> None:
+def plan(entry: Entry, patcher) -> None:
     """The factors for the cached path on the patcher's load device, with a progress bar (a large
-    adapter's build shows in the UI); or the reason the adapter cannot take that path."""
+    adapter's build shows in the UI); or the reason the adapter cannot take that path. Raises on
+    factors that cannot belong to the layers, after taking the entry out of the cache."""
+    if entry.planned:
+        return
+    try:
+        _plan(entry, patcher)
+    except BaseException:
+        STORE.drop(entry)
+        raise
+    entry.planned = True
+    if entry.layers:
+        MEMORY.admit(entry)
+
+
+def _plan(entry: Entry, patcher) -> None:
     if not entry.patches:
         return
     pbar = comfy.utils.ProgressBar(max(len(entry.patches), 1))
     device, dtype = device_dtype(patcher, entry.patches)
-    plan = adapters.plan_dynamic(entry.patches, patcher, entry.lora, device, dtype,
-                                 progress=lambda done: pbar.update_absolute(done))
-    entry.plan_reason = plan.reason
-    if plan.layers:
-        entry.layers = plan.layers
-        entry.home = device
+    planned = adapters.plan_dynamic(entry.patches, patcher, entry.lora, device, dtype,
+                                    progress=lambda done: pbar.update_absolute(done))
+    entry.plan_reason = planned.reason
+    if not planned.layers:
+        return
+    model = patcher.model
+    for path in planned.layers:
+        problem = capabilities.layer_problem(path, model.get_submodule(path))
+        if problem is not None:
+            entry.plan_reason = problem
+            return
+    entry.layers = planned.layers
+    entry.home = device
+    entry.attach()
 
 
 def entry_for(patcher, lora: str, ident: FileIdentity, patches_of: Callable[[], dict]) -> Found:
     """The current entry for (the patcher's model, the file). `patches_of()` reads the file's
-    patches for this side; it is called only when an entry must be built."""
+    patches for this side; it is called only when an entry must be made."""
     model = patcher.model
     entry = STORE.get(model, ident.path)
     if entry is not None and entry.identity == ident and entry.live:
@@ -64,9 +93,44 @@ def entry_for(patcher, lora: str, ident: FileIdentity, patches_of: Callable[[], 
         return Found(entry, "cached")
     how = "first use" if entry is None else f"file changed on disk ({entry.identity.describe()} -> {ident.describe()})"
     new = Entry(lora=lora, identity=ident, model_ref=weakref.ref(model), model_id=id(model), patches=patches_of())
-    _plan(new, patcher)  # may raise: nothing is stored until it returned
     if entry is not None:
         STORE.drop(entry)
     STORE.put(new)
-    MEMORY.admit(new)
     return Found(new, how)
+
+
+def twin(entry: Entry, patcher) -> Entry:
+    """`entry`'s adapter on the model object of `patcher`, another copy of the same model.
+
+    Nodes after ours may hand sampling a patcher over a reloaded copy of the model: ComfyUI's
+    non-dynamic delegate for hooked conditioning, a deep-copied clone, a model for another device.
+    The factors are copied onto that patcher's load device and registered on the same layers of
+    the copy; the twin is stored like any entry and dies with its model."""
+    model = patcher.model
+    found = STORE.get(model, entry.identity.path)
+    if found is not None and found.identity == entry.identity and found.live:
+        MEMORY.used(found)
+        return found
+    device = patcher.load_device
+    twin_layers = {}
+    for path, module, factors in entry.modules():
+        try:
+            other = model.get_submodule(path)
+        except AttributeError:
+            other = None
+        shape = getattr(getattr(module, "weight", None), "shape", None)
+        if other is None or type(other) is not type(module) or getattr(other.weight, "shape", None) != shape:
+            raise LoraCacheError(f"LoRA '{entry.lora}': a node after the LoRA Cache Loader replaced the model "
+                                 f"with one whose layer {path} differs; place that node before the LoRA Cache Loader")
+        twin_layers[path] = layers.copy_layer(factors, device)
+    new = Entry(lora=entry.lora, identity=entry.identity, model_ref=weakref.ref(model), model_id=id(model),
+                patches=entry.patches, plan_reason=entry.plan_reason, layers=twin_layers, home=device,
+                last_strength=entry.last_strength, planned=True)
+    if found is not None:
+        STORE.drop(found)
+    STORE.put(new)
+    new.attach()
+    MEMORY.admit(new)
+    log.info("[LoRA Cache] %s: sampling runs on another copy of the model (%s on %s); factors copied onto it",
+             entry.lora, type(model).__name__, device)
+    return new

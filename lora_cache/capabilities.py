@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
+
+import torch
 
 import comfy.lora
 import comfy.lora_convert
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.weight_adapter
+
+from . import load_state
 
 # What the dynamic path calls on the patcher it is given (service, scope, decision).
 _PATCHER_METHODS = ("clone", "get_attachment", "set_attachments", "add_callback_with_key",
@@ -70,15 +75,43 @@ def _source(fn) -> str:
         return ""
 
 
-def _is_dynamic_vram(patcher) -> bool:
-    # ModelPatcherDynamic (comfy-aimdo) answers is_dynamic() with True; a model it manages
-    # carries its virtual VRAM regions even when a plain patcher (a clone made with
-    # disable_dynamic, or a custom node's own) is handed to us.
-    is_dynamic = getattr(patcher, "is_dynamic", None)
-    if callable(is_dynamic) and is_dynamic():
-        return True
+def _foreign_dynamic_model(patcher) -> bool:
+    # A model that dynamic VRAM manages carries its virtual VRAM regions; its layers then cast
+    # their weights through comfy-aimdo whoever loads them, which only ModelPatcherDynamic
+    # keeps consistent. A plain patcher over such a model is some custom node's own.
+    if load_state.is_dynamic(patcher):
+        return False
     model = getattr(patcher, "model", None)
     return bool(getattr(model, "dynamic_vbars", None)) or bool(getattr(model, "dynamic_patchers", None))
+
+
+# Models whose blocks ComfyUI captures as CUDA graphs under dynamic VRAM (a few text encoders):
+# the replay reuses whatever the forward did at capture time. Worked out once per model.
+_graph_captured: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _captures_graphs(model) -> bool:
+    if model not in _graph_captured:
+        _graph_captured[model] = any(getattr(m, "graph_dynamic_vbar_blocks", False) for m in model.modules())
+    return _graph_captured[model]
+
+
+def _compiled(patcher) -> bool:
+    """torch.compile (ComfyUI's TorchCompileModel) traces the layers' forwards once; a forward
+    installed per sampling would go unseen or force recompiles."""
+    get = getattr(patcher, "get_wrappers", None)
+    apply_model = getattr(comfy.patcher_extension.WrappersMP, "APPLY_MODEL", None)
+    return bool(callable(get) and apply_model is not None and get(apply_model, "torch.compile"))
+
+
+def layer_problem(path: str, module: torch.nn.Module) -> str | None:
+    """Why a targeted layer's compute would not see an adapter applied in its forward."""
+    weight = getattr(module, "weight", None)
+    if weight is not None and type(weight).__name__ == "QuantizedTensor":
+        # ComfyUI multiplies some quantized weights in fused kernels that call no forward
+        # (comfy.ops.linear_input_act), and their cast path differs per layout.
+        return f"layer {path} has a quantized weight ({getattr(weight, 'layout_type', 'quantized')})"
+    return None
 
 
 _class_problems: dict[type, str | None] = {}
@@ -115,9 +148,11 @@ def dynamic_path_problem(patcher) -> str | None:
     if problem is not None:
         return problem
     kind = type(patcher).__name__
-    if _is_dynamic_vram(patcher):
-        return (f"ComfyUI dynamic VRAM ({kind}) streams this model's weights and applies LoRA "
-                f"patches while casting them")
+    if _foreign_dynamic_model(patcher):
+        return (f"the model patcher ({kind}) is not ComfyUI's dynamic-VRAM patcher, but the model's "
+                f"weights are managed by dynamic VRAM")
+    if _compiled(patcher):
+        return "the model is compiled with torch.compile"
     for name in _PATCHER_ATTRS:
         if not hasattr(patcher, name):
             return f"the model patcher ({kind}) has no '{name}'"
@@ -128,4 +163,6 @@ def dynamic_path_problem(patcher) -> str | None:
     multi = getattr(patcher, "get_additional_models_with_key", None)
     if getattr(patcher, "is_multigpu_base_clone", False) or (callable(multi) and multi("multigpu")):
         return "multi-GPU clones sample on other copies of the model"
+    if load_state.is_dynamic(patcher) and _captures_graphs(model):
+        return "ComfyUI replays this model's blocks as CUDA graphs under dynamic VRAM"
     return None

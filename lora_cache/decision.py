@@ -42,6 +42,7 @@ class Facts:
     mode: str
     found: str  # "cached", "first use", "file changed on disk (...)"
     has_patches: bool = True  # the file has LoRA keys for this side
+    dynamic_vram: bool = False  # ComfyUI's dynamic VRAM (comfy-aimdo) streams the model's weights
     adapter_problem: str | None = None  # the adapter's type or layers rule out the cache
     host_problem: str | None = None  # this ComfyUI / this patcher cannot run the cached path
     placement_problem: str | None = None  # ComfyUI would not hold the whole model on its device
@@ -60,6 +61,11 @@ def decide(f: Facts) -> Decision:
     # The text encoder's merged mode is ComfyUI's own: it has no sampling that brackets a merge.
     if f.mode == "merged" and f.side == "clip":
         return Decision("full", "mode merged; ComfyUI patch path", via="comfy")
+    # comfy-aimdo may evict a weight and fault it in again from the file at any cast, so a merge
+    # in place could be lost; ComfyUI's own patch path is the merged form that is safe there.
+    if f.mode == "merged" and f.dynamic_vram:
+        return Decision("full", "mode merged under dynamic VRAM (weights are streamed, so they are not "
+                                "merged in place); ComfyUI patch path", via="comfy")
     for problem in (f.adapter_problem, f.host_problem, f.placement_problem):
         if problem is not None:
             return Decision("full", f"{problem}; ComfyUI patch path", via="comfy")

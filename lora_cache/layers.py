@@ -7,6 +7,7 @@ active adapter runs ComfyUI's forward with no wrapper in the call path.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -87,9 +88,9 @@ class LayerFactors:
         return y.add_(delta, alpha=alpha)
 
 
-def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+def _moved(t: torch.Tensor, device: torch.device, pin: bool, copy: bool = False) -> torch.Tensor:
     if device.type != "cpu":
-        return t.to(device, non_blocking=True)
+        return t.to(device, non_blocking=True, copy=copy)
     out = t.detach().to(device, copy=True)
     if pin:
         try:
@@ -99,25 +100,33 @@ def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
     return out
 
 
-def move_layer(factors: tuple[LayerFactors, ...], device: torch.device, pin: bool = False) -> None:
+def move_layer(factors: tuple[LayerFactors, ...], device: torch.device, pin: bool = False,
+               copy: bool = False) -> None:
     """Moves one layer's factors to `device` in place: the LayerFactors objects (which the layer's
     slot holds) stay, their tensors change place. A shared down projection moves once and the
     factors' `down`s become views of the moved copy again, so nothing stays behind on the old
-    device and nothing is held twice."""
+    device and nothing is held twice. `copy`: new tensors even where they are already there."""
     shared: dict[int, torch.Tensor] = {}
     for f in factors:
         if f.shared_down is not None:
             key = id(f.shared_down)
             if key not in shared:
-                shared[key] = _moved(f.shared_down, device, pin)
+                shared[key] = _moved(f.shared_down, device, pin, copy)
             f.shared_down = shared[key]
             lo, hi = f.shared_cols
             f.down = f.shared_down[:, lo:hi]
         else:
-            f.down = _moved(f.down, device, pin)
-        f.up = _moved(f.up, device, pin)
+            f.down = _moved(f.down, device, pin, copy)
+        f.up = _moved(f.up, device, pin, copy)
         if f.mid is not None:
-            f.mid = _moved(f.mid, device, pin)
+            f.mid = _moved(f.mid, device, pin, copy)
+
+
+def copy_layer(factors: tuple[LayerFactors, ...], device: torch.device) -> tuple[LayerFactors, ...]:
+    """A layer's factors copied to `device` as new objects owning their own tensors."""
+    copies = tuple(dataclasses.replace(f) for f in factors)
+    move_layer(copies, device, copy=True)
+    return copies
 
 
 def share_down(factors: tuple[LayerFactors, ...]) -> torch.Tensor | None:

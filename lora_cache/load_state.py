@@ -2,6 +2,14 @@
 device, whether it would hold it whole, whether another patcher's patches are merged into its
 weights, whether a layer is streamed. Read-only: everything here looks, nothing moves.
 
+Two kinds of patcher keep this state differently. ComfyUI's classic ModelPatcher loads weights
+onto the device (whole, or partially under lowvram) and merges patches into them. Under dynamic
+VRAM (ModelPatcherDynamic with comfy-aimdo) every layer casts its weight per call from a virtual
+VRAM region that comfy-aimdo fills and evicts on its own; patches are applied while casting and
+the result is kept until the model's `patches_uuid` changes, which marks every layer dirty and
+re-streams all weights. The cached path never changes `patches_uuid`, so under dynamic VRAM it
+keeps every resident weight as it is.
+
 The decision (decision.py) and the memory owner (memory.py) both read the load state here, so
 "loaded" means one thing in the package.
 """
@@ -16,13 +24,23 @@ from . import layers
 _MB = 1024 * 1024
 
 
+def is_dynamic(patcher) -> bool:
+    """ModelPatcherDynamic answers is_dynamic() with True (classic patchers: False or absent)."""
+    fn = getattr(patcher, "is_dynamic", None)
+    return bool(callable(fn) and fn())
+
+
 def holds(model, device: torch.device) -> bool:
     """Whether ComfyUI still holds `model`'s weights on `device` (its load device).
 
     Read from the state ComfyUI keeps on the model itself: an unload (free_memory,
     unload_all_models, POST /free, after a prompt under --disable-smart-memory) sets its loaded
-    weight memory to 0 and leaves it on the offload device. A detach for another patcher of the
-    same model leaves both as they are."""
+    weight memory to 0 and, for a classic patcher, leaves it on the offload device; under dynamic
+    VRAM it also empties the model's virtual VRAM regions. A detach for another patcher of the
+    same model leaves all of it as it is."""
+    vbars = getattr(model, "dynamic_vbars", None)
+    if vbars:
+        return model.model_loaded_weight_memory > 0 or any(v.loaded_size() > 0 for v in vbars.values())
     return model.model_loaded_weight_memory > 0 and torch.device(model.device).type == torch.device(device).type
 
 
@@ -31,8 +49,12 @@ def placement_problem(patcher, extra_bytes: int = 0) -> str | None:
 
     At node time ComfyUI has not loaded the model for this sampling yet, so this reads what
     decides it: the current load state, the vram mode and the free memory (ComfyUI's own
-    lowvram rules in load_models_gpu). ON_PRE_RUN re-checks after the real load.
+    lowvram rules in load_models_gpu). ON_PRE_RUN re-checks after the real load. Under dynamic
+    VRAM there is no partial load to avoid: comfy-aimdo streams whatever does not fit, per layer,
+    and the cached factors are applied after each layer's own cast.
     """
+    if is_dynamic(patcher):
+        return None
     model = patcher.model
     if model.model_lowvram:
         return (f"model is partially loaded (lowvram): {model.model_loaded_weight_memory / _MB:.0f} of "
@@ -62,6 +84,12 @@ def merged_problem(patcher) -> str | None:
     """
     model = patcher.model
     current = model.current_weight_patches_uuid
+    if is_dynamic(patcher):
+        # Under dynamic VRAM `backup` holds the small weights ComfyUI loads whole; what another
+        # patcher leaves behind is its patches applied into the resident weights.
+        if current is not None and current != patcher.patches_uuid:
+            return "the resident weights carry another patcher's patches; ComfyUI re-streams them at this load"
+        return None
     if patcher.backup and current is not None and current != patcher.patches_uuid:
         keys = sorted(patcher.backup)
         return f"{len(keys)} layer weights are merged for another patcher (e.g. {keys[0]}); ComfyUI restores them at load"

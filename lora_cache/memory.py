@@ -21,14 +21,18 @@ import logging
 import os
 import threading
 from dataclasses import asdict, dataclass
+from typing import Iterable
 
 import torch
+
+import comfy.model_management as mm
 
 from . import layers, load_state
 from .budget import Budget, LRUPolicy
 from .store import STORE, AdapterStore, Entry
 
 log = logging.getLogger("lora_cache")
+_MB = 1024 * 1024
 
 HOST = torch.device("cpu")
 # Factors that live on the CPU (a --cpu model) have nowhere cheaper to go, so they are never
@@ -140,6 +144,43 @@ class Memory:
                     if e.resident and e not in pinned and can_offload(e.home)
                     and (model := e.model_ref()) is not None and not load_state.holds(model, e.home)]
             return sum(self.offload(e, "ComfyUI unloaded the model") for e in gone)
+
+    # -- giving way to sampling -----------------------------------------------------------
+
+    def give_way(self, device, reason: str, need: int | None = None, keep: Iterable[Entry] = ()) -> int:
+        """Moves factors that no running sampling uses (nor `keep`) off `device`, least recently
+        used first, until `need` bytes left it (all of them when None). Returns the bytes moved."""
+        with self._lock:
+            freed = 0
+            pinned = self.pinned() | set(keep)
+            while need is None or freed < need:
+                cands = [e for e in self.store.entries() if e.resident and e.home == device and e.nbytes]
+                victim = self.policy.select_victim(cands, pinned)
+                if victim is None:
+                    break
+                freed += victim.nbytes
+                if not self.offload(victim, reason):
+                    self._evict(victim, reason)
+            return freed
+
+    def leave_room(self, patcher, shape: tuple[int, ...] | None) -> None:
+        """Before a sampling, after ComfyUI loaded the model: the least memory the sampling needs
+        (ComfyUI's own estimate for the latent, plus its inference reserve) comes before cached
+        factors that it does not use. Under dynamic VRAM comfy-aimdo evicts weights for new
+        allocations but never our factors, so ours give way first."""
+        device = patcher.load_device
+        if shape is None or not can_offload(device) or torch.device(device).type == "cpu":
+            return
+        need = mm.minimum_inference_memory() + int(patcher.model.memory_required([shape[0], *shape[1:]]))
+        # Under dynamic VRAM the patcher also counts weight pages comfy-aimdo can evict.
+        free_of = getattr(patcher, "get_free_memory", None)
+        free = free_of(device) if callable(free_of) else mm.get_free_memory(device)
+        if free >= need:
+            return
+        moved = self.give_way(device, f"sampling needs {need / _MB:.0f} MB on {device}, {free / _MB:.0f} MB free",
+                              need - free)
+        if moved:
+            log.info("[LoRA Cache] %d bytes of cached factors moved off %s to leave room for sampling", moved, device)
 
     # -- the budget -----------------------------------------------------------------------
 

@@ -22,13 +22,12 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
-from typing import NamedTuple
-
-from . import events, files, layers, memory, merge
+from . import build, events, files, layers, load_state, memory, merge
 from .cost_model import COSTS, CostKey
 from .errors import LoraCacheError
 from .memory import MEMORY
@@ -105,21 +104,22 @@ def carry_clip(clip, entry: Entry, strength: float):
     return n
 
 
-def _check_current(stack: AdapterStack, model) -> None:
-    for entry, _, _ in stack.items:
-        if entry.live and entry.model_ref() is not model:
-            raise LoraCacheError(f"LoRA '{entry.lora}': a node after the LoRA Cache Loader moved the model "
-                                 f"onto another model object (a device-selection or multi-GPU clone); "
-                                 f"place such nodes before the LoRA Cache Loader")
-        if not entry.live:
-            raise LoraCacheError(f"LoRA '{entry.lora}': its cache entry was purged or replaced after "
-                                 f"the node ran; queue the prompt again")
-        if not files.unchanged(entry.identity):
-            raise LoraCacheError(f"LoRA file '{entry.lora}' changed on disk after the node ran; "
-                                 f"queue the prompt again to load the new file")
+def _current(item: StackItem, patcher) -> StackItem:
+    """The item with the entry that serves `patcher`'s model: the node's own, or its twin on the
+    copy of the model that a later node handed to sampling (build.twin)."""
+    entry = item.entry
+    if not entry.live:
+        raise LoraCacheError(f"LoRA '{entry.lora}': its cache entry was purged or replaced after "
+                             f"the node ran; queue the prompt again")
+    if not files.unchanged(entry.identity):
+        raise LoraCacheError(f"LoRA file '{entry.lora}' changed on disk after the node ran; "
+                             f"queue the prompt again to load the new file")
+    if entry.model_ref() is patcher.model:
+        return item
+    return item._replace(entry=build.twin(entry, patcher))
 
 
-def _activate(patcher, forms: dict[str, str] | None = None, timing: tuple | None = None) -> None:
+def _activate(patcher, forms: dict[str, str] | None = None, timing: Timing | None = None) -> None:
     """Activates the patcher's adapters on its model: each item unmerged, or merged into the
     weights where `forms` maps its mode to "merged"."""
     stack = patcher.get_attachment(KEY)
@@ -127,12 +127,12 @@ def _activate(patcher, forms: dict[str, str] | None = None, timing: tuple | None
         return
     model = patcher.model
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
-    _check_current(stack, model)
-    MEMORY.pin(id(model), [e for e, _, _ in stack.items])  # never evicted while active; moved back if needed
+    items = [_current(item, patcher) for item in stack.items]
+    MEMORY.pin(id(model), [e for e, _, _ in items])  # never evicted while active; moved back if needed
     act = _Activation(weakref.ref(patcher, lambda ref, mid=id(model): _owner_gone(mid, ref)), [], timing=timing)
     _active[id(model)] = act
     to_merge = []
-    for entry, strength, mode in stack.items:
+    for entry, strength, mode in items:
         # merge.py has no form for LoCon's mid kernel: such an adapter stays unmerged.
         merged = (forms or {}).get(mode, "dynamic") == "merged" and not any(
             f.mid is not None for _, _, fs in entry.modules() for f in fs)
@@ -170,13 +170,24 @@ def _owner_gone(model_id: int, ref: weakref.ref) -> None:
 
 def _outer_sample(executor, *args, **kwargs):
     """Around one sampling: tells ON_PRE_RUN the latent shape and step count, which `auto`
-    keys its measured costs on (ON_PRE_RUN itself gets only the patcher)."""
+    keys its measured costs on (ON_PRE_RUN itself gets only the patcher). When the device runs
+    out of memory, cached factors that this sampling does not use leave it first, and the
+    sampling runs once more."""
     patcher = executor.class_obj.model_patcher
     noise, sigmas = args[0], args[3]
     items = stack_of(patcher).items
     _planned[id(patcher.model)] = CostKey(tuple(id(e) for e, _, _ in items), tuple(noise.shape), len(sigmas) - 1)
     try:
-        return executor(*args, **kwargs)
+        try:
+            return executor(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            freed = MEMORY.give_way(patcher.load_device, "the device ran out of memory while sampling",
+                                    keep=[e for e, _, _ in items])
+            if not freed:
+                raise
+            log.warning("[LoRA Cache] out of memory while sampling: %d bytes of cached factors not used by "
+                        "this sampling moved off %s; sampling again", freed, patcher.load_device)
+            return executor(*args, **kwargs)
     finally:
         _planned.pop(id(patcher.model), None)
 
@@ -187,22 +198,37 @@ def _sync(device) -> float:
     return time.perf_counter()
 
 
+def _forms(patcher, stack: AdapterStack) -> tuple[dict[str, str], str | None]:
+    """Which form each mode takes in this sampling, and why `auto` chose its form."""
+    forms = {"dynamic": "dynamic", "merged": "merged", "auto": "dynamic"}
+    uses_auto = any(mode == "auto" for _, _, mode in stack.items)
+    if load_state.is_dynamic(patcher):
+        # comfy-aimdo may evict a weight and fault it in again from the file at any cast: a
+        # merge in place would be lost silently. The node sends merged mode to ComfyUI's patch
+        # path there; whatever still asks for it runs unmerged.
+        return {m: "dynamic" for m in forms}, ("auto: dynamic VRAM streams the weights; unmerged is the one "
+                                               "cached form that keeps them untouched" if uses_auto else None)
+    key = _planned.get(id(patcher.model))
+    if key is None or not uses_auto:
+        return forms, None
+    forms["auto"], why = COSTS.choose(key)
+    return forms, why
+
+
 def _on_pre_run(patcher) -> None:
     stack = stack_of(patcher)
     if not stack.items:
         return
     model = patcher.model
-    forms = {"dynamic": "dynamic", "merged": "merged", "auto": "dynamic"}
-    why = None
-    key = _planned.get(id(model))
-    if key is not None and any(mode == "auto" for _, _, mode in stack.items):
-        forms["auto"], why = COSTS.choose(key)
+    forms, why = _forms(patcher, stack)
     if model.model_lowvram and any(forms[mode] == "merged" for _, _, mode in stack.items):
         log.warning("[LoRA Cache] model was loaded partially for this sampling: merged adapters run "
                     "unmerged instead (weights not on the device cannot be merged in place)")
         forms = {m: "dynamic" for m in forms}
+    key = _planned.get(id(model))
     timing = Timing(key, forms["auto"], why, _sync(patcher.load_device)) if key is not None and why else None
     _activate(patcher, forms, timing)
+    MEMORY.leave_room(patcher, key.shape if key is not None else None)
     if model.model_lowvram:
         log.warning("[LoRA Cache] model was loaded partially for this sampling; the adapter runs "
                     "unmerged on top of ComfyUI's lowvram weights (correct, but slower)")

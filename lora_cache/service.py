@@ -80,6 +80,7 @@ def _facts(side: _Side, found: build.Found, mode: str, run_key: tuple[str, str] 
     cached = found.how == "cached"
     return Facts(
         side=side.name, mode=mode, found=found.how, has_patches=bool(entry.patches),
+        dynamic_vram=load_state.is_dynamic(patcher),
         adapter_problem=entry.plan_reason,
         host_problem=capabilities.dynamic_path_problem(patcher),
         placement_problem=load_state.placement_problem(patcher, extra_bytes=0 if cached else entry.nbytes),
@@ -94,6 +95,13 @@ def _apply_side(side: _Side, lora_name: str, ident, mode: str, patches_of: Calla
     found = build.entry_for(side.patcher, lora_name, ident, patches_of)
     entry = found.entry
     d = decision.decide(_facts(side, found, mode, run_key))
+    if d.via == "cache" and not entry.planned:
+        # Only now that the cached path would serve are the factors worked out (ComfyUI's patch
+        # path needs none); their facts may still send the adapter there.
+        build.plan(entry, side.patcher)
+        if found.how == "cached":
+            found = found._replace(how="cached patches, factors built now")
+        d = decision.decide(_facts(side, found, mode, run_key))
     if d.via == "none":
         return d, side.obj
     if d.via == "comfy":

@@ -26,6 +26,7 @@ class Entry:
     model_ref: weakref.ref
     model_id: int
     patches: dict
+    planned: bool = False  # the factors (or the reason there are none) were worked out
     plan_reason: str | None = None  # why the cached path cannot serve; None if it can
     layers: dict[str, tuple[layers.LayerFactors, ...]] = field(default_factory=dict)
     live: bool = True
@@ -57,9 +58,11 @@ class Entry:
         # most of its time on a 700-layer model. The module tree of a model does not change.
         # Weak references: the layers' slots refer to this entry, and a strong cycle would keep
         # the factors alive after the model is freed until the next garbage collection.
-        mods = self.__dict__.get("_mods")
-        if mods is None:
-            mods = self.__dict__["_mods"] = {p: weakref.ref(model.get_submodule(p)) for p in self.layers}
+        # Kept per `layers` dict: planning the factors replaces it.
+        cached = self.__dict__.get("_mods")
+        if cached is None or cached[0] is not self.layers:
+            cached = self.__dict__["_mods"] = (self.layers, {p: weakref.ref(model.get_submodule(p)) for p in self.layers})
+        mods = cached[1]
         for path, factors in self.layers.items():
             yield path, mods[path](), factors
 
@@ -100,7 +103,6 @@ class AdapterStore:
             if not any(e.model_ref() is model for e in self._entries.values()):
                 weakref.finalize(model, self._forget_model, id(model))
             self._entries[entry.key] = entry
-            entry.attach()
 
     def drop(self, entry: Entry) -> None:
         with self._lock:

@@ -34,17 +34,13 @@ class _Missing:
         raise AttributeError(self.name)
 
 
-def _dynamic_marked(self):
-    return True
-
-
 def _pre_run_without_callbacks(self):
     self.model.current_patcher = self
 
 
 _VARIANTS = {
-    # ComfyUI's samplers and BaseModel ask `patcher.is_dynamic()`; ModelPatcherDynamic says True.
-    "dynamic": {"is_dynamic": _dynamic_marked},
+    # ComfyUI's torch.compile helper (TorchCompileModel) leaves its APPLY_MODEL wrapper on the patcher.
+    "compiled": {},
     # An older or custom patcher without keyed callbacks.
     "no_keyed_callbacks": {"add_callback_with_key": _Missing()},
     # A custom patcher whose pre_run never fires ON_PRE_RUN: the adapter would never activate.
@@ -66,6 +62,10 @@ class PatcherVariant:
 
     def make(self, model, variant):
         n = model.clone()
+        if variant == "compiled":
+            from comfy_api.torch_helpers.torch_compile import set_torch_compile_wrapper
+            set_torch_compile_wrapper(n, backend="eager")
+            return (n,)
         n.__class__ = type(f"{type(n).__name__}_{variant}", (type(n),), dict(_VARIANTS[variant]))
         return (n,)
 
@@ -131,15 +131,11 @@ def test_real_host_and_patcher_are_capable(fresh, lora, caps):
 
 
 @pytest.mark.parametrize("variant, words", [
-    ("dynamic", "ComfyUI dynamic VRAM"),
+    ("compiled", "compiled with torch.compile"),
     ("no_keyed_callbacks", "has no add_callback_with_key()"),
     ("pre_run_without_callbacks", "overrides pre_run() without ComfyUI's ON_PRE_RUN callbacks"),
 ])
 def test_patcher_lacking_a_capability_takes_full_path(fresh, lora, variant_node, variant, words):
-    if variant == "dynamic" and hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
-        # This ComfyUI treats every is_dynamic() patcher as a real ModelPatcherDynamic (which
-        # needs a GPU and comfy-aimdo); the class itself is probed in the next test.
-        pytest.skip("host has ModelPatcherDynamic: a marked CPU patcher cannot sample here")
     h = fresh
     stock = h.run(with_variant(variant, [wf.stock(lora, 0.8)]))["out"]
     base = h.run(with_variant(variant, []))["out"]
@@ -155,30 +151,32 @@ def test_patcher_lacking_a_capability_takes_full_path(fresh, lora, variant_node,
     assert h.last_event()["path"] in ("build", "fast") and close(out, stock)
 
 
-def test_model_patcher_dynamic_class_is_detected(caps):
-    """Where ComfyUI has dynamic VRAM, its own patcher class reports dynamic. On the CPU its
-    constructor hands back a plain ModelPatcher, so the class is probed without construction."""
+def test_model_patcher_dynamic_class_is_capable(caps, host):
+    """Where ComfyUI has dynamic VRAM, its own patcher class says so and has what the cached path
+    needs (callbacks fired by its pre_run/cleanup, the load state read). On the CPU its constructor
+    hands back a plain ModelPatcher, so the class is probed without construction."""
     cls = getattr(comfy.model_patcher, "ModelPatcherDynamic", None)
     if cls is None:
         pytest.skip("this ComfyUI has no ModelPatcherDynamic (0.3.75)")
+    load_state = sys.modules[host.pkg_name + ".lora_cache.load_state"]
     cpu = torch.device("cpu")
     plain = cls(torch.nn.Linear(4, 4), load_device=cpu, offload_device=cpu)
     assert type(plain) is comfy.model_patcher.ModelPatcher and caps.dynamic_path_problem(plain) is None
     dynamic = object.__new__(cls)
-    reason = caps.dynamic_path_problem(dynamic)
-    assert reason.startswith("ComfyUI dynamic VRAM (ModelPatcherDynamic)"), reason
+    assert load_state.is_dynamic(dynamic) and not load_state.is_dynamic(plain)
+    assert caps._class_problem(cls) is None
 
 
-def test_model_managed_by_dynamic_vram_takes_full_path(fresh, lora, monkeypatch):
+def test_plain_patcher_over_a_dynamic_vram_model_takes_full_path(fresh, lora, monkeypatch):
     """ModelPatcherDynamic leaves its virtual VRAM regions on the model (`dynamic_vbars`); a plain
-    patcher of that model (e.g. a clone made with disable_dynamic) must not take the dynamic path."""
+    patcher of such a model (some custom node's own) must not take the cached path."""
     h = fresh
     stock = h.run(wf.sd([wf.stock(lora)]))["out"]
     model = loaded_base_patcher().model
     monkeypatch.setattr(model, "dynamic_vbars", {torch.device("cpu"): object()}, raising=False)
     out = h.run(wf.sd([wf.ours(lora)]))["out"]
     ev = h.last_event()
-    assert ev["path"] == "full" and "ComfyUI dynamic VRAM" in ev["reason"], ev
+    assert ev["path"] == "full" and "managed by dynamic VRAM" in ev["reason"], ev
     assert close(out, stock)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 
 import pytest
+import torch
 
 import comfy.model_management as mm
 
@@ -292,3 +293,61 @@ def test_flux_fused_qkv_factors_leave_and_return_as_one(mem):
     assert sum(_storages(e).values()) == e.nbytes
     assert all(f.down.untyped_storage().data_ptr() == fs[0].shared_down.untyped_storage().data_ptr()
                for fs in shared for f in fs)
+
+
+class _FailOnce:
+    """Test node: a clone whose sampling raises torch.OutOfMemoryError the first time, through
+    ComfyUI's own OUTER_SAMPLE wrapper list (registered after ours, so it runs inside ours)."""
+
+    CATEGORY = "testing"
+    FUNCTION = "make"
+    RETURN_TYPES = ("MODEL",)
+    calls = 0
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "fail": ("BOOLEAN", {"default": True})}}
+
+    def make(self, model, fail):
+        from comfy.patcher_extension import WrappersMP
+
+        def wrapper(executor, *args, **kwargs):
+            type(self).calls += 1
+            if fail and type(self).calls == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (test)")
+            return executor(*args, **kwargs)
+
+        n = model.clone()
+        n.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, "lc_test_oom", wrapper)
+        return (n,)
+
+
+def _with_fail_once(prompt: dict, fail: bool = True) -> dict:
+    prompt["oom"] = {"class_type": "LCTestFailOnce", "inputs": {"model": prompt["5"]["inputs"]["model"], "fail": fail}}
+    prompt["5"]["inputs"]["model"] = ["oom", 0]
+    return prompt
+
+
+def test_out_of_memory_while_sampling_moves_unused_factors_first(mem, loras):
+    """The device runs out of memory while our factors sit on it: factors that this sampling does
+    not use leave the device, the sampling runs again and equals stock; with nothing of ours to
+    free, the error is ComfyUI's and the next prompt runs."""
+    h = mem
+    h.nodes.NODE_CLASS_MAPPINGS["LCTestFailOnce"] = _FailOnce
+    try:
+        stock = h.run(wf.sd([wf.stock(loras["m_a"], 0.7)]))["out"]
+        h.run(wf.sd([wf.ours(loras["m_b"], 0.7)]))  # cached, not used by the next sampling
+        b = entry(h, loras["m_b"])
+        _FailOnce.calls = 0
+        out = h.run(_with_fail_once(wf.sd([wf.ours(loras["m_a"], 0.7)])))["out"]
+        assert _FailOnce.calls == 2 and close(out, stock)
+        assert not b.resident and b.offload_reason == "the device ran out of memory while sampling"
+        assert entry(h, loras["m_a"]).resident
+
+        _FailOnce.calls = 0  # nothing of ours left to move: the sampling fails as it would without us
+        err = h.run(_with_fail_once(wf.sd([wf.ours(loras["m_a"], 0.5)])), expect_error=True)
+        assert "out of memory" in err["exception_message"] and _FailOnce.calls == 1
+        out = h.run(wf.sd([wf.ours(loras["m_a"], 0.7)]))["out"]
+        assert close(out, stock)
+    finally:
+        h.nodes.NODE_CLASS_MAPPINGS.pop("LCTestFailOnce", None)

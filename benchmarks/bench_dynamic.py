@@ -1,0 +1,286 @@
+"""The 8-event series on current ComfyUI: stock LoraLoaderModelOnly, ComfyUI's
+LoraLoaderBypassModelOnly and the LoRA Cache Loader side by side in one process, under dynamic
+VRAM (ModelPatcherDynamic with comfy-aimdo, ComfyUI's default on NVIDIA) and under its classic
+patcher, with the behaviour checks of the GPU check.
+
+Events (each: the node call, then a full sampling of `--steps` steps at 1024x1024): LoRA on, off,
+on, off, on, strength 0.6, the other LoRA, back to the first. Per event: node ms, event seconds,
+the weight bytes ComfyUI streamed to the device while sampling (summed over its gathered casts)
+and, under dynamic VRAM, whether `patches_uuid` changed. Then, for ours, 100 more events
+(toggles, strengths, switches; 1 step each) with the device memory after each.
+
+Checks (a failed check makes the exit status 1, the numbers are written either way):
+- under dynamic VRAM our events 2-8 keep `patches_uuid` and stream no more weight bytes than a
+  repeat of the base image does (stock streams the whole model again at each change);
+- every output is within the spread of ComfyUI's bypass loader around stock (bypass applies the
+  same low-rank product unmerged, as ours does);
+- device memory stays flat over the 100 events.
+
+    python3 benchmarks/bench_dynamic.py --model sdxl --configs dynamic,dynamic@14,classic --out DIR
+    python3 benchmarks/bench_dynamic.py --tiny --model sdxl --configs classic --out DIR   # CPU smoke
+
+`dynamic@14` leaves about 14 GiB of the card free before the model loads (the rest is taken by a
+filler allocation), so a large model streams part of its weights every step.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "scripts"))
+sys.path.insert(0, str(HERE))
+
+import comfy_host  # noqa: E402
+
+EVENTS = [("on", "a", 1.0), ("off", None, 0.0), ("on", "a", 1.0), ("off", None, 0.0), ("on", "a", 1.0),
+          ("strength 0.6", "a", 0.6), ("other LoRA", "b", 1.0), ("back", "a", 0.6)]
+LOADERS = ("stock", "bypass", "ours")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="sdxl", choices=("sdxl", "flux"))
+    p.add_argument("--configs", default="dynamic,dynamic@14,classic")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--soak", type=int, default=100, help="extra events of ours for the memory check")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--tiny", action="store_true", help="tiny model on the CPU (classic only): a smoke run")
+    p.add_argument("--out", default="benchmarks/out")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if not args.tiny:
+        # comfy-aimdo must hook the CUDA allocator before torch touches the GPU (ComfyUI's main.py).
+        import comfy_aimdo.control
+        comfy_aimdo.control.init()
+    comfy_host.boot(cpu=args.tiny)
+
+    import torch
+
+    import comfy.memory_management
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sample
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+    from safetensors.torch import save_file
+
+    import models
+    from bench import load_package
+
+    lc = load_package()
+    cuda = not args.tiny
+    aimdo = False
+    if cuda:
+        import comfy_aimdo.control
+        try:
+            aimdo = bool(comfy_aimdo.control.init_devices((d.index, 0) for d in mm.get_all_torch_devices()))
+        except TypeError:
+            aimdo = bool(comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()))
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="lc_dyn_"))
+    folder_paths.add_model_folder_path("loras", str(work), is_default=True)
+    from comfyui_version import __version__ as comfy_version
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def set_patcher(kind: str) -> None:
+        dynamic = kind == "dynamic"
+        comfy.model_patcher.CoreModelPatcher = (comfy.model_patcher.ModelPatcherDynamic if dynamic
+                                                else comfy.model_patcher.ModelPatcher)
+        comfy.memory_management.aimdo_enabled = dynamic
+
+    # Weight bytes ComfyUI moves to the device while casting (dynamic VRAM streams through
+    # cast_to_gathered); counted by wrapping it, for this benchmark only.
+    streamed = [0]
+    gathered = getattr(mm, "cast_to_gathered", None)
+    if gathered is not None:
+        def counting(tensors, *a, **kw):
+            for t in tensors if isinstance(tensors, (list, tuple)) else [tensors]:
+                if isinstance(t, torch.Tensor):
+                    streamed[0] += t.numel() * t.element_size()
+            return gathered(tensors, *a, **kw)
+        mm.cast_to_gathered = counting
+
+    dtype = torch.float32 if args.tiny else (torch.float16 if args.model == "sdxl" else torch.bfloat16)
+    spec = models.Spec(args.model, args.tiny, dtype)
+    report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+              "comfyui": comfy_version, "aimdo": aimdo, "model": spec.label, "dtype": str(dtype),
+              "steps": args.steps, "events": [e[0] for e in EVENTS], "configs": {}, "checks": [],
+              "command": "python3 benchmarks/bench_dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+    # The model goes through a file: under dynamic VRAM ComfyUI streams weights from the file it
+    # loaded, so the model must come through its loader.
+    set_patcher("classic")
+    t0 = time.perf_counter()
+    model_path = work / f"{args.model}.safetensors"
+    names = {tag: f"{args.model}_{tag}.safetensors" for tag in "ab"}
+    if args.tiny:
+        # ComfyUI's model detection needs real SDXL / Flux sizes; the smoke run takes the tiny
+        # SD2-type UNet that it does recognise.
+        import tiny_models
+        unet_sd = tiny_models.sd_unet_state_dict(seed=0)
+        save_file(unet_sd, str(model_path))
+        for tag, seed in (("a", 1), ("b", 2)):
+            tiny_models.write_lora(work / names[tag], tiny_models.sd_lora_state_dict(unet_sd, seed=seed))
+        cond = [[torch.randn(1, 8, 1024, generator=torch.Generator().manual_seed(5)), {}]]
+        latent, cfg = torch.zeros(1, 4, 8, 8), 1.5
+    else:
+        with torch.inference_mode():
+            built = models.build(spec, seed=0)
+            for tag, seed in (("a", 1), ("b", 2)):
+                models.write(work / names[tag], models.lora_state_dict(spec, built, rank=args.rank, seed=seed))
+            sd = {k: v.detach().to("cpu", copy=True) for k, v in built.model.diffusion_model.state_dict().items()}
+        save_file(sd, str(model_path))
+        del built, sd
+        cond, latent, cfg = spec.conditioning(), torch.zeros(spec.latent), spec.cfg
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    report["build_s"] = time.perf_counter() - t0
+    print(f"model and LoRA files written in {report['build_s']:.1f} s", flush=True)
+
+    noise = comfy.sample.prepare_noise(latent, 42)
+    lora_sd = {tag: comfy.utils.load_torch_file(str(work / n), safe_load=True) for tag, n in names.items()}
+
+    def sample(m, steps):
+        out = comfy.sample.sample(m, noise, steps, cfg, "euler", "simple", cond, cond, latent,
+                                  seed=42, disable_pbar=True)
+        sync()
+        return out.float().cpu()
+
+    def loader_fn(kind, base):
+        if kind == "stock":
+            return lambda tag, s: base if tag is None else comfy.sd.load_lora_for_models(base, None, lora_sd[tag], s, 0)[0]
+        if kind == "bypass":
+            return lambda tag, s: base if tag is None else comfy.sd.load_bypass_lora_for_models(base, None, lora_sd[tag], s, 0)[0]
+
+        def ours(tag, s):
+            if tag is None:
+                return lc.apply(base, None, names["a"], 1.0, 0.0, False, "auto", node_id="bench")[0]
+            m, _, ev = lc.apply(base, None, names[tag], s, 0.0, True, "auto", node_id="bench")
+            ours.last = ev
+            return m
+        ours.last = None
+        return ours
+
+    failed = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        report["checks"].append({"check": name, "ok": bool(ok), "detail": detail})
+        print(f"  check {'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
+        if not ok:
+            failed.append(name)
+
+    for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
+        kind, _, free_gib = config.partition("@")
+        if kind == "dynamic" and not aimdo:
+            print(f"== {config}: skipped, comfy-aimdo is not active here", flush=True)
+            continue
+        set_patcher(kind)
+        filler = None
+        if free_gib and cuda:
+            free, _ = torch.cuda.mem_get_info()
+            filler = torch.empty(max(0, free - int(float(free_gib) * 2**30)), dtype=torch.uint8, device="cuda")
+        base = comfy.sd.load_diffusion_model(str(model_path))
+        res = {"patcher": type(base).__name__, "free_gib": float(free_gib) if free_gib else None, "loaders": {}}
+        print(f"== {spec.label} {config}: {res['patcher']}", flush=True)
+        outs: dict[str, dict] = {}
+        with torch.inference_mode():
+            for loader in LOADERS:
+                mm.unload_all_models()
+                lc.purge()
+                gc.collect()
+                apply = loader_fn(loader, base)
+                base_times, base_stream = [], []
+                for _ in range(3):  # a warm-up, then the base image twice: time and steady streaming
+                    streamed[0] = 0
+                    t = time.perf_counter()
+                    sample(base, args.steps)
+                    base_times.append(time.perf_counter() - t)
+                    base_stream.append(streamed[0])
+                base_uuid = base.patches_uuid
+                rows = []
+                outs[loader] = {}
+                for label, tag, strength in EVENTS:
+                    streamed[0] = 0
+                    sync()
+                    t = time.perf_counter()
+                    m = apply(tag, strength)
+                    t_node = time.perf_counter()
+                    out = sample(m, args.steps)
+                    t_end = time.perf_counter()
+                    row = {"event": label, "node_ms": (t_node - t) * 1000.0, "event_s": t_end - t,
+                           "streamed_bytes": streamed[0], "uuid_kept": m.patches_uuid == base_uuid}
+                    if loader == "ours" and apply.last is not None and tag is not None:
+                        row.update(path=apply.last.path, reason=apply.last.reason)
+                    rows.append(row)
+                    outs[loader][(tag, strength)] = out
+                    print(f"  {loader:6s} {label:13s} node {row['node_ms']:9.2f} ms  event {row['event_s']:7.3f} s  "
+                          f"streamed {streamed[0] / 2**20:9.1f} MiB  {row.get('path', '')}", flush=True)
+                res["loaders"][loader] = {"base_s": base_times[1:], "base_streamed_bytes": base_stream[1:],
+                                          "events": rows, "events_2_8_s": sum(r["event_s"] for r in rows[1:])}
+            # parity: ours and bypass around stock, per state
+            spread, ours_diff = 0.0, 0.0
+            for state, ref in outs["stock"].items():
+                if state[0] is None:
+                    continue
+                spread = max(spread, float((outs["bypass"][state] - ref).abs().max()))
+                ours_diff = max(ours_diff, float((outs["ours"][state] - ref).abs().max()))
+            res["parity"] = {"max_abs_ours_vs_stock": ours_diff, "max_abs_bypass_vs_stock": spread}
+            check(f"{config}: outputs within the bypass loader's spread", ours_diff <= max(1.5 * spread, 1e-3),
+                  f"ours {ours_diff:.4g} vs bypass {spread:.4g} (max |latent - stock|)")
+            ours = res["loaders"]["ours"]
+            if kind == "dynamic":
+                steady = max(ours["base_streamed_bytes"])
+                worst = max(r["streamed_bytes"] for r in ours["events"][1:])
+                check(f"{config}: toggles keep patches_uuid", all(r["uuid_kept"] for r in ours["events"]),
+                      "uuid unchanged on every event of ours")
+                check(f"{config}: nothing re-streamed by a toggle", worst <= steady + (64 << 20),
+                      f"events 2-8 stream at most {worst / 2**20:.1f} MiB vs {steady / 2**20:.1f} MiB for a base image "
+                      f"(stock: up to {max(r['streamed_bytes'] for r in res['loaders']['stock']['events'][1:]) / 2**20:.1f} MiB)")
+            # memory over many events of ours (1 step each)
+            if args.soak:
+                apply = loader_fn("ours", base)
+                mem = []
+                cycle = EVENTS[1:]
+                for i in range(args.soak):
+                    _, tag, strength = cycle[i % len(cycle)]
+                    sample(apply(tag, strength), 1)
+                    mem.append(torch.cuda.memory_allocated() if cuda else 0)
+                settled = mem[len(mem) // 10:]
+                res["soak"] = {"events": args.soak, "allocated_min": min(settled), "allocated_max": max(settled),
+                               "cache_bytes": sum(e.nbytes for e in lc.STORE.entries())}
+                check(f"{config}: device memory flat over {args.soak} events", max(settled) - min(settled) <= (64 << 20),
+                      f"allocated {min(settled) / 2**20:.0f}-{max(settled) / 2**20:.0f} MiB after the first tenth")
+        report["configs"][config] = res
+        del base, filler
+        mm.unload_all_models()
+        lc.purge()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    (out_dir / f"dynamic-{args.model}.json").write_text(json.dumps(report, indent=1))
+    print("checks failed: " + ", ".join(failed) if failed else "all checks passed", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

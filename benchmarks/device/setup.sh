@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Prepares a bare GPU machine (python3 with torch, no package index) to run current ComfyUI with
+# dynamic VRAM: wheels carried in .whl/ (comfy-aimdo, comfy-kitchen without its compiled part,
+# and what ComfyUI imports that the machine lacks) go into /tmp/site, ComfyUI 0.33.0 is unpacked
+# from hosts/, and stand-ins answer the imports of PyAV (video nodes) and, where the machine's
+# own does not import, torchaudio. Source it: it exports PYTHONPATH and COMFYUI_DIR.
+set -e
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl
+mkdir -p /tmp/comfy33 /tmp/standins
+tar xzf "$ROOT/hosts/ComfyUI-0.33.0.tar.gz" -C /tmp/comfy33
+export COMFYUI_DIR="$(dirname "$(find /tmp/comfy33 -maxdepth 2 -name main.py | head -1)")"
+cat > /tmp/standins/_standin.py <<'PY'
+"""A module that answers any attribute and any submodule with a dummy class."""
+import importlib.abc, importlib.machinery, sys, types
+
+class _Any(type):
+    def __getattr__(cls, name):
+        return _Any(name, (), {})
+    def __call__(cls, *a, **k):
+        return cls
+
+class _Module(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Any(name, (), {})
+
+class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, roots):
+        self.roots = roots
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.roots:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    def create_module(self, spec):
+        m = _Module(spec.name)
+        m.__path__ = []
+        return m
+    def exec_module(self, module):
+        pass
+
+def install(*roots):
+    sys.meta_path.insert(0, _Finder(set(roots)))
+PY
+roots='"av"'
+python3 -c "import torchaudio" 2>/dev/null || roots="$roots, \"torchaudio\""
+cat > /tmp/standins/sitecustomize.py <<PY
+import _standin
+_standin.install($roots)
+PY
+export PYTHONPATH="/tmp/standins:/tmp/site:$ROOT/scripts:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
+echo "[device setup] ComfyUI at $COMFYUI_DIR; stand-ins for $roots"
