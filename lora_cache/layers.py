@@ -1,14 +1,21 @@
-"""Low-rank factors on a layer, applied in its forward without touching its weight.
+"""Cached forms on a layer, applied in its forward without touching its weight.
 
-Each targeted module gets a `LayerSlot` (PEFT's per-adapter state on a layer): the factors
+Each targeted module gets a `LayerSlot` (PEFT's per-adapter state on a layer): the forms
 registered per cached adapter, and the list active for the sampling now running. A forward
 of our own is installed on the module only while something is active, so a layer with no
 active adapter runs ComfyUI's forward with no wrapper in the call path.
+
+A layer's forms are `LayerFactors` (low-rank, this module) or the forms of forms.py (LoKr,
+dense, DoRA, OFT, BOFT, GLoRA). When every active form is a low-rank Linear one, the direct
+forward runs `plan` (one `x @ down` per adapter, one addmm_ per factor). Otherwise the forward
+runs `chain`: each active form bound to its strength as an `Op`, in the order ComfyUI's chain
+of loaders would apply them, so forms that depend on the weight before them (DoRA, OFT, BOFT,
+GLoRA) see exactly that weight.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +23,18 @@ import torch.nn.functional as F
 SLOT_ATTR = "lora_cache_slot"
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class Op(NamedTuple):
+    """One active form on one layer, bound to its strength for this activation.
+
+    `pre(x)`: the input that the forms before it (and the layer's own product) see, where the
+    form changes the layer's input side (GLoRA, input-axis DoRA); None: unchanged.
+    `post(x, y)`: the output with this form applied, given its own input and the output of
+    everything before it; None: nothing to add."""
+
+    pre: Callable | None
+    post: Callable | None
 
 
 @dataclass(eq=False)
@@ -35,14 +54,17 @@ class LayerFactors:
     scale: float
     mid: torch.Tensor | None = None
     out_slice: tuple[int, int] | None = None
+    order_sensitive = False  # its delta does not depend on the weight it is added to
     # Set by share_down(): the layer's factors' downs side by side, and this factor's columns.
     shared_down: torch.Tensor | None = field(default=None, repr=False)
     shared_cols: tuple[int, int] | None = field(default=None, repr=False)
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.down, self.up] + ([self.mid] if self.mid is not None else [])
+
     @property
     def nbytes(self) -> int:
-        ts = [self.down, self.up] + ([self.mid] if self.mid is not None else [])
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @property
     def device(self) -> torch.device:
@@ -86,6 +108,36 @@ class LayerFactors:
             return y + alpha * delta
         return y.add_(delta, alpha=alpha)
 
+    def delta(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """up(down(x)) without the scale: the output slice's update per unit scale."""
+        down, mid, up = self._cast(x)
+        if self.kind == "linear":
+            return (x.reshape(-1, x.shape[-1]) @ down @ up).view(*x.shape[:-1], -1)
+        conv = _CONV[x.ndim - 2]
+        if mid is None:
+            h = conv(x, down, None, module.stride, module.padding, module.dilation)
+        else:
+            h = conv(conv(x, down), mid, None, module.stride, module.padding, module.dilation)
+        return conv(h, up)
+
+    def dense(self) -> torch.Tensor:
+        """up @ down as a weight of the target's shape, fp32, without the scale."""
+        if self.kind == "linear":
+            return (self.down.float() @ self.up.float()).t()
+        up = self.up.float().flatten(1)  # [out, r]
+        if self.mid is None:
+            return (up @ self.down.float().flatten(1)).reshape(up.shape[0], *self.down.shape[1:])
+        # LoCon with a mid kernel: up[o, r] mid[r, s, *k] down[s, i]
+        return torch.einsum("or,rs...,si->oi...", up, self.mid.float(), self.down.float().flatten(1))
+
+    def merge_into(self, weight: torch.Tensor, strength: float) -> None:
+        """Adds the update to `weight` (the layer's whole fp32 weight) in place."""
+        target = weight if self.out_slice is None else weight.narrow(0, *self.out_slice)
+        target.add_(self.dense().reshape(target.shape), alpha=float(strength) * self.scale)
+
+    def bind(self, module: torch.nn.Module, strength: float, prefix) -> Op:
+        return Op(None, lambda x, y: self.add_to(module, x, y, strength))
+
 
 def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
     if device.type != "cpu":
@@ -106,6 +158,9 @@ def move_layer(factors: tuple[LayerFactors, ...], device: torch.device, pin: boo
     device and nothing is held twice."""
     shared: dict[int, torch.Tensor] = {}
     for f in factors:
+        if not isinstance(f, LayerFactors):
+            f.move(device, pin)  # forms.py: each moves its own tensors and drops derived state
+            continue
         if f.shared_down is not None:
             key = id(f.shared_down)
             if key not in shared:
@@ -125,7 +180,7 @@ def share_down(factors: tuple[LayerFactors, ...]) -> torch.Tensor | None:
     qkv weight, or q/k/v/mlp of linear1): their downs side by side in one [in, R] matrix, each
     factor's `down` becoming a view of its columns. One GEMM then computes every factor's
     `x @ down`, and the memory is the same as before. Idempotent."""
-    if len(factors) < 2 or any(f.kind != "linear" for f in factors):
+    if len(factors) < 2 or any(not isinstance(f, LayerFactors) or f.kind != "linear" for f in factors):
         return None
     first = factors[0]
     if first.shared_down is not None and all(f.shared_down is first.shared_down for f in factors):
@@ -144,17 +199,28 @@ def share_down(factors: tuple[LayerFactors, ...]) -> torch.Tensor | None:
     return shared
 
 
+def order_sensitive(layers: dict[str, tuple]) -> bool:
+    """Whether some form's update depends on the weight before it (DoRA, OFT, BOFT, GLoRA,
+    ComfyUI's own merge): then the order of the adapters on a layer matters."""
+    return any(f.order_sensitive for fs in layers.values() for f in fs)
+
+
 class LayerSlot:
-    __slots__ = ("adapters", "active", "installed", "prev_forward", "plan")
+    __slots__ = ("adapters", "active", "installed", "prev_forward", "plan", "chain", "chain_pre")
 
     def __init__(self):
-        self.adapters: dict[object, tuple[LayerFactors, ...]] = {}
-        self.active: list[tuple[tuple[LayerFactors, ...], float]] = []
+        self.adapters: dict[object, tuple] = {}
+        self.active: list[tuple[tuple, float]] = []
         self.installed: Callable | None = None
         self.prev_forward: Callable | None = None
         # What the direct forward computes, rebuilt on activate: per active adapter
         # (down [in, R], ((col_lo, col_hi, up, alpha, out_start, out_len), ...)).
+        # None when some active form is not a low-rank Linear one.
         self.plan: tuple | None = None
+        # Every active form as an Op, in chain order (see run_chain); chain_pre: some Op
+        # changes the input side.
+        self.chain: tuple[Op, ...] = ()
+        self.chain_pre = False
 
 
 def slot_of(module: torch.nn.Module, create: bool = False) -> LayerSlot | None:
@@ -182,10 +248,12 @@ def holds(module: torch.nn.Module, key: object, factors: tuple[LayerFactors, ...
     return slot is not None and slot.adapters.get(key) is factors
 
 
-def activate(module: torch.nn.Module, factors: tuple[LayerFactors, ...], strength: float) -> None:
+def activate(module: torch.nn.Module, factors: tuple, strength: float) -> None:
     slot = slot_of(module, create=True)
     slot.active.append((factors, strength))
     slot.plan = _plan(slot.active)
+    slot.chain = _chain(module, slot.active)
+    slot.chain_pre = any(op.pre is not None for op in slot.chain)
     if slot.installed is None:
         _install(module, slot)
 
@@ -196,6 +264,8 @@ def deactivate(module: torch.nn.Module) -> None:
         return
     slot.active.clear()
     slot.plan = None
+    slot.chain = ()
+    slot.chain_pre = False
     if slot.installed is not None:
         # Only undo our own forward; if something replaced it after us, leave theirs alone.
         if module.__dict__.get("forward") is slot.installed:
@@ -214,10 +284,10 @@ def is_installed(module: torch.nn.Module) -> bool:
 
 def _plan(active) -> tuple | None:
     """The direct forward's work for the active adapters, or None if some factor is not a
-    Linear one (then the generic path serves the layer)."""
+    Linear one (then `chain` serves the layer)."""
     plan = []
     for factors, strength in active:
-        if any(f.kind != "linear" for f in factors):
+        if any(not isinstance(f, LayerFactors) or f.kind != "linear" for f in factors):
             return None
         shared = share_down(factors)
         if shared is None:
@@ -228,6 +298,49 @@ def _plan(active) -> tuple | None:
                           for f in factors)
             plan.append((shared, parts))
     return tuple(plan)
+
+
+def _chain(module: torch.nn.Module, active) -> tuple[Op, ...]:
+    """Every active form bound to its strength, in chain order. A form that depends on the
+    weight before it gets the forms before it on this layer (`prefix`) to compute that weight
+    from (forms.py caches what it derives, per weight and prefix)."""
+    ops = []
+    prefix: list[tuple[object, float]] = []
+    for factors, strength in active:
+        for f in factors:
+            ops.append(f.bind(module, strength, tuple(prefix) if f.order_sensitive else ()))
+            prefix.append((f, strength))
+    return tuple(ops)
+
+
+def run_chain(chain: tuple[Op, ...], has_pre: bool, x: torch.Tensor, base: Callable) -> torch.Tensor:
+    """The layer's output with every Op of `chain` applied, as ComfyUI's chain of loaders would
+    apply them to the weight: an Op that changes the input side changes what the layer's own
+    product and every Op before it see; an Op's post sees the output of everything before it."""
+    if not has_pre:
+        y = base(x)
+        for op in chain:
+            if op.post is not None:
+                y = op.post(x, y)
+        return y
+    inputs = []
+    cur = x
+    for op in reversed(chain):
+        inputs.append(cur)
+        if op.pre is not None:
+            cur = op.pre(cur)
+    y = base(cur)
+    for op, xi in zip(chain, reversed(inputs)):
+        if op.post is not None:
+            y = op.post(xi, y)
+    return y
+
+
+def _posts(chain: tuple[Op, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    for op in chain:
+        if op.post is not None:
+            y = op.post(x, y)
+    return y
 
 
 def _direct_capable(module: torch.nn.Module, prev) -> bool:
@@ -269,11 +382,6 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     linear = F.linear
     every_op = _EVERY_OP
 
-    def generic(x, y):
-        for factors, strength in slot.active:
-            for f in factors:
-                y = f.add_to(module, x, y, strength)
-        return y
 
     def forward(x, *args, **kwargs):
         plan = slot.plan
@@ -289,7 +397,7 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
             every_op()
             y = linear(x, module.weight, module.bias)
             if y.requires_grad or not plan or x.dtype != plan[0][0].dtype or x.device != plan[0][0].device:
-                return generic(x, y)
+                return _posts(slot.chain, x, y)
             x2 = x.reshape(-1, x.shape[-1])
             y2 = y.view(-1, y.shape[-1])
             for down, parts in plan:
@@ -301,7 +409,7 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
                     else:
                         y2[:, start:start + length].addmm_(hh, up, alpha=alpha)
             return y
-        return generic(x, base(x, *args, **kwargs))
+        return run_chain(slot.chain, slot.chain_pre, x, lambda xi: base(xi, *args, **kwargs))
 
     slot.prev_forward = prev
     slot.installed = forward
