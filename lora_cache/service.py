@@ -98,6 +98,7 @@ def _apply_side(side: _Side, lora_name: str, ident, mode: str, make_patches: Cal
         plan = adapters.plan_dynamic(entry.patches, patcher, lora_name, device, dtype,
                                      progress=lambda done: pbar.update_absolute(done))
         entry.plan_reason = plan.reason
+        entry.forms = plan.forms
         if plan.layers is not None:
             entry.layers = plan.layers
 
@@ -131,7 +132,8 @@ def _apply_side(side: _Side, lora_name: str, ident, mode: str, make_patches: Cal
         if d.path == "build":
             entry.attach()  # idempotent: re-registers exactly these factors on every layer
     else:
-        d = Decision("build", f"{what}: {len(entry.layers)} layers, {entry.nbytes / 1024:.0f} KiB on {entry.device}")
+        d = Decision("build", f"{what}: {len(entry.layers)} layers, {entry.nbytes / 1024:.0f} KiB on {entry.device}"
+                              + (f"; {entry.forms}" if entry.forms else ""))
     entry.last_strength = side.strength
     if run_key is not None:
         _last_run[run_key] = (lora_name, side.strength)
@@ -171,7 +173,8 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
         # nothing cached.
         if "split" not in read:
             sd = adapters.read_file(ident, lora_name)
-            unet_p, clip_p = adapters.split_patches(sd, model if use_model else None, clip if use_clip else None)
+            unet_p, clip_p = adapters.split_patches(sd, model if use_model else None, clip if use_clip else None,
+                                                    lora_name)
             if not unet_p and not clip_p:
                 target = " or ".join(t for t, used in (("diffusion model", use_model), ("text encoder", use_clip)) if used)
                 raise LoraCacheError(f"LoRA file '{lora_name}' has no LoRA keys for this {target} "

@@ -34,6 +34,7 @@ class Entry:
     model_id: int
     patches: dict
     plan_reason: str | None = None  # why the dynamic path cannot serve; None if it can
+    forms: str | None = None  # which forms types other than plain LoRA took (adapters.Plan.forms)
     layers: dict[str, tuple[layers.LayerFactors, ...]] = field(default_factory=dict)
     live: bool = True
     last_strength: float | None = None  # for the reason string only
