@@ -193,25 +193,35 @@ class KronFactors(Form):
     kind = "kron"
     _tensor_names = ("w1", "w2")
 
-    def delta(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        w1, w2 = _like(self.w1, x), _like(self.w2, x)
-        a, b = w1.shape
+    def delta_fn(self, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> kron(w1, w2) applied to x, without the scale, its tensors bound now."""
+        w1_, w2_ = self.w1, self.w2
+        a, b = w1_.shape
         if _is_linear(module):
-            h = torch.matmul(x.reshape(-1, b, w2.shape[0]), w2)  # [N, b, c]: w2 on each group
-            return torch.matmul(w1, h).view(*x.shape[:-1], -1)  # [N, a, c]: w1 across groups
-        n = x.shape[0]
+            d = w2_.shape[0]
+
+            def delta(x):
+                w1, w2 = _like(w1_, x), _like(w2_, x)
+                h = torch.matmul(x.reshape(-1, b, d), w2)  # [N, b, c]: w2 on each group of inputs
+                return torch.matmul(w1, h).view(*x.shape[:-1], -1)  # [N, a, c]: w1 across groups
+            return delta
         stride, padding, dilation = _conv_args(module)
-        h = _CONV[x.ndim - 2](x.reshape(n * b, -1, *x.shape[2:]), w2, None, stride, padding, dilation)
-        out = torch.matmul(w1, h.reshape(n, b, -1))  # [n, a, c * spatial]
-        return out.view(n, -1, *h.shape[2:])
+
+        def delta_conv(x):
+            n = x.shape[0]
+            h = _CONV[x.ndim - 2](x.reshape(n * b, -1, *x.shape[2:]), _like(w2_, x), None, stride, padding, dilation)
+            out = torch.matmul(_like(w1_, x), h.reshape(n, b, -1))  # [n, a, c * spatial]
+            return out.view(n, -1, *h.shape[2:])
+        return delta_conv
 
     def bind(self, module, strength, prefix) -> Op:
         alpha = float(strength) * self.scale
         sl = self.out_slice
+        delta = self.delta_fn(module)
 
         def post(x, y):
             y = _writable(y)
-            _sliced(y, module, sl).add_(self.delta(module, x), alpha=alpha)
+            _sliced(y, module, sl).add_(delta(x), alpha=alpha)
             return y
         return Op(None, post)
 
@@ -238,30 +248,28 @@ class DenseDelta(Form):
     kind = "dense"
     _tensor_names = ("delta_w",)
 
-    def delta(self, module, x) -> torch.Tensor:
-        d = _like(self.delta_w, x)
+    def delta_fn(self, module) -> Callable[[torch.Tensor], torch.Tensor]:
+        dw = self.delta_w
         if _is_linear(module):
-            return (x.reshape(-1, x.shape[-1]) @ d).view(*x.shape[:-1], -1)
+            return lambda x: (x.reshape(-1, x.shape[-1]) @ _like(dw, x)).view(*x.shape[:-1], -1)
         stride, padding, dilation = _conv_args(module)
-        return _CONV[x.ndim - 2](x, d, None, stride, padding, dilation)
+        return lambda x: _CONV[x.ndim - 2](x, _like(dw, x), None, stride, padding, dilation)
 
     def bind(self, module, strength, prefix) -> Op:
         alpha = float(strength) * self.scale
         sl = self.out_slice
+        dw = self.delta_w
         if _is_linear(module):
             def post(x, y):
                 y = _writable(y)
-                d = _like(self.delta_w, x)
                 y2 = y.view(-1, y.shape[-1])
                 if sl is not None:
                     y2 = y2[:, sl[0]:sl[0] + sl[1]]
-                y2.addmm_(x.reshape(-1, x.shape[-1]), d, alpha=alpha)
+                y2.addmm_(x.reshape(-1, x.shape[-1]), _like(dw, x), alpha=alpha)
                 return y
-        else:
-            def post(x, y):
-                y = _writable(y)
-                return y.add_(self.delta(module, x), alpha=alpha)
-        return Op(None, post)
+            return Op(None, post)
+        delta = self.delta_fn(module)
+        return Op(None, lambda x, y: _writable(y).add_(delta(x), alpha=alpha))
 
     def dense(self) -> torch.Tensor:
         d = self.delta_w.float()
@@ -290,15 +298,15 @@ class InputLowRank(Form):
 
     def bind(self, module, strength, prefix) -> Op:
         alpha = float(strength) * self.scale
+        d_, u_ = self.d, self.u
         if _is_linear(module):
             def pre(x):
-                d, u = _like(self.d, x), _like(self.u, x)
                 x2 = x.reshape(-1, x.shape[-1])
-                return torch.addmm(x2, x2 @ d, u, alpha=alpha).view(x.shape)
+                return torch.addmm(x2, x2 @ _like(d_, x), _like(u_, x), alpha=alpha).view(x.shape)
         else:
             def pre(x):
                 conv = _CONV[x.ndim - 2]
-                return torch.add(x, conv(conv(x, _like(self.d, x)), _like(self.u, x)), alpha=alpha)
+                return torch.add(x, conv(conv(x, _like(d_, x)), _like(u_, x)), alpha=alpha)
         return Op(pre, None)
 
     def ud(self) -> torch.Tensor:
@@ -359,10 +367,10 @@ class DoRA(Form):
         dtype = self.core.tensors()[0].dtype
         keep = _per_channel((1 + s * (c - 1)).to(dtype), module)
         gain = _per_channel((s * self.core.scale * c).to(dtype), module)
-        core, sl = self.core, self.out_slice
+        delta, sl = self.core.delta_fn(module), self.out_slice
         if self.axis == "in":
             return Op(lambda x: x * _like(keep, x),
-                      lambda x, y: _writable(y).add_(core.delta(module, x * _like(gain, x))))
+                      lambda x, y: _writable(y).add_(delta(x * _like(gain, x))))
         bias = _bias(module, sl, dtype, c.device)
         b = None if bias is None else _per_channel(bias, module)
 
@@ -375,7 +383,7 @@ class DoRA(Form):
             else:
                 bb = _like(b, y)
                 ys.sub_(bb).mul_(k).add_(bb)
-            ys.addcmul_(core.delta(module, x), _like(gain, y))
+            ys.addcmul_(delta(x), _like(gain, y))
             return y
         return Op(None, post)
 
@@ -463,12 +471,13 @@ class Butterfly(Form):
         rescale = None if self.rescale is None else self.rescale.flatten().to(dtype)
         sl = self.out_slice
         bias = _bias(module, sl, dtype, stages.device)
+        apply = self.apply
 
         def post(x, y):
             y = _writable(y)
             ys = _channels_last(_sliced(y, module, sl), module)
             z = ys if bias is None else ys - _like(bias, y)
-            t = self.apply(_like(stages, y), z)
+            t = apply(_like(stages, y), z)
             if rescale is not None:
                 t = t * _like(rescale, y)
             ys.add_(t.sub_(z), alpha=s)

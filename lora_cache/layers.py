@@ -37,6 +37,12 @@ class Op(NamedTuple):
     post: Callable | None
 
 
+def _to(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # Stored in the model's compute dtype on its load device; an input in another dtype or
+    # place (lowvram casts, a text encoder in fp32) gets a transient copy.
+    return t if t.dtype == x.dtype and t.device == x.device else t.to(device=x.device, dtype=x.dtype)
+
+
 @dataclass(eq=False)
 class LayerFactors:
     """One low-rank update of one layer: y[..., out] += strength * scale * up(down(x)).
@@ -70,55 +76,25 @@ class LayerFactors:
     def device(self) -> torch.device:
         return self.down.device
 
-    def _cast(self, x: torch.Tensor):
-        # The factors are stored in the model's compute dtype on its load device; an input in
-        # another dtype or place (lowvram casts, a text encoder in fp32) gets a transient copy.
-        if x.dtype == self.down.dtype and x.device == self.down.device:
-            return self.down, self.mid, self.up
-        cast = lambda t: None if t is None else t.to(device=x.device, dtype=x.dtype)  # noqa: E731
-        return cast(self.down), cast(self.mid), cast(self.up)
-
-    def add_to(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, strength: float) -> torch.Tensor:
-        down, mid, up = self._cast(x)
-        alpha = strength * self.scale
+    def delta_fn(self, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> up(down(x)) without the scale (the output slice's update per unit scale), its
+        tensors bound now: for a form built on these factors (DoRA), called per forward."""
+        down, mid, up = self.down, self.mid, self.up
         if self.kind == "linear":
-            h = x.reshape(-1, x.shape[-1]) @ down
-            y2 = y.view(-1, y.shape[-1]) if y.is_contiguous() else None
-            if y2 is None or (torch.is_grad_enabled() and y.requires_grad):
-                delta = (h @ up).mul_(alpha).view(*y.shape[:-1], -1)
-                if self.out_slice is None:
-                    return y + delta
-                start, length = self.out_slice
-                y = y.clone()
-                y[..., start:start + length] += delta
-                return y
-            if self.out_slice is None:
-                y2.addmm_(h, up, alpha=alpha)
+            def delta(x):
+                d, u = _to(down, x), _to(up, x)
+                return (x.reshape(-1, x.shape[-1]) @ d @ u).view(*x.shape[:-1], -1)
+            return delta
+        stride, padding, dilation = module.stride, module.padding, module.dilation
+
+        def delta_conv(x):
+            conv = _CONV[x.ndim - 2]
+            if mid is None:
+                h = conv(x, _to(down, x), None, stride, padding, dilation)
             else:
-                start, length = self.out_slice
-                y2[:, start:start + length].addmm_(h, up, alpha=alpha)
-            return y
-        conv = _CONV[x.ndim - 2]
-        if mid is None:
-            h = conv(x, down, None, module.stride, module.padding, module.dilation)
-        else:
-            h = conv(conv(x, down), mid, None, module.stride, module.padding, module.dilation)
-        delta = conv(h, up)
-        if torch.is_grad_enabled() and y.requires_grad:
-            return y + alpha * delta
-        return y.add_(delta, alpha=alpha)
-
-    def delta(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """up(down(x)) without the scale: the output slice's update per unit scale."""
-        down, mid, up = self._cast(x)
-        if self.kind == "linear":
-            return (x.reshape(-1, x.shape[-1]) @ down @ up).view(*x.shape[:-1], -1)
-        conv = _CONV[x.ndim - 2]
-        if mid is None:
-            h = conv(x, down, None, module.stride, module.padding, module.dilation)
-        else:
-            h = conv(conv(x, down), mid, None, module.stride, module.padding, module.dilation)
-        return conv(h, up)
+                h = conv(conv(x, _to(down, x)), _to(mid, x), None, stride, padding, dilation)
+            return conv(h, _to(up, x))
+        return delta_conv
 
     def dense(self) -> torch.Tensor:
         """up @ down as a weight of the target's shape, fp32, without the scale."""
@@ -136,7 +112,37 @@ class LayerFactors:
         target.add_(self.dense().reshape(target.shape), alpha=float(strength) * self.scale)
 
     def bind(self, module: torch.nn.Module, strength: float, prefix) -> Op:
-        return Op(None, lambda x, y: self.add_to(module, x, y, strength))
+        """y += strength * scale * up(down(x)), in place where autograd does not record y; the
+        tensors bound now (they do not move while the layer is active)."""
+        alpha = strength * self.scale
+        if self.kind != "linear":
+            delta = self.delta_fn(module)
+
+            def post_conv(x, y):
+                if torch.is_grad_enabled() and y.requires_grad:
+                    return y + alpha * delta(x)
+                return y.add_(delta(x), alpha=alpha)
+            return Op(None, post_conv)
+        down, up = self.down, self.up
+        start, length = self.out_slice if self.out_slice is not None else (None, None)
+
+        def post(x, y):
+            d, u = _to(down, x), _to(up, x)
+            h = x.reshape(-1, x.shape[-1]) @ d
+            if not y.is_contiguous() or (torch.is_grad_enabled() and y.requires_grad):
+                delta = (h @ u).mul_(alpha).view(*y.shape[:-1], -1)
+                if start is None:
+                    return y + delta
+                y = y.clone()
+                y[..., start:start + length] += delta
+                return y
+            y2 = y.view(-1, y.shape[-1])
+            if start is None:
+                y2.addmm_(h, u, alpha=alpha)
+            else:
+                y2[:, start:start + length].addmm_(h, u, alpha=alpha)
+            return y
+        return Op(None, post)
 
 
 def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
