@@ -464,7 +464,7 @@ def _boft(ctx: BuildContext, t: Target) -> Built:
     rows = t.shape[0]
     m, k, b = blocks.shape[0], blocks.shape[1], blocks.shape[2]
     # stage i regroups the channels in pairs of 2**i * b / 2: the rows must split that way
-    fits = (blocks.ndim == 4 and blocks.shape[3] == b and b % 2 == 0 and k * b == rows
+    fits = (blocks.ndim == 4 and m >= 1 and blocks.shape[3] == b and b % 2 == 0 and k * b == rows
             and rows % (2 ** max(m - 1, 0) * b) == 0)
     if not fits:
         raise _fail(ctx, t, f"oft_blocks {_shape(blocks.shape)} do not make a butterfly over the layer's "

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .layers import Op, _moved, move_layer
+from .layers import LayerFactors, Op, _moved, move_layer
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _STATES = 4  # derived states kept per form (weights and prefixes seen recently)
@@ -364,27 +364,42 @@ class DoRA(Form):
     def bind(self, module, strength, prefix) -> Op:
         s = float(strength)
         c = self._c(module, prefix)
-        dtype = self.core.tensors()[0].dtype
-        keep = _per_channel((1 + s * (c - 1)).to(dtype), module)
-        gain = _per_channel((s * self.core.scale * c).to(dtype), module)
-        delta, sl = self.core.delta_fn(module), self.out_slice
+        core, sl = self.core, self.out_slice
+        dtype = core.tensors()[0].dtype
+        keep = (1 + s * (c - 1)).to(dtype)  # what the weight before keeps, per channel
+        gain = s * core.scale * c  # what the core's update gets, per channel (fp32)
+        low_rank = isinstance(core, LayerFactors) and core.kind == "linear"
         if self.axis == "in":
-            return Op(lambda x: x * _like(keep, x),
-                      lambda x, y: _writable(y).add_(delta(x * _like(gain, x))))
-        bias = _bias(module, sl, dtype, c.device)
-        b = None if bias is None else _per_channel(bias, module)
+            keep_in = _per_channel(keep, module)
+            if low_rank:  # the input scale folds into down: one addmm_ as for plain LoRA
+                add = LayerFactors("linear", (core.down.float() * gain[:, None]).to(dtype), core.up, 1.0,
+                                   out_slice=sl).bind(module, 1.0, ()).post
+            else:
+                delta, gain_in = core.delta_fn(module), _per_channel(gain.to(dtype), module)
+
+                def add(x, y):
+                    return _writable(y).add_(delta(x * _like(gain_in, x)))
+            return Op(lambda x: x * _like(keep_in, x), add)
+        # y' = keep * y + (1 - keep) * b + gain * core(x): the bias passes through unchanged
+        bias = _bias(module, sl, torch.float32, c.device)
+        shift = None if bias is None else _per_channel(((1 - keep.float()) * bias).to(dtype), module)
+        keep_out = _per_channel(keep, module)
+        if low_rank:  # the output scale folds into up
+            add = LayerFactors("linear", core.down, (core.up.float() * gain[None, :]).to(dtype), 1.0,
+                               out_slice=sl).bind(module, 1.0, ()).post
+        else:
+            delta, gain_out = core.delta_fn(module), _per_channel(gain.to(dtype), module)
+
+            def add(x, y):
+                _sliced(y, module, sl).addcmul_(delta(x), _like(gain_out, y))
+                return y
 
         def post(x, y):
             y = _writable(y)
-            ys = _sliced(y, module, sl)
-            k = _like(keep, y)
-            if b is None:
-                ys.mul_(k)
-            else:
-                bb = _like(b, y)
-                ys.sub_(bb).mul_(k).add_(bb)
-            ys.addcmul_(delta(x), _like(gain, y))
-            return y
+            ys = _sliced(y, module, sl).mul_(_like(keep_out, y))
+            if shift is not None:
+                ys.add_(_like(shift, y))
+            return add(x, y)
         return Op(None, post)
 
     def merge_into(self, weight, strength) -> None:
@@ -414,14 +429,18 @@ class BlockRotation(Form):
         a = self.rotation_minus_i
         k, n = a.shape[0], a.shape[1]
         sl = self.out_slice
-        bias = _bias(module, sl, a.dtype, a.device)
+        bias = _bias(module, sl, torch.float32, a.device)
+        # (R - I)(y - b) = (R - I) y - (R - I) b: the bias part is a constant vector
+        shift = None if bias is None else (alpha * torch.einsum("kn,knm->km", bias.view(k, n), a.float())
+                                           ).flatten().to(a.dtype)
 
         def post(x, y):
             y = _writable(y)
             ys = _channels_last(_sliced(y, module, sl), module)
-            z = ys if bias is None else ys - _like(bias, y)
-            r = torch.einsum("...kn,knm->...km", z.unflatten(-1, (k, n)), _like(a, y))
+            r = torch.einsum("...kn,knm->...km", ys.unflatten(-1, (k, n)), _like(a, y))
             ys.add_(r.flatten(-2), alpha=alpha)
+            if shift is not None:
+                ys.sub_(_like(shift, y))
             return y
         return Op(None, post)
 
@@ -470,17 +489,24 @@ class Butterfly(Form):
         stages = self.stages(s, dtype)
         rescale = None if self.rescale is None else self.rescale.flatten().to(dtype)
         sl = self.out_slice
-        bias = _bias(module, sl, dtype, stages.device)
         apply = self.apply
+        bias = _bias(module, sl, torch.float32, stages.device)
+        shift = None  # s * (B b - b): the bias part of s * (B (y - b) - (y - b)), a constant vector
+        if bias is not None:
+            t = apply(self.stages(s, torch.float32), bias)
+            if self.rescale is not None:
+                t = t * self.rescale.flatten().float()
+            shift = (s * (t - bias)).to(dtype)
 
         def post(x, y):
             y = _writable(y)
             ys = _channels_last(_sliced(y, module, sl), module)
-            z = ys if bias is None else ys - _like(bias, y)
-            t = apply(_like(stages, y), z)
+            t = apply(_like(stages, y), ys)
             if rescale is not None:
-                t = t * _like(rescale, y)
-            ys.add_(t.sub_(z), alpha=s)
+                t.mul_(_like(rescale, y))
+            ys.add_(t.sub_(ys), alpha=s)
+            if shift is not None:
+                ys.sub_(_like(shift, y))
             return y
         return Op(None, post)
 
