@@ -32,7 +32,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .errors import LoraCacheError
-from .forms import BlockRotation, Butterfly, DenseDelta, DoRA, InputLowRank, KronFactors, StockDelta
+from .forms import BlockRotation, Butterfly, DenseDelta, DoRA, InputLowRank, KronFactors, StockDelta, layer_weight
 from .layers import LayerFactors
 
 
@@ -194,7 +194,7 @@ def stock_form(ctx: BuildContext, t: Target) -> StockDelta:
     moved = tuple(x.to(ctx.device) if isinstance(x, torch.Tensor) else x for x in a.weights)
     adapter = type(a)(a.loaded_keys, moved)
     t2 = t._replace(adapter=adapter)
-    w = t.module.weight.detach().to(ctx.device, torch.float32)
+    w = layer_weight(t.module, ctx.device)
     stock_merge(ctx, t2, w if t.offset is None else w.narrow(0, t.offset[1], t.offset[2]))
     return StockDelta(adapter, t.key, t.offset, t.function, t.out_slice, ctx.dtype)
 

@@ -87,10 +87,18 @@ def _bias(module: torch.nn.Module, out_slice, dtype, device) -> torch.Tensor | N
     return b.to(device=device, dtype=dtype)
 
 
+def layer_weight(module: torch.nn.Module, device) -> torch.Tensor:
+    """The layer's current weight as an fp32 copy on `device`, as ComfyUI reads it for a merge
+    (model_patcher.get_key_weight: a layer with `convert_weight` gets it applied)."""
+    w = module.weight.detach().to(device=device, dtype=torch.float32, copy=True)
+    convert = getattr(module, "convert_weight", None)
+    return convert(w, inplace=True) if convert is not None else w
+
+
 def weight_before(module: torch.nn.Module, prefix, device) -> torch.Tensor:
     """The layer's weight as ComfyUI's merge would hold it before a form: the current weight
-    (fp32 copy) with the forms before it (`prefix`: (form, strength) in chain order) merged."""
-    w = module.weight.detach().to(device=device, dtype=torch.float32, copy=True)
+    with the forms before it (`prefix`: (form, strength) in chain order) merged."""
+    w = layer_weight(module, device)
     for f, s in prefix:
         f.merge_into(w, s)
     return w
@@ -104,8 +112,9 @@ class _States:
     mode runs no order-dependent form unmerged, merge.merged_items), plus its version counter
     where torch keeps one (not for inference tensors, which ComfyUI's loaders make)."""
 
-    def __init__(self):
+    def __init__(self, limit: int = _STATES):
         self.items: list[tuple[tuple, tuple, object]] = []
+        self.limit = limit
 
     @staticmethod
     def _key(module, prefix, extra) -> tuple:
@@ -122,7 +131,7 @@ class _States:
         value = make()
         refs = (weakref.ref(module.weight),) + tuple(weakref.ref(f) for f, _ in prefix)
         self.items.append((key, refs, value))
-        del self.items[:-_STATES]
+        del self.items[:-self.limit]
         return value
 
     def clear(self) -> None:
@@ -413,6 +422,20 @@ def _channels_last(y: torch.Tensor, module) -> torch.Tensor:
     return y if _is_linear(module) else y.movedim(1, -1)
 
 
+def _output_op(module, out_slice, delta_of: Callable, alpha: float, shift: torch.Tensor | None) -> Op:
+    """An output transform T applied to the weight before it: y_slice += alpha * (T y_slice -
+    y_slice) - shift, where `delta_of(y)` = T y - y over the channels (last dim) and `shift` is
+    the bias's part, alpha * (T b - b), so the bias passes through unchanged."""
+    def post(x, y):
+        y = _writable(y)
+        ys = _channels_last(_sliced(y, module, out_slice), module)
+        ys.add_(delta_of(ys), alpha=alpha)
+        if shift is not None:
+            ys.sub_(_like(shift, y))
+        return y
+    return Op(None, post)
+
+
 @dataclass(eq=False)
 class BlockRotation(Form):
     """OFT: ComfyUI merges W' = W + s^2 * (R - I) W, R block-diagonal over the output channels
@@ -434,15 +457,9 @@ class BlockRotation(Form):
         shift = None if bias is None else (alpha * torch.einsum("kn,knm->km", bias.view(k, n), a.float())
                                            ).flatten().to(a.dtype)
 
-        def post(x, y):
-            y = _writable(y)
-            ys = _channels_last(_sliced(y, module, sl), module)
-            r = torch.einsum("...kn,knm->...km", ys.unflatten(-1, (k, n)), _like(a, y))
-            ys.add_(r.flatten(-2), alpha=alpha)
-            if shift is not None:
-                ys.sub_(_like(shift, y))
-            return y
-        return Op(None, post)
+        def rotated_minus_y(ys):
+            return torch.einsum("...kn,knm->...km", ys.unflatten(-1, (k, n)), _like(a, ys)).flatten(-2)
+        return _output_op(module, sl, rotated_minus_y, alpha, shift)
 
     def merge_into(self, weight, strength) -> None:
         w = self.target(weight)
@@ -498,17 +515,12 @@ class Butterfly(Form):
                 t = t * self.rescale.flatten().float()
             shift = (s * (t - bias)).to(dtype)
 
-        def post(x, y):
-            y = _writable(y)
-            ys = _channels_last(_sliced(y, module, sl), module)
-            t = apply(_like(stages, y), ys)
+        def transformed_minus_y(ys):
+            t = apply(_like(stages, ys), ys)
             if rescale is not None:
-                t.mul_(_like(rescale, y))
-            ys.add_(t.sub_(ys), alpha=s)
-            if shift is not None:
-                ys.sub_(_like(shift, y))
-            return y
-        return Op(None, post)
+                t.mul_(_like(rescale, ys))
+            return t.sub_(ys)
+        return _output_op(module, sl, transformed_minus_y, s, shift)
 
     def merge_into(self, weight, strength) -> None:
         w = self.target(weight)
@@ -531,7 +543,8 @@ class StockDelta(Form):
     function: Callable | None
     out_slice: tuple[int, int] | None = None
     compute_dtype: torch.dtype = torch.float32
-    states: _States = field(default_factory=_States, repr=False)
+    # one dense update (the size of the layer's weight): a strength change replaces it
+    states: _States = field(default_factory=lambda: _States(limit=1), repr=False)
     kind = "stock delta"
     order_sensitive = True
 

@@ -227,38 +227,29 @@ def _malformed(unet_sd) -> dict[str, tuple[dict, str, str]]:
     """file -> (tensors, the key the error must name, the problem it must state)."""
     targets = tiny_models.sd_targets(unet_sd, kinds=("attn",))
     prefix = next(iter(targets))
+    drop = object()
+    # (file, kind, options, changes to the first layer's tensors, key named, problem stated)
+    table = [
+        ("bad_loha_missing", "loha", {}, {"hada_w2_b": drop}, f"{prefix}.hada_w2_b", "is missing"),
+        ("bad_loha_shape", "loha", {}, {"hada_w1_b": torch.ones(4, 7)}, prefix, "the factors make"),
+        ("bad_lokr_no_w2", "lokr", {}, {"lokr_w2_a": drop, "lokr_w2_b": drop}, prefix, "neither lokr_w2 nor"),
+        ("bad_lokr_shape", "lokr", {}, {"lokr_w1": torch.ones(3, 4)}, prefix, "kron(w1"),
+        ("bad_glora_missing", "glora", {}, {"b2.weight": drop}, f"{prefix}.b2.weight", "is missing"),
+        ("bad_glora_shape", "glora", {}, {"a1.weight": torch.ones(5, 5)}, prefix, "do not share a rank"),
+        ("bad_oft_blocks", "oft", {}, {"oft_blocks": torch.zeros(3, 8, 8)}, prefix, "do not cover"),
+        ("bad_boft_alpha", "boft", {}, {"alpha": drop}, prefix, "has no alpha"),
+        ("bad_dora_scale", "lora", {"dora": "out"}, {"dora_scale": torch.ones(7, 3)}, prefix,
+         "ComfyUI cannot merge it"),
+    ]
     cases = {}
-
-    def file(kind, **kw):
-        return tiny_models.adapter_state_dict(kind, targets, seed=90, **kw)
-
-    sd = file("loha")
-    del sd[f"{prefix}.hada_w2_b"]
-    cases["bad_loha_missing.safetensors"] = (sd, f"{prefix}.hada_w2_b", "is missing")
-    sd = file("loha")
-    sd[f"{prefix}.hada_w1_b"] = torch.ones(4, 7)
-    cases["bad_loha_shape.safetensors"] = (sd, prefix, "the factors make")
-    sd = file("lokr")
-    del sd[f"{prefix}.lokr_w2_a"], sd[f"{prefix}.lokr_w2_b"]
-    cases["bad_lokr_no_w2.safetensors"] = (sd, prefix, "neither lokr_w2 nor")
-    sd = file("lokr")
-    sd[f"{prefix}.lokr_w1"] = torch.ones(3, 4)
-    cases["bad_lokr_shape.safetensors"] = (sd, prefix, "kron(w1")
-    sd = file("glora")
-    del sd[f"{prefix}.b2.weight"]
-    cases["bad_glora_missing.safetensors"] = (sd, f"{prefix}.b2.weight", "is missing")
-    sd = file("glora")
-    sd[f"{prefix}.a1.weight"] = torch.ones(5, 5)
-    cases["bad_glora_shape.safetensors"] = (sd, prefix, "do not share a rank")
-    sd = file("oft")
-    sd[f"{prefix}.oft_blocks"] = torch.zeros(3, 8, 8)
-    cases["bad_oft_blocks.safetensors"] = (sd, prefix, "do not cover")
-    sd = file("boft")
-    del sd[f"{prefix}.alpha"]
-    cases["bad_boft_alpha.safetensors"] = (sd, prefix, "has no alpha")
-    sd = file("lora", dora="out")
-    sd[f"{prefix}.dora_scale"] = torch.ones(7, 3)
-    cases["bad_dora_scale.safetensors"] = (sd, prefix, "ComfyUI cannot merge it")
+    for name, kind, kw, changes, key, problem in table:
+        sd = tiny_models.adapter_state_dict(kind, targets, seed=90, **kw)
+        for weight, value in changes.items():
+            if value is drop:
+                del sd[f"{prefix}.{weight}"]
+            else:
+                sd[f"{prefix}.{weight}"] = value
+        cases[f"{name}.safetensors"] = (sd, key, problem)
     return cases
 
 
