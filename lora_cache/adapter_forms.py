@@ -116,7 +116,7 @@ def _scale(alpha, rank: int) -> float:
 def row_linear(function, up: torch.Tensor) -> bool:
     """Whether a patch function (e.g. Flux's swap_scale_shift) may move onto `up`:
     function(up @ R) == function(up) @ R for a random R."""
-    probe = torch.randn(up.shape[1], 3, dtype=torch.float32)
+    probe = torch.randn(up.shape[1], 3, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
     u = up.float().cpu().reshape(up.shape[0], -1)
     try:
         return torch.allclose(function(u @ probe), function(u) @ probe, rtol=1e-4, atol=1e-5)
@@ -171,7 +171,7 @@ def stock_merge(ctx: BuildContext, t: Target, weight: torch.Tensor, strength: fl
 def _homogeneous(function, shape) -> bool:
     if function is None:
         return True
-    a = torch.randn(shape)
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(0))  # not ComfyUI's global RNG
     try:
         return torch.allclose(function(2.5 * a), 2.5 * function(a), rtol=1e-5, atol=1e-6)
     except Exception:

@@ -388,20 +388,23 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     linear = F.linear
     every_op = _EVERY_OP
 
+    def direct_base(x):
+        every_op()
+        return linear(x, module.weight, module.bias)
 
     def forward(x, *args, **kwargs):
         plan = slot.plan
         # Direct path: ComfyUI's Linear forward would only check the cast settings (fixed once
         # the model is loaded for sampling) and call F.linear; with the check done here, the
-        # base product and the low-rank updates run without ComfyUI's Python frames. The
-        # updates go into the output in place: one `x @ down` per adapter (shared by q/k/v
-        # slices) and one addmm_ per factor.
-        if (direct and plan is not None and not args and not kwargs
-                and not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
-                         or getattr(module, "bias_function", None))
-                and x.dtype == module.weight.dtype):
-            every_op()
-            y = linear(x, module.weight, module.bias)
+        # base product and the updates run without ComfyUI's Python frames.
+        use_direct = (direct and not args and not kwargs
+                      and not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                               or getattr(module, "bias_function", None))
+                      and x.dtype == module.weight.dtype)
+        if use_direct and plan is not None:
+            # Only low-rank factors: the updates go into the output in place, one `x @ down`
+            # per adapter (shared by q/k/v slices) and one addmm_ per factor.
+            y = direct_base(x)
             if y.requires_grad or not plan or x.dtype != plan[0][0].dtype or x.device != plan[0][0].device:
                 return _posts(slot.chain, x, y)
             x2 = x.reshape(-1, x.shape[-1])
@@ -415,6 +418,8 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
                     else:
                         y2[:, start:start + length].addmm_(hh, up, alpha=alpha)
             return y
+        if use_direct:
+            return run_chain(slot.chain, slot.chain_pre, x, direct_base)
         return run_chain(slot.chain, slot.chain_pre, x, lambda xi: base(xi, *args, **kwargs))
 
     slot.prev_forward = prev

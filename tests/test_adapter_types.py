@@ -219,7 +219,7 @@ def test_text_encoder_types_match_stock(fresh, typed):
             got = h.run(wf.clip("LoraCacheLoader", {**inputs, "enabled": enabled, "mode": "auto"}))
             ev = h.last_event()
             if enabled:
-                assert ev["clip_path"] == expected, ev
+                assert ev["clip_path"] == expected, ev["clip"]
                 assert close(got["cond"][0], stock["cond"][0]), (kind, (got["cond"][0] - stock["cond"][0]).abs().max())
 
 
