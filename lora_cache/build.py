@@ -70,6 +70,7 @@ def _plan(entry: Entry, patcher) -> None:
     planned = adapters.plan_dynamic(entry.patches, patcher, entry.lora, device, dtype,
                                     progress=lambda done: pbar.update_absolute(done))
     entry.plan_reason = planned.reason
+    entry.forms = planned.forms
     if not planned.layers:
         return
     model = patcher.model

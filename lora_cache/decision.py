@@ -51,6 +51,7 @@ class Facts:
     layers: int = 0
     nbytes: int = 0
     device: str | None = None
+    forms: str | None = None  # the cached forms types other than plain LoRA took ("lokr as kron factors")
     change: str | None = None  # what changed since this node's last run ("strength 1->0.6")
 
 
@@ -74,7 +75,8 @@ def decide(f: Facts) -> Decision:
         return Decision("full", f"mode merged: {f.layers} layers merged in place from {built} on "
                                 f"{f.device} for each sampling, restored exactly after; no reload")
     if f.found != "cached":
-        return Decision("build", f"{f.found}: {f.layers} layers, {f.nbytes / 1024:.0f} KiB on {f.device}")
+        forms = f"; {f.forms}" if f.forms else ""
+        return Decision("build", f"{f.found}: {f.layers} layers, {f.nbytes / 1024:.0f} KiB on {f.device}{forms}")
     suffix = f"; {f.change}" if f.change else ""
     for problem in (f.attach_problem, f.merged_problem):
         if problem is not None:

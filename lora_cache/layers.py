@@ -1,15 +1,22 @@
-"""Low-rank factors on a layer, applied in its forward without touching its weight.
+"""Cached forms on a layer, applied in its forward without touching its weight.
 
-Each targeted module gets a `LayerSlot` (PEFT's per-adapter state on a layer): the factors
+Each targeted module gets a `LayerSlot` (PEFT's per-adapter state on a layer): the forms
 registered per cached adapter, and the list active for the sampling now running. A forward
 of our own is installed on the module only while something is active, so a layer with no
 active adapter runs ComfyUI's forward with no wrapper in the call path.
+
+A layer's forms are `LayerFactors` (low-rank, this module) or the forms of forms.py (LoKr,
+dense, DoRA, OFT, BOFT, GLoRA). When every active form is a low-rank Linear one, the direct
+forward runs `plan` (one `x @ down` per adapter, one addmm_ per factor). Otherwise the forward
+runs `chain`: each active form bound to its strength as an `Op`, in the order ComfyUI's chain
+of loaders would apply them, so forms that depend on the weight before them (DoRA, OFT, BOFT,
+GLoRA) see exactly that weight.
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +24,24 @@ import torch.nn.functional as F
 SLOT_ATTR = "lora_cache_slot"
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class Op(NamedTuple):
+    """One active form on one layer, bound to its strength for this activation.
+
+    `pre(x)`: the input that the forms before it (and the layer's own product) see, where the
+    form changes the layer's input side (GLoRA, input-axis DoRA); None: unchanged.
+    `post(x, y)`: the output with this form applied, given its own input and the output of
+    everything before it; None: nothing to add."""
+
+    pre: Callable | None
+    post: Callable | None
+
+
+def _to(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # Stored in the model's compute dtype on its load device; an input in another dtype or
+    # place (lowvram casts, a text encoder in fp32) gets a transient copy.
+    return t if t.dtype == x.dtype and t.device == x.device else t.to(device=x.device, dtype=x.dtype)
 
 
 @dataclass(eq=False)
@@ -36,61 +61,94 @@ class LayerFactors:
     scale: float
     mid: torch.Tensor | None = None
     out_slice: tuple[int, int] | None = None
+    order_sensitive = False  # its delta does not depend on the weight it is added to
     # Set by share_down(): the layer's factors' downs side by side, and this factor's columns.
     shared_down: torch.Tensor | None = field(default=None, repr=False)
     shared_cols: tuple[int, int] | None = field(default=None, repr=False)
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.down, self.up] + ([self.mid] if self.mid is not None else [])
+
     @property
     def nbytes(self) -> int:
-        ts = [self.down, self.up] + ([self.mid] if self.mid is not None else [])
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @property
     def device(self) -> torch.device:
         return self.down.device
 
-    def _cast(self, x: torch.Tensor):
-        # The factors are stored in the model's compute dtype on its load device; an input in
-        # another dtype or place (lowvram casts, a text encoder in fp32) gets a transient copy.
-        if x.dtype == self.down.dtype and x.device == self.down.device:
-            return self.down, self.mid, self.up
-        cast = lambda t: None if t is None else t.to(device=x.device, dtype=x.dtype)  # noqa: E731
-        return cast(self.down), cast(self.mid), cast(self.up)
-
-    def add_to(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, strength: float) -> torch.Tensor:
-        down, mid, up = self._cast(x)
-        alpha = strength * self.scale
+    def delta_fn(self, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """x -> up(down(x)) without the scale (the output slice's update per unit scale), its
+        tensors bound now: for a form built on these factors (DoRA), called per forward."""
+        down, mid, up = self.down, self.mid, self.up
         if self.kind == "linear":
-            h = x.reshape(-1, x.shape[-1]) @ down
-            y2 = y.view(-1, y.shape[-1]) if y.is_contiguous() else None
-            if y2 is None or (torch.is_grad_enabled() and y.requires_grad):
-                delta = (h @ up).mul_(alpha).view(*y.shape[:-1], -1)
-                if self.out_slice is None:
+            def delta(x):
+                d, u = _to(down, x), _to(up, x)
+                return (x.reshape(-1, x.shape[-1]) @ d @ u).view(*x.shape[:-1], -1)
+            return delta
+        stride, padding, dilation = module.stride, module.padding, module.dilation
+
+        def delta_conv(x):
+            conv = _CONV[x.ndim - 2]
+            if mid is None:
+                h = conv(x, _to(down, x), None, stride, padding, dilation)
+            else:
+                h = conv(conv(x, _to(down, x)), _to(mid, x), None, stride, padding, dilation)
+            return conv(h, _to(up, x))
+        return delta_conv
+
+    def dense(self) -> torch.Tensor:
+        """up @ down as a weight of the target's shape, fp32, without the scale."""
+        if self.kind == "linear":
+            return (self.down.float() @ self.up.float()).t()
+        up = self.up.float().flatten(1)  # [out, r]
+        if self.mid is None:
+            return (up @ self.down.float().flatten(1)).reshape(up.shape[0], *self.down.shape[1:])
+        # LoCon with a mid kernel: up[o, r] mid[r, s, *k] down[s, i]
+        return torch.einsum("or,rs...,si->oi...", up, self.mid.float(), self.down.float().flatten(1))
+
+    def merge_into(self, weight: torch.Tensor, strength: float) -> None:
+        """Adds the update to `weight` (the layer's whole fp32 weight) in place."""
+        target = weight if self.out_slice is None else weight.narrow(0, *self.out_slice)
+        target.add_(self.dense().reshape(target.shape), alpha=float(strength) * self.scale)
+
+    def bind(self, module: torch.nn.Module, strength: float, prefix) -> Op:
+        """y += strength * scale * up(down(x)), in place where autograd does not record y; the
+        tensors bound now (they do not move while the layer is active)."""
+        alpha = strength * self.scale
+        if self.kind != "linear":
+            delta = self.delta_fn(module)
+
+            def post_conv(x, y):
+                if torch.is_grad_enabled() and y.requires_grad:
+                    return y + alpha * delta(x)
+                return y.add_(delta(x), alpha=alpha)
+            return Op(None, post_conv)
+        down, up = self.down, self.up
+        start, length = self.out_slice if self.out_slice is not None else (None, None)
+
+        def post(x, y):
+            d, u = _to(down, x), _to(up, x)
+            h = x.reshape(-1, x.shape[-1]) @ d
+            if not y.is_contiguous() or (torch.is_grad_enabled() and y.requires_grad):
+                delta = (h @ u).mul_(alpha).view(*y.shape[:-1], -1)
+                if start is None:
                     return y + delta
-                start, length = self.out_slice
                 y = y.clone()
                 y[..., start:start + length] += delta
                 return y
-            if self.out_slice is None:
-                y2.addmm_(h, up, alpha=alpha)
+            y2 = y.view(-1, y.shape[-1])
+            if start is None:
+                y2.addmm_(h, u, alpha=alpha)
             else:
-                start, length = self.out_slice
-                y2[:, start:start + length].addmm_(h, up, alpha=alpha)
+                y2[:, start:start + length].addmm_(h, u, alpha=alpha)
             return y
-        conv = _CONV[x.ndim - 2]
-        if mid is None:
-            h = conv(x, down, None, module.stride, module.padding, module.dilation)
-        else:
-            h = conv(conv(x, down), mid, None, module.stride, module.padding, module.dilation)
-        delta = conv(h, up)
-        if torch.is_grad_enabled() and y.requires_grad:
-            return y + alpha * delta
-        return y.add_(delta, alpha=alpha)
+        return Op(None, post)
 
 
-def _moved(t: torch.Tensor, device: torch.device, pin: bool, copy: bool = False) -> torch.Tensor:
+def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
     if device.type != "cpu":
-        return t.to(device, non_blocking=True, copy=copy)
+        return t.to(device, non_blocking=True)
     out = t.detach().to(device, copy=True)
     if pin:
         try:
@@ -100,32 +158,39 @@ def _moved(t: torch.Tensor, device: torch.device, pin: bool, copy: bool = False)
     return out
 
 
-def move_layer(factors: tuple[LayerFactors, ...], device: torch.device, pin: bool = False,
-               copy: bool = False) -> None:
+def move_layer(factors: tuple[LayerFactors, ...], device: torch.device, pin: bool = False) -> None:
     """Moves one layer's factors to `device` in place: the LayerFactors objects (which the layer's
     slot holds) stay, their tensors change place. A shared down projection moves once and the
     factors' `down`s become views of the moved copy again, so nothing stays behind on the old
-    device and nothing is held twice. `copy`: new tensors even where they are already there."""
+    device and nothing is held twice."""
     shared: dict[int, torch.Tensor] = {}
     for f in factors:
+        if not isinstance(f, LayerFactors):
+            f.move(device, pin)  # forms.py: each moves its own tensors and drops derived state
+            continue
         if f.shared_down is not None:
             key = id(f.shared_down)
             if key not in shared:
-                shared[key] = _moved(f.shared_down, device, pin, copy)
+                shared[key] = _moved(f.shared_down, device, pin)
             f.shared_down = shared[key]
             lo, hi = f.shared_cols
             f.down = f.shared_down[:, lo:hi]
         else:
-            f.down = _moved(f.down, device, pin, copy)
-        f.up = _moved(f.up, device, pin, copy)
+            f.down = _moved(f.down, device, pin)
+        f.up = _moved(f.up, device, pin)
         if f.mid is not None:
-            f.mid = _moved(f.mid, device, pin, copy)
+            f.mid = _moved(f.mid, device, pin)
 
 
 def copy_layer(factors: tuple[LayerFactors, ...], device: torch.device) -> tuple[LayerFactors, ...]:
-    """A layer's factors copied to `device` as new objects owning their own tensors."""
-    copies = tuple(dataclasses.replace(f) for f in factors)
-    move_layer(copies, device, copy=True)
+    """A layer's factors (and forms) copied to `device` as new objects owning their own tensors;
+    views stay views of the copy of what they viewed (one deepcopy keeps storages shared)."""
+    copies = copy.deepcopy(factors)
+    move_layer(copies, device)
+    for f in copies:
+        states = f.__dict__.get("states")
+        if states is not None:
+            states.clear()  # derived from the other model's weights
     return copies
 
 
@@ -134,7 +199,7 @@ def share_down(factors: tuple[LayerFactors, ...]) -> torch.Tensor | None:
     qkv weight, or q/k/v/mlp of linear1): their downs side by side in one [in, R] matrix, each
     factor's `down` becoming a view of its columns. One GEMM then computes every factor's
     `x @ down`, and the memory is the same as before. Idempotent."""
-    if len(factors) < 2 or any(f.kind != "linear" for f in factors):
+    if len(factors) < 2 or any(not isinstance(f, LayerFactors) or f.kind != "linear" for f in factors):
         return None
     first = factors[0]
     if first.shared_down is not None and all(f.shared_down is first.shared_down for f in factors):
@@ -153,17 +218,28 @@ def share_down(factors: tuple[LayerFactors, ...]) -> torch.Tensor | None:
     return shared
 
 
+def order_sensitive(layers: dict[str, tuple]) -> bool:
+    """Whether some form's update depends on the weight before it (DoRA, OFT, BOFT, GLoRA,
+    ComfyUI's own merge): then the order of the adapters on a layer matters."""
+    return any(f.order_sensitive for fs in layers.values() for f in fs)
+
+
 class LayerSlot:
-    __slots__ = ("adapters", "active", "installed", "prev_forward", "plan")
+    __slots__ = ("adapters", "active", "installed", "prev_forward", "plan", "chain", "chain_pre")
 
     def __init__(self):
-        self.adapters: dict[object, tuple[LayerFactors, ...]] = {}
-        self.active: list[tuple[tuple[LayerFactors, ...], float]] = []
+        self.adapters: dict[object, tuple] = {}
+        self.active: list[tuple[tuple, float]] = []
         self.installed: Callable | None = None
         self.prev_forward: Callable | None = None
         # What the direct forward computes, rebuilt on activate: per active adapter
         # (down [in, R], ((col_lo, col_hi, up, alpha, out_start, out_len), ...)).
+        # None when some active form is not a low-rank Linear one.
         self.plan: tuple | None = None
+        # Every active form as an Op, in chain order (see run_chain); chain_pre: some Op
+        # changes the input side.
+        self.chain: tuple[Op, ...] = ()
+        self.chain_pre = False
 
 
 def slot_of(module: torch.nn.Module, create: bool = False) -> LayerSlot | None:
@@ -191,10 +267,12 @@ def holds(module: torch.nn.Module, key: object, factors: tuple[LayerFactors, ...
     return slot is not None and slot.adapters.get(key) is factors
 
 
-def activate(module: torch.nn.Module, factors: tuple[LayerFactors, ...], strength: float) -> None:
+def activate(module: torch.nn.Module, factors: tuple, strength: float) -> None:
     slot = slot_of(module, create=True)
     slot.active.append((factors, strength))
     slot.plan = _plan(slot.active)
+    slot.chain = _chain(module, slot.active)
+    slot.chain_pre = any(op.pre is not None for op in slot.chain)
     if slot.installed is None:
         _install(module, slot)
 
@@ -205,6 +283,8 @@ def deactivate(module: torch.nn.Module) -> None:
         return
     slot.active.clear()
     slot.plan = None
+    slot.chain = ()
+    slot.chain_pre = False
     if slot.installed is not None:
         # Only undo our own forward; if something replaced it after us, leave theirs alone.
         if module.__dict__.get("forward") is slot.installed:
@@ -223,10 +303,10 @@ def is_installed(module: torch.nn.Module) -> bool:
 
 def _plan(active) -> tuple | None:
     """The direct forward's work for the active adapters, or None if some factor is not a
-    Linear one (then the generic path serves the layer)."""
+    Linear one (then `chain` serves the layer)."""
     plan = []
     for factors, strength in active:
-        if any(f.kind != "linear" for f in factors):
+        if any(not isinstance(f, LayerFactors) or f.kind != "linear" for f in factors):
             return None
         shared = share_down(factors)
         if shared is None:
@@ -237,6 +317,49 @@ def _plan(active) -> tuple | None:
                           for f in factors)
             plan.append((shared, parts))
     return tuple(plan)
+
+
+def _chain(module: torch.nn.Module, active) -> tuple[Op, ...]:
+    """Every active form bound to its strength, in chain order. A form that depends on the
+    weight before it gets the forms before it on this layer (`prefix`) to compute that weight
+    from (forms.py caches what it derives, per weight and prefix)."""
+    ops = []
+    prefix: list[tuple[object, float]] = []
+    for factors, strength in active:
+        for f in factors:
+            ops.append(f.bind(module, strength, tuple(prefix) if f.order_sensitive else ()))
+            prefix.append((f, strength))
+    return tuple(ops)
+
+
+def run_chain(chain: tuple[Op, ...], has_pre: bool, x: torch.Tensor, base: Callable) -> torch.Tensor:
+    """The layer's output with every Op of `chain` applied, as ComfyUI's chain of loaders would
+    apply them to the weight: an Op that changes the input side changes what the layer's own
+    product and every Op before it see; an Op's post sees the output of everything before it."""
+    if not has_pre:
+        y = base(x)
+        for op in chain:
+            if op.post is not None:
+                y = op.post(x, y)
+        return y
+    inputs = []
+    cur = x
+    for op in reversed(chain):
+        inputs.append(cur)
+        if op.pre is not None:
+            cur = op.pre(cur)
+    y = base(cur)
+    for op, xi in zip(chain, reversed(inputs)):
+        if op.post is not None:
+            y = op.post(xi, y)
+    return y
+
+
+def _posts(chain: tuple[Op, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    for op in chain:
+        if op.post is not None:
+            y = op.post(x, y)
+    return y
 
 
 def _direct_capable(module: torch.nn.Module, prev) -> bool:
@@ -278,27 +401,25 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     linear = F.linear
     every_op = _EVERY_OP
 
-    def generic(x, y):
-        for factors, strength in slot.active:
-            for f in factors:
-                y = f.add_to(module, x, y, strength)
-        return y
+    def direct_base(x):
+        every_op()
+        return linear(x, module.weight, module.bias)
 
     def forward(x, *args, **kwargs):
         plan = slot.plan
         # Direct path: ComfyUI's Linear forward would only check the cast settings (fixed once
         # the model is loaded for sampling) and call F.linear; with the check done here, the
-        # base product and the low-rank updates run without ComfyUI's Python frames. The
-        # updates go into the output in place: one `x @ down` per adapter (shared by q/k/v
-        # slices) and one addmm_ per factor.
-        if (direct and plan is not None and not args and not kwargs
-                and not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
-                         or getattr(module, "bias_function", None))
-                and x.dtype == module.weight.dtype):
-            every_op()
-            y = linear(x, module.weight, module.bias)
+        # base product and the updates run without ComfyUI's Python frames.
+        use_direct = (direct and not args and not kwargs
+                      and not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                               or getattr(module, "bias_function", None))
+                      and x.dtype == module.weight.dtype)
+        if use_direct and plan is not None:
+            # Only low-rank factors: the updates go into the output in place, one `x @ down`
+            # per adapter (shared by q/k/v slices) and one addmm_ per factor.
+            y = direct_base(x)
             if y.requires_grad or not plan or x.dtype != plan[0][0].dtype or x.device != plan[0][0].device:
-                return generic(x, y)
+                return _posts(slot.chain, x, y)
             x2 = x.reshape(-1, x.shape[-1])
             y2 = y.view(-1, y.shape[-1])
             for down, parts in plan:
@@ -310,7 +431,9 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
                     else:
                         y2[:, start:start + length].addmm_(hh, up, alpha=alpha)
             return y
-        return generic(x, base(x, *args, **kwargs))
+        if use_direct:
+            return run_chain(slot.chain, slot.chain_pre, x, direct_base)
+        return run_chain(slot.chain, slot.chain_pre, x, lambda xi: base(xi, *args, **kwargs))
 
     slot.prev_forward = prev
     slot.installed = forward

@@ -6,9 +6,12 @@ of it is kept (on the same device when the memory allows, else in pinned host me
 `restore` copies it back: bit-exact, unlike subtracting the delta again, which drifts in
 fp16 / bf16. Only the touched weights are copied.
 
-A Linear factor is merged with one in-place `W.addmm_(up, down, alpha)` on the weight (or its
-output slice): the GEMM accumulates W + alpha * up @ down in fp32 and rounds once to the weight's
-dtype, as ComfyUI's `calculate_weight` (fp32, then cast) does, without an fp32 copy of W.
+A layer whose forms are all low-rank Linear factors is merged with one in-place
+`W.addmm_(up, down, alpha)` per factor on the weight (or its output slice): the GEMM accumulates
+W + alpha * up @ down in fp32 and rounds once to the weight's dtype, as ComfyUI's
+`calculate_weight` (fp32, then cast) does, without an fp32 copy of W. Any other layer (LoCon,
+LoHa, LoKr, DoRA, OFT, BOFT, GLoRA) is merged as ComfyUI merges it: an fp32 copy of the weight,
+every form's `merge_into` in the stack's order, one rounding back.
 """
 from __future__ import annotations
 
@@ -16,19 +19,23 @@ import time
 
 import torch
 
-from .layers import LayerFactors
+from .layers import LayerFactors, order_sensitive
 
 
-def _delta(f: LayerFactors, weight: torch.Tensor, strength: float) -> torch.Tensor:
-    alpha = float(strength) * f.scale
-    if f.kind == "linear":
-        # linear factors are stored transposed: down [in, r], up [r, out]
-        return (f.down.float() @ f.up.float()).t().mul_(alpha)
-    if f.mid is not None:
-        raise ValueError("merge: convolution factors with a mid kernel are not supported")
-    up = f.up.float().flatten(1)        # [out, r]
-    down = f.down.float().flatten(1)    # [r, in * k]
-    return (up @ down).reshape(weight.shape).mul_(alpha)
+def merged_items(stack_layers: list[dict], want: list[bool]) -> list[bool]:
+    """Which adapters of a stack are merged for a sampling, given which want to be (`want`, in
+    stack order; `stack_layers` their layers' forms). Merged weights come before every unmerged
+    form on a layer, which changes nothing for additive forms; a form that depends on the weight
+    before it (DoRA, OFT, BOFT, GLoRA) must see ComfyUI's chain order, so a stack with one merges
+    all its adapters or none (then none)."""
+    if any(want) and not all(want) and any(order_sensitive(layers) for layers in stack_layers):
+        return [False] * len(want)
+    return list(want)
+
+
+def _addmm_ready(items, w: torch.Tensor) -> bool:
+    return all(isinstance(f, LayerFactors) and f.kind == "linear" and f.down.dtype == w.dtype
+               and f.down.device == w.device for fs, _ in items for f in fs)
 
 
 def _sync(device: torch.device) -> None:
@@ -53,6 +60,17 @@ class Merged:
         self.backup_bytes_last = 0  # what the last merge copied (kept after restore)
         self.merged = False
 
+    def _modules(self) -> list:
+        # Each module once, in the order it first appears; its items in stack order.
+        self._per_module: dict[int, list] = {}
+        mods = []
+        for m, fs, strength in self.items:
+            if id(m) not in self._per_module:
+                self._per_module[id(m)] = []
+                mods.append(m)
+            self._per_module[id(m)].append((fs, strength))
+        return mods
+
     def _choose(self) -> bool:
         if self.keep_on_device is not None:
             return self.keep_on_device
@@ -72,7 +90,7 @@ class Merged:
         on_device = self._choose()
         t0 = time.perf_counter()
         device = None
-        for m, fs, strength in self.items:
+        for m in self._modules():
             w = m.weight
             device = w.device
             if id(m) not in self.backup:
@@ -84,13 +102,19 @@ class Merged:
                 self.backup[id(m)] = (m, copy)
                 self.backup_bytes += copy.numel() * copy.element_size()
             wd = w.detach()
-            for f in fs:
-                target = wd if f.out_slice is None else wd[f.out_slice[0]:f.out_slice[0] + f.out_slice[1]]
-                if f.kind == "linear" and f.down.dtype == wd.dtype and f.down.device == wd.device:
-                    # down [in, r], up [r, out]: W[out, in] += alpha * up^T @ down^T
-                    target.addmm_(f.up.t(), f.down.t(), alpha=float(strength) * f.scale)
-                else:
-                    target.copy_(target.float() + _delta(f, w, strength).to(target.device))
+            items = self._per_module[id(m)]
+            if _addmm_ready(items, wd):
+                for factors, strength in items:
+                    for f in factors:
+                        target = wd if f.out_slice is None else wd.narrow(0, *f.out_slice)
+                        # down [in, r], up [r, out]: W[out, in] += alpha * up^T @ down^T
+                        target.addmm_(f.up.t(), f.down.t(), alpha=float(strength) * f.scale)
+            else:
+                w32 = wd.float()
+                for factors, strength in items:
+                    for f in factors:
+                        f.merge_into(w32, strength)
+                wd.copy_(w32)
         if device is not None:
             _sync(device)
         self.where = "device" if on_device else "pinned host"

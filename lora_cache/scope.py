@@ -132,10 +132,9 @@ def _activate(patcher, forms: dict[str, str] | None = None, timing: Timing | Non
     act = _Activation(weakref.ref(patcher, lambda ref, mid=id(model): _owner_gone(mid, ref)), [], timing=timing)
     _active[id(model)] = act
     to_merge = []
-    for entry, strength, mode in items:
-        # merge.py has no form for LoCon's mid kernel: such an adapter stays unmerged.
-        merged = (forms or {}).get(mode, "dynamic") == "merged" and not any(
-            f.mid is not None for _, _, fs in entry.modules() for f in fs)
+    want = [(forms or {}).get(mode, "dynamic") == "merged" for _, _, mode in items]
+    merged_flags = merge.merged_items([entry.layers for entry, _, _ in items], want)
+    for (entry, strength, mode), merged in zip(items, merged_flags):
         for _, module, factors in entry.modules():
             if merged:
                 to_merge.append((module, factors, strength))

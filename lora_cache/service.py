@@ -86,7 +86,7 @@ def _facts(side: _Side, found: build.Found, mode: str, run_key: tuple[str, str] 
         placement_problem=load_state.placement_problem(patcher, extra_bytes=0 if cached else entry.nbytes),
         attach_problem=load_state.unattached_problem(entry) if cached else None,
         merged_problem=load_state.merged_problem(patcher) if cached else None,
-        layers=len(entry.layers), nbytes=entry.nbytes, device=entry.device,
+        layers=len(entry.layers), nbytes=entry.nbytes, device=entry.device, forms=entry.forms,
         change=_what_changed(run_key, entry, entry.lora, side.strength) if cached else None)
 
 
@@ -150,7 +150,8 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
         # nothing cached.
         if "split" not in read:
             sd = adapters.read_file(ident, lora_name)
-            unet_p, clip_p = adapters.split_patches(sd, model if use_model else None, clip if use_clip else None)
+            unet_p, clip_p = adapters.split_patches(sd, model if use_model else None, clip if use_clip else None,
+                                                    lora_name)
             if not unet_p and not clip_p:
                 target = " or ".join(t for t, used in (("diffusion model", use_model), ("text encoder", use_clip)) if used)
                 raise LoraCacheError(f"LoRA file '{lora_name}' has no LoRA keys for this {target} "

@@ -28,6 +28,7 @@ class Entry:
     patches: dict
     planned: bool = False  # the factors (or the reason there are none) were worked out
     plan_reason: str | None = None  # why the cached path cannot serve; None if it can
+    forms: str | None = None  # which forms types other than plain LoRA took (adapters.Plan.forms)
     layers: dict[str, tuple[layers.LayerFactors, ...]] = field(default_factory=dict)
     live: bool = True
     last_strength: float | None = None  # for the reason string only

@@ -160,3 +160,130 @@ def write_taesd(vae_approx_dir: Path, seed: int = 3) -> Path:
     for name, module in parts.items():
         write_lora(vae_approx_dir / f"{name}.safetensors", module.state_dict())
     return vae_approx_dir
+
+
+# -- every weight adapter type ComfyUI loads ---------------------------------------------------
+#
+# Files of each type for the tiny models, with the weight names the adapter classes in
+# comfy.weight_adapter look for (`load()`), under key prefixes ComfyUI's key maps accept.
+
+ADAPTER_KINDS = ("lora", "loha", "lokr", "glora", "oft", "boft")
+
+
+def sd_targets(unet_sd: dict[str, torch.Tensor], kinds: tuple[str, ...] = ("attn", "ff")) -> dict[str, tuple]:
+    """kohya prefixes (lora_unet_*) -> the layer weight's shape, for the SD UNet's attention and
+    feed-forward Linears and (with "conv") its resnet 3x3 convolutions."""
+    out = {}
+    for k, w in unet_sd.items():
+        if not k.endswith(".weight"):
+            continue
+        is_attn = w.ndim == 2 and (".attn1." in k or ".attn2." in k)
+        is_ff = w.ndim == 2 and ".ff." in k
+        is_conv = w.ndim == 4 and ".in_layers." in k
+        if (is_attn and "attn" in kinds) or (is_ff and "ff" in kinds) or (is_conv and "conv" in kinds):
+            out["lora_unet_" + k[: -len(".weight")].replace(".", "_")] = tuple(w.shape)
+    return out
+
+
+def flux_targets() -> dict[str, tuple]:
+    """Diffusers prefixes -> shapes for the tiny Flux: separate q/k/v that ComfyUI maps onto the
+    fused qkv / linear1 weights with offsets, and whole Linears."""
+    h = FLUX_CONFIG["hidden_size"]
+    mlp = int(h * FLUX_CONFIG["mlp_ratio"])
+    out = {}
+    for b in range(FLUX_CONFIG["depth"]):
+        for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0"):
+            out[f"transformer.transformer_blocks.{b}.attn.{p}"] = (h, h)
+        out[f"transformer.transformer_blocks.{b}.ff.net.0.proj"] = (mlp, h)
+        out[f"transformer.transformer_blocks.{b}.ff.net.2"] = (h, mlp)
+    for b in range(FLUX_CONFIG["depth_single_blocks"]):
+        for p in ("attn.to_q", "attn.to_k", "attn.to_v"):
+            out[f"transformer.single_transformer_blocks.{b}.{p}"] = (h, h)
+        out[f"transformer.single_transformer_blocks.{b}.proj_mlp"] = (mlp, h)
+        out[f"transformer.single_transformer_blocks.{b}.proj_out"] = (h, h + mlp)
+    return out
+
+
+def _factor(dim: int, factor: int) -> tuple[int, int]:
+    from comfy.weight_adapter.base import factorization
+    return factorization(dim, factor)
+
+
+def adapter_tensors(kind: str, prefix: str, shape: tuple, g: torch.Generator, rank: int = 4,
+                    dora: str | None = None, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """One layer's tensors of adapter `kind` for a weight of `shape` (out, in, *kernel).
+
+    variant: loha "tucker" (conv: hada_t1/t2 cores); lokr "full" (lokr_w2 given whole) or
+    "tucker" (conv: lokr_t2); glora "old" (LyCORIS' Linear layout); oft "constrained" (an alpha
+    that scales the rotation down); dora "out" / "in": a magnitude per output row / input column."""
+    out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
+    k = 1
+    for d in kernel:
+        k *= d
+    r = rank
+    t: dict[str, torch.Tensor] = {}
+
+    def rnd(*s, scale=0.2):
+        return scale * torch.randn(*s, generator=g)
+
+    if kind == "lora":
+        if kernel:
+            t["lora_up.weight"] = rnd(out_dim, r, *([1] * len(kernel)), scale=0.1)
+            t["lora_down.weight"] = rnd(r, in_dim, *kernel, scale=0.1)
+        else:
+            t["lora_up.weight"], t["lora_down.weight"] = rnd(out_dim, r), rnd(r, in_dim)
+        t["alpha"] = torch.tensor(float(r) / 2)
+    elif kind == "loha":
+        if variant == "tucker":  # conv only: w1a [R, out], w1b [R, in], t1 [R, R, *kernel]
+            t.update({"hada_w1_a": rnd(r, out_dim, scale=0.3), "hada_w1_b": rnd(r, in_dim, scale=0.3),
+                      "hada_w2_a": rnd(r, out_dim, scale=0.3), "hada_w2_b": rnd(r, in_dim, scale=0.3),
+                      "hada_t1": rnd(r, r, *kernel, scale=0.3), "hada_t2": rnd(r, r, *kernel, scale=0.3)})
+        else:
+            t.update({"hada_w1_a": rnd(out_dim, r, scale=0.3), "hada_w1_b": rnd(r, in_dim * k, scale=0.3),
+                      "hada_w2_a": rnd(out_dim, r, scale=0.3), "hada_w2_b": rnd(r, in_dim * k, scale=0.3)})
+        t["alpha"] = torch.tensor(float(r))
+    elif kind == "lokr":
+        a, c = _factor(out_dim, 4)
+        b, d = _factor(in_dim, 4)
+        t["lokr_w1"] = rnd(a, b, scale=0.5)
+        if variant == "full":
+            t["lokr_w2"] = rnd(c, d, *kernel, scale=0.05)
+        elif variant == "tucker":
+            t.update({"lokr_w2_a": rnd(r, c), "lokr_w2_b": rnd(r, d), "lokr_t2": rnd(r, r, *kernel)})
+        else:
+            t.update({"lokr_w2_a": rnd(c, r), "lokr_w2_b": rnd(r, d * k)})
+        t["alpha"] = torch.tensor(float(r))
+    elif kind == "glora":
+        if variant == "old":  # LyCORIS' nn.Linear layout: a1 [r, in], a2 [in, r], b1 [r, in], b2 [out, r]
+            t.update({"a1.weight": rnd(r, in_dim, scale=0.1), "a2.weight": rnd(in_dim, r, scale=0.1),
+                      "b1.weight": rnd(r, in_dim, scale=0.1), "b2.weight": rnd(out_dim, r, scale=0.1)})
+        else:  # a1 [in, r], a2 [r, in], b1 [out, r], b2 [r, in * kernel]
+            ones = [1] * len(kernel)
+            t.update({"a1.weight": rnd(in_dim, r, *ones, scale=0.1), "a2.weight": rnd(r, in_dim, *ones, scale=0.1),
+                      "b1.weight": rnd(out_dim, r, *ones, scale=0.1), "b2.weight": rnd(r, in_dim, *kernel, scale=0.1)})
+        t["alpha"] = torch.tensor(float(r))
+    elif kind == "oft":
+        n = 8
+        t["oft_blocks"] = rnd(out_dim // n, n, n, scale=0.05)
+        t["alpha"] = torch.tensor(0.1 if variant == "constrained" else 0.0)
+    elif kind == "boft":
+        n, stages = 8, 2
+        t["oft_blocks"] = rnd(stages, out_dim // n, n, n, scale=0.05)
+        t["rescale"] = 1.0 + rnd(out_dim, *([1] * (len(kernel) + 1)), scale=0.05)
+        t["alpha"] = torch.tensor(0.0)
+    else:
+        raise ValueError(kind)
+    if dora == "out":
+        t["dora_scale"] = (0.05 * (in_dim * k) ** 0.5) * (1.0 + rnd(out_dim, *([1] * (len(kernel) + 1)), scale=0.1))
+    elif dora == "in":
+        t["dora_scale"] = (0.05 * (out_dim * k) ** 0.5) * (1.0 + rnd(1, in_dim, *([1] * len(kernel)), scale=0.1))
+    return {f"{prefix}.{name}": v for name, v in t.items()}
+
+
+def adapter_state_dict(kind: str, targets: dict[str, tuple], seed: int = 1, **kw) -> dict[str, torch.Tensor]:
+    """A file of adapter `kind` on every target (prefix -> weight shape); see adapter_tensors."""
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for prefix, shape in targets.items():
+        out.update(adapter_tensors(kind, prefix, shape, g, **kw))
+    return out

@@ -280,37 +280,27 @@ def test_bad_inputs_name_file_and_cache_nothing(fresh, loras):
     assert not [e for e in h.lc.STORE.entries() if e.lora == "shape.safetensors"]
 
 
-def _non_plain(unet_sd, kind: str) -> dict:
+def _weight_diffs(unet_sd) -> dict:
+    """A file of ComfyUI "diff" patches (whole-weight differences, not a weight adapter)."""
     g = torch.Generator().manual_seed(31)
-    out = {}
     keys = [k for k, w in unet_sd.items() if k.endswith(".weight") and w.ndim == 2 and ".attn1." in k][:4]
-    for k in keys:
-        w = unet_sd[k]
-        base = "lora_unet_" + k[: -len(".weight")].replace(".", "_")
-        if kind == "loha":
-            for n, shape in (("hada_w1_a", (w.shape[0], 4)), ("hada_w1_b", (4, w.shape[1])),
-                             ("hada_w2_a", (w.shape[0], 4)), ("hada_w2_b", (4, w.shape[1]))):
-                out[f"{base}.{n}"] = 0.3 * torch.randn(shape, generator=g)
-            out[f"{base}.alpha"] = torch.tensor(4.0)
-        else:  # dora: a plain LoRA plus a magnitude vector
-            out[f"{base}.lora_up.weight"] = 0.2 * torch.randn(w.shape[0], 4, generator=g)
-            out[f"{base}.lora_down.weight"] = 0.2 * torch.randn(4, w.shape[1], generator=g)
-            out[f"{base}.dora_scale"] = 1.0 + 0.1 * torch.randn(w.shape[0], 1, generator=g)
-    return out
+    return {"lora_unet_" + k[: -len(".weight")].replace(".", "_") + ".diff": 0.02 * torch.randn(unet_sd[k].shape, generator=g)
+            for k in keys}
 
 
-@pytest.mark.parametrize("kind", ["loha", "dora"])
-def test_non_plain_lora_types_take_full_path_and_match_stock(fresh, kind):
+def test_patches_that_are_not_weight_adapters_take_full_path_and_match_stock(fresh):
+    """Every comfy.weight_adapter type has a cached form (tests/test_adapter_types.py); ComfyUI's
+    plain "diff" patches go through its patch path, with the reason."""
     h = fresh
-    name = f"{kind}.safetensors"
-    tiny_models.write_lora(h.loras / name, _non_plain(h.unet_sd, kind))
+    name = "diff.safetensors"
+    tiny_models.write_lora(h.loras / name, _weight_diffs(h.unet_sd))
     stock = h.run(wf.sd([wf.stock(name, 0.9)]))["out"]
     for enabled in (True, False, True):
         out = h.run(wf.sd([wf.ours(name, 0.9, enabled=enabled)]))["out"]
         ev = h.last_event()
         if enabled:
             assert ev["path"] == "full", ev
-            assert f"{kind} on 4 layers" in ev["reason"] and "only plain low-rank" in ev["reason"], ev
+            assert "diff on 4 layers" in ev["reason"] and "no cached form" in ev["reason"], ev
             assert close(out, stock)
         else:
             assert ev["path"] == "off"

@@ -1,0 +1,266 @@
+"""Every weight adapter type ComfyUI loads (LoRA, LoHa, LoKr, GLoRA, OFT, BOFT, and DoRA on top)
+through the LoRA Cache nodes on the real host: the cached path with its form named in the
+reason, parity with the stock loader in every path and history (build, off, fast re-enable,
+strength changes, switches between types, stacks mixing types in any order, merged mode), the
+fast path doing no ComfyUI weight work, Flux's fused qkv, the text encoder, and bad input.
+
+Stock references for SD come from the same prompt (wf.paired: a stock chain on `tiny_sd_ref`),
+so stock's re-patching never touches the model our nodes run on."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import workflows as wf
+from harness import tiny_models
+from spies import count_weight_work
+
+from compare import close
+
+# name -> (kind, options): each a file for the SD model (attention Linears and resnet convs) and
+# one for the Flux model (q/k/v onto the fused weights with offsets)
+TYPES = {
+    "loha": ("loha", {}), "lokr": ("lokr", {}), "glora": ("glora", {}), "oft": ("oft", {}),
+    "boft": ("boft", {}), "dora": ("lora", {"dora": "out"}), "lokr_dora_in": ("lokr", {"dora": "in"}),
+}
+FORM = {  # what the build reason names for each
+    "loha": "loha: low-rank", "lokr": "lokr: kron factors", "glora": "glora: low-rank on the input",
+    "oft": "oft: block rotation", "boft": "boft: butterfly", "dora": "dora (output channels)",
+    "lokr_dora_in": "dora (input channels)",
+}
+
+
+def sd_file(name: str) -> str:
+    return f"type_{name}.safetensors"
+
+
+def flux_file(name: str) -> str:
+    return f"type_{name}_flux.safetensors"
+
+
+@pytest.fixture(scope="module")
+def typed(host):
+    shutil.copyfile(host.unets / "tiny_sd.safetensors", host.unets / "tiny_sd_ref.safetensors")
+    sd_targets = tiny_models.sd_targets(host.unet_sd, kinds=("attn", "conv"))
+    for i, (name, (kind, kw)) in enumerate(TYPES.items()):
+        tiny_models.write_lora(host.loras / sd_file(name),
+                               tiny_models.adapter_state_dict(kind, sd_targets, seed=40 + i, **kw))
+        tiny_models.write_lora(host.loras / flux_file(name),
+                               tiny_models.adapter_state_dict(kind, tiny_models.flux_targets(), seed=60 + i, **kw))
+    return list(TYPES)
+
+
+def our_model(h):
+    models = {id(e.model_ref()): e.model_ref() for e in h.lc.STORE.entries()
+              if type(e.model_ref()).__name__ == "BaseModel"}
+    assert len(models) == 1, models
+    return next(iter(models.values()))
+
+
+def run_events(h, prompt):
+    h.lc.events.clear()
+    got = h.run(prompt)
+    return got, {e["node"]: e for e in h.events()}
+
+
+def forms_of(h, lora: str) -> set[str]:
+    return {f.kind for e in h.lc.STORE.entries() if e.lora == lora for fs in e.layers.values() for f in fs}
+
+
+@pytest.mark.parametrize("name", list(TYPES))
+def test_type_history_matches_stock_and_reenable_is_fast(fresh, typed, name):
+    """build, off, on again, a strength change (negative): each output equals the stock loader's
+    with the same seed; the re-enable and the strength change are fast and make ComfyUI do no
+    weight work on our model."""
+    h = fresh
+    lora = sd_file(name)
+    history = [(0.8, True, "build"), (0.8, False, "off"), (0.8, True, "fast"), (-0.6, True, "fast")]
+    model = None
+    for step, (s, on, expected) in enumerate(history):
+        with count_weight_work(only=model) as work:
+            got, evs = run_events(h, wf.paired([(lora, s, on)]))
+        ev = evs["l0"]
+        assert ev["path"] == expected, (step, ev)
+        assert close(got["out"], got["ref"]), (step, (got["out"] - got["ref"]).abs().max())
+        if expected == "build":
+            assert FORM[name] in ev["reason"], ev
+            model = our_model(h)
+        elif on:
+            assert dict(work) == {}, (step, dict(work))
+
+
+def test_switching_between_cached_types_is_fast_and_matches_stock(fresh, typed):
+    h = fresh
+    names = ["lokr", "dora", "boft"]
+    for name in names:  # each built once
+        h.run(wf.paired([(sd_file(name), 1.0, True)]))
+    model = our_model(h)
+    for name in names[::-1] + names[1:2]:
+        with count_weight_work(only=model) as work:
+            got, evs = run_events(h, wf.paired([(sd_file(name), 0.9, True)]))
+        assert evs["l0"]["path"] == "fast", evs["l0"]
+        assert close(got["out"], got["ref"]), name
+        assert dict(work) == {}, (name, dict(work))
+
+
+def test_stacks_mixing_types_in_any_order_match_stock_chain(fresh, typed):
+    """Chains of three LoRA Cache nodes of different types on the same layers, in different
+    orders, toggled and re-weighted: each equals the same chain of stock loaders. Once each file
+    is cached every change is fast, also when an order-dependent type (DoRA, OFT, GLoRA, BOFT)
+    gets another adapter before it."""
+    h = fresh
+    f = {n: sd_file(n) for n in typed}
+    history = [
+        [(f["dora"], 0.8, True), (f["oft"], 1.0, True), (f["lokr"], 0.7, True)],
+        [(f["lokr"], 0.7, True), (f["dora"], 0.8, True), (f["oft"], 1.0, True)],
+        [(f["oft"], -0.5, True), (f["lokr"], 0.7, True), (f["dora"], 0.8, True)],
+        [(f["glora"], 0.9, True), (f["boft"], 0.6, True), (f["loha"], 1.2, True)],
+        [(f["boft"], 0.6, True), (f["lokr_dora_in"], 1.1, True), (f["glora"], 0.9, True)],
+        [(f["boft"], 0.6, True), (f["lokr_dora_in"], 1.1, False), (f["glora"], 0.9, True)],
+        [(f["dora"], 0.8, True), (f["oft"], 1.0, True), (f["lokr"], 0.7, True)],
+    ]
+    built: set[str] = set()
+    model = None
+    for step, rows in enumerate(history):
+        with count_weight_work(only=model) as work:
+            got, evs = run_events(h, wf.paired(rows))
+        assert close(got["out"], got["ref"]), (step, (got["out"] - got["ref"]).abs().max())
+        for i, (lora, _, on) in enumerate(rows):
+            ev = evs.get(f"l{i}")
+            if ev is None:
+                continue
+            expected = "off" if not on else ("fast" if lora in built else "build")
+            assert ev["path"] == expected, (step, i, ev)
+            built.add(lora) if on else None
+        if model is None:
+            model = our_model(h)
+        elif all(ev["path"] in ("fast", "off") for ev in evs.values()):
+            assert dict(work) == {}, (step, dict(work))
+
+
+def test_stack_node_with_mixed_types_equals_stock_chain(fresh, typed):
+    h = fresh
+    rows = [(sd_file("oft"), 0.9, True), (sd_file("dora"), -0.7, True), (sd_file("loha"), 1.0, True),
+            (sd_file("boft"), 0.5, True)]
+    ref = h.run(wf.paired(rows))["ref"]
+    for expected in ("fast", "fast"):
+        got = h.run(wf.stack_node(rows))
+        ev = h.last_event()
+        assert [r["path"] for r in ev["rows"]] == [expected] * 4, ev
+        assert close(got["out"], ref)
+
+
+@pytest.mark.parametrize("name", ["lokr", "dora", "oft", "glora"])
+def test_merged_mode_matches_stock(fresh, typed, name):
+    """Merged mode merges every form into the weights for the sampling (as ComfyUI merges it,
+    fp32 then one rounding) and restores them exactly: the output equals stock, a base branch
+    in the same prompt is exactly the base."""
+    h = fresh
+    lora = sd_file(name)
+    stock = h.run(wf.sd([wf.stock(lora, 0.7)]))["out"]
+    base = h.run(wf.sd([], seed=5))["out"]
+    for _ in range(2):
+        got = h.run(wf.sd([wf.ours(lora, 0.7, mode="merged")]))
+        assert h.last_event()["path"] == "full" and "merged in place" in h.last_event()["reason"]
+        assert close(got["out"], stock)
+    assert torch.equal(h.run(wf.sd([], seed=5))["out"], base)
+
+
+def test_order_dependent_type_after_stock_loader_matches_stock(fresh, typed):
+    """A stock LoraLoader before ours patches the weights ComfyUI loads; the DoRA / OFT forms
+    derive from the weight as loaded, so the chain stays exact."""
+    h = fresh
+    plain = "plain.safetensors"
+    tiny_models.write_lora(h.loras / plain, tiny_models.sd_lora_state_dict(h.unet_sd, seed=71))
+    for name in ("dora", "oft"):
+        lora = sd_file(name)
+        want = h.run(wf.sd([wf.stock(plain, 0.8), wf.stock(lora, 0.9)]))["out"]
+        got = h.run(wf.sd([wf.stock(plain, 0.8), wf.ours(lora, 0.9)]))["out"]
+        assert h.last_event()["path"] in ("build", "fast")
+        assert close(got, want), name
+
+
+@pytest.mark.parametrize("name", ["loha", "lokr", "glora", "oft", "boft", "dora", "lokr_dora_in"])
+def test_flux_fused_qkv_every_type_matches_stock(fresh, typed, name):
+    """On Flux, diffusers q/k/v of every type land on the fused qkv / linear1 weights as output
+    slices; build, off, fast and a strength change equal stock."""
+    h = fresh
+    lora = flux_file(name)
+    refs = {s: h.run(wf.sd([wf.stock(lora, s)], model="flux"))["out"] for s in (0.8, -0.6)}
+    base = h.run(wf.sd([], model="flux"))["out"]  # base weights back in place
+    for s, on, expected in ((0.8, True, "build"), (0.8, False, "off"), (0.8, True, "fast"), (-0.6, True, "fast")):
+        out = h.run(wf.sd([wf.ours(lora, s, enabled=on)], model="flux"))["out"]
+        ev = h.last_event()
+        assert ev["path"] == expected, ev
+        if on:
+            assert close(out, refs[s]), (s, (out - refs[s]).abs().max())
+        else:
+            assert torch.equal(out, base)
+    entry = next(e for e in h.lc.STORE.entries() if e.lora == lora)
+    qkv = entry.layers["diffusion_model.double_blocks.0.img_attn.qkv"]
+    assert sorted(f.out_slice for f in qkv) == [(0, 64), (64, 64), (128, 64)]
+
+
+def test_text_encoder_types_match_stock(fresh, typed):
+    """LoKr and DoRA on the text encoder: the conditioning equals the stock LoraLoader's and a
+    re-enable is fast."""
+    h = fresh
+    for i, (kind, kw) in enumerate((("lokr", {}), ("lora", {"dora": "out"}), ("oft", {}))):
+        name = f"te_{kind}_{i}.safetensors"
+        targets = {f"lora_te_text_model_encoder_layers_{layer}_self_attn_{p}": (64, 64)
+                   for layer in range(2) for p in ("q_proj", "v_proj", "out_proj")}
+        targets.update({f"lora_te_text_model_encoder_layers_{layer}_mlp_fc1": (128, 64) for layer in range(2)})
+        tiny_models.write_lora(h.loras / name, tiny_models.adapter_state_dict(kind, targets, seed=80 + i, **kw))
+        inputs = {"lora_name": name, "strength_model": 0.5, "strength_clip": 0.8}
+        stock = h.run(wf.clip("LoraLoader", inputs))
+        for enabled, expected in ((True, "build"), (False, "off"), (True, "fast")):
+            got = h.run(wf.clip("LoraCacheLoader", {**inputs, "enabled": enabled, "mode": "auto"}))
+            ev = h.last_event()
+            if enabled:
+                assert ev["clip_path"] == expected, ev["clip"]
+                assert close(got["cond"][0], stock["cond"][0]), (kind, (got["cond"][0] - stock["cond"][0]).abs().max())
+
+
+def _malformed(unet_sd) -> dict[str, tuple[dict, str, str]]:
+    """file -> (tensors, the key the error must name, the problem it must state)."""
+    targets = tiny_models.sd_targets(unet_sd, kinds=("attn",))
+    prefix = next(iter(targets))
+    drop = object()
+    # (file, kind, options, changes to the first layer's tensors, key named, problem stated)
+    table = [
+        ("bad_loha_missing", "loha", {}, {"hada_w2_b": drop}, f"{prefix}.hada_w2_b", "is missing"),
+        ("bad_loha_shape", "loha", {}, {"hada_w1_b": torch.ones(4, 7)}, prefix, "the factors make"),
+        ("bad_lokr_no_w2", "lokr", {}, {"lokr_w2_a": drop, "lokr_w2_b": drop}, prefix, "neither lokr_w2 nor"),
+        ("bad_lokr_shape", "lokr", {}, {"lokr_w1": torch.ones(3, 4)}, prefix, "kron(w1"),
+        ("bad_glora_missing", "glora", {}, {"b2.weight": drop}, f"{prefix}.b2.weight", "is missing"),
+        ("bad_glora_shape", "glora", {}, {"a1.weight": torch.ones(5, 5)}, prefix, "do not share a rank"),
+        ("bad_oft_blocks", "oft", {}, {"oft_blocks": torch.zeros(3, 8, 8)}, prefix, "do not cover"),
+        ("bad_boft_alpha", "boft", {}, {"alpha": drop}, prefix, "has no alpha"),
+        ("bad_dora_scale", "lora", {"dora": "out"}, {"dora_scale": torch.ones(7, 3)}, prefix,
+         "ComfyUI cannot merge it"),
+    ]
+    cases = {}
+    for name, kind, kw, changes, key, problem in table:
+        sd = tiny_models.adapter_state_dict(kind, targets, seed=90, **kw)
+        for weight, value in changes.items():
+            if value is drop:
+                del sd[f"{prefix}.{weight}"]
+            else:
+                sd[f"{prefix}.{weight}"] = value
+        cases[f"{name}.safetensors"] = (sd, key, problem)
+    return cases
+
+
+def test_malformed_files_name_file_key_and_problem_and_cache_nothing(fresh, typed):
+    h = fresh
+    good = wf.sd([wf.ours(sd_file("lokr"))])
+    for name, (sd, key, problem) in _malformed(h.unet_sd).items():
+        tiny_models.write_lora(h.loras / name, sd)
+        err = h.run(wf.sd([wf.ours(name)]), expect_error=True)
+        msg = err["exception_message"]
+        assert name in msg and key in msg and problem in msg, (name, msg)
+        assert not [e for e in h.lc.STORE.entries() if e.lora == name], name
+        h.run(good)  # the server keeps serving
+    assert h.last_event()["path"] in ("build", "fast")
