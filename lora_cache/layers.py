@@ -414,11 +414,15 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
                       and not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
                                or getattr(module, "bias_function", None))
                       and x.dtype == module.weight.dtype)
-        if use_direct and plan is not None:
+        if plan is not None:
             # Only low-rank factors: the updates go into the output in place, one `x @ down`
-            # per adapter (shared by q/k/v slices) and one addmm_ per factor.
-            y = direct_base(x)
-            if y.requires_grad or not plan or x.dtype != plan[0][0].dtype or x.device != plan[0][0].device:
+            # per adapter (shared by q/k/v slices) and one addmm_ per factor. The base product
+            # is ComfyUI's own where the layer casts its weight per call (dynamic VRAM, lowvram,
+            # a compute dtype), else computed here.
+            y = direct_base(x) if use_direct else base(x, *args, **kwargs)
+            down0 = plan[0][0] if plan else None
+            if (down0 is None or y.requires_grad or not y.is_contiguous() or x.dtype != down0.dtype
+                    or y.dtype != down0.dtype or x.device != down0.device):
                 return _posts(slot.chain, x, y)
             x2 = x.reshape(-1, x.shape[-1])
             y2 = y.view(-1, y.shape[-1])

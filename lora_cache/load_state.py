@@ -104,12 +104,23 @@ def unattached_problem(entry) -> str | None:
         return "model was freed"
     if not entry.resident:  # the memory owner moved them (memory.py)
         return f"its factors were moved to cpu ({entry.offload_reason}); moved back to {entry.home}"
+    # Layers ComfyUI leaves offloaded are a model-level fact (`model_lowvram`, placement_problem);
+    # a layer that casts its weight per call is not one: text encoders with a compute dtype and
+    # every layer under dynamic VRAM cast on each call with their weights resident.
     for path, module, factors in entry.modules():
         if not layers.holds(module, entry, factors):
             return f"layer {path} no longer holds the cached factors"
-        # ComfyUI marks the modules it leaves offloaded with `prev_comfy_cast_weights` (manual_cast
-        # models cast every layer, so comfy_cast_weights alone says nothing) and gives patched
-        # ones a weight_function.
-        if hasattr(module, "prev_comfy_cast_weights") or getattr(module, "weight_function", None):
-            return f"layer {path} is offloaded (weights cast per call)"
+    return None
+
+
+def weight_patched_at_cast(patcher, entry) -> str | None:
+    """A form that reads the weight before it (DoRA's norms, GLoRA, OFT/BOFT, ComfyUI's own merge)
+    on a layer that this patcher patches too. Under dynamic VRAM ComfyUI applies its patches while
+    casting, so the layer's weight does not hold them: the form would see the bare weight."""
+    if not is_dynamic(patcher) or not patcher.patches:
+        return None
+    for path, factors in entry.layers.items():
+        if path + ".weight" in patcher.patches and any(getattr(f, "order_sensitive", False) for f in factors):
+            return (f"layer {path} carries ComfyUI patches applied while casting (dynamic VRAM), which a "
+                    f"form that reads the weight before it would not see")
     return None

@@ -82,7 +82,7 @@ def _facts(side: _Side, found: build.Found, mode: str, run_key: tuple[str, str] 
         side=side.name, mode=mode, found=found.how, has_patches=bool(entry.patches),
         dynamic_vram=load_state.is_dynamic(patcher),
         adapter_problem=entry.plan_reason,
-        host_problem=capabilities.dynamic_path_problem(patcher),
+        host_problem=capabilities.dynamic_path_problem(patcher) or load_state.weight_patched_at_cast(patcher, entry),
         placement_problem=load_state.placement_problem(patcher, extra_bytes=0 if cached else entry.nbytes),
         attach_problem=load_state.unattached_problem(entry) if cached else None,
         merged_problem=load_state.merged_problem(patcher) if cached else None,
