@@ -14,23 +14,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-import comfy_host
+from lora_cache_testkit import host
 
-comfy_host.boot(cpu=False)
+host.boot(cpu=False)
 
-import torch  # noqa: E402
+import comfy.model_management as mm
+import comfy.sample
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
 
-import comfy.model_management as mm  # noqa: E402
-import comfy.sample  # noqa: E402
-import comfy.sd  # noqa: E402
-import comfy.utils  # noqa: E402
-import folder_paths  # noqa: E402
-import tiny_models  # noqa: E402
-from gpu_smoke import load_package  # noqa: E402
+from lora_cache_testkit import tiny_models
 
 
 def main() -> int:
-    lc = load_package()
+    lc = host.load_package().lora_cache
     store = lc.STORE
     tmp = Path(tempfile.mkdtemp())
     folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
@@ -49,7 +48,8 @@ def main() -> int:
 
     stock = {}
     for n in "abc":
-        m, _ = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(str(tmp / f"{n}.safetensors")), 1.0, 0)
+        lora = comfy.utils.load_torch_file(str(tmp / f"{n}.safetensors"))
+        m, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
         stock[n] = sample(m)
     dev = mm.get_torch_device()
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "runs": []}

@@ -7,19 +7,16 @@ patcher class, an attribute deleted from a real class with monkeypatch, a marker
 dynamic VRAM leaves on a model. ComfyUI's own loading, patching and sampling run unchanged."""
 from __future__ import annotations
 
-import sys
-
-import pytest
-import torch
-
 import comfy.lora
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.weight_adapter
-import workflows as wf
-from harness import tiny_models
+import pytest
+import torch
 
-from compare import close
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
 
 VARIANT = "LCTestPatcherVariant"
 
@@ -87,7 +84,9 @@ def lora(host):
 
 @pytest.fixture(scope="module")
 def caps(host):
-    return sys.modules[host.pkg_name + ".lora_cache.capabilities"]
+    from lora_cache_loader.lora_cache import capabilities
+
+    return capabilities
 
 
 def with_variant(variant: str, lora_nodes: list) -> dict:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 import os
 
+import comfy.model_management as mm
 import pytest
 import torch
 
-import comfy.model_management as mm
-import workflows as wf
-from harness import tiny_models
-from spies import count_weight_work
-
-from compare import close
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
+from lora_cache_testkit.marks import CLIP_FORCE_CAST, known_failure_on
+from lora_cache_testkit.spies import count_weight_work
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,7 @@ def test_conv_locon_matches_stock(fresh, loras):
     assert close(out, h.run(wf.sd([wf.stock(loras["conv"], 1.3)]))["out"])
 
 
+@known_failure_on("0.33.0", CLIP_FORCE_CAST)
 def test_clip_and_model_match_stock(fresh, loras, host):
     """LoraCacheLoader with model and CLIP: the sampled latent and the text conditioning equal
     the stock LoraLoader's; the text encoder takes the dynamic path too."""
@@ -159,8 +160,7 @@ def test_fast_path_flags_only_while_sampling(fresh, loras):
     h = fresh
     h.run(wf.sd([wf.ours(loras["a"])]))
     entry = entry_for(h, loras["a"])
-    from importlib import import_module
-    layers = import_module(h.pkg_name + ".lora_cache.layers")
+    from lora_cache_loader.lora_cache import layers
     modules = [m for _, m, _ in entry.modules()]
     assert not any(layers.is_installed(m) for m in modules)
     assert not any("forward" in m.__dict__ for m in modules)

@@ -10,10 +10,9 @@ import struct
 import pytest
 import torch
 
-import workflows as wf
-from harness import tiny_models
-
-from compare import close
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
 
 
 @pytest.fixture(scope="module")

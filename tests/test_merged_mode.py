@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import workflows as wf
-from harness import tiny_models
-from spies import count_weight_work
-
-from compare import close
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
+from lora_cache_testkit.spies import count_weight_work
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import shutil
 import pytest
 import torch
 
-import workflows as wf
-from harness import tiny_models
-from spies import count_weight_work
-
-from compare import close
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
+from lora_cache_testkit.marks import CLIP_FORCE_CAST, known_failure_on
+from lora_cache_testkit.spies import count_weight_work
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,7 @@ def test_switch_a_b_a_and_strength_sweep_are_fast_with_reasons(fresh, pool):
         assert dict(work) == {} and factor_ids(h) == ids
 
 
+@known_failure_on("0.33.0", CLIP_FORCE_CAST)
 def test_clip_strengths_dynamic_match_stock_and_base_clip_stays_exact(fresh, pool):
     """The text encoder takes the dynamic path: builds once, then every re-enable and strength
     change is fast with no weight work on the text encoder, the conditioning equals the stock
@@ -137,7 +138,7 @@ def test_clip_strengths_dynamic_match_stock_and_base_clip_stays_exact(fresh, poo
     base_cond = base["cond"][0]
     assert torch.equal(base["cond_base"][0], base_cond)
 
-    from harness import tiny_clip
+    from lora_cache_testkit.harness import tiny_clip
     te = tiny_clip().cond_stage_model
     history = [(0.7, True, "build"), (0.7, False, "off"), (0.7, True, "fast"), (-0.4, True, "fast"),
                (1.3, True, "fast"), (0.7, True, "fast")]
@@ -237,9 +238,8 @@ def test_dropped_clip_clone_leaves_text_encoder_bare(fresh, pool):
     reference cycle, where weak references die before ModelPatcher.__del__ ejects) must not
     leave its adapter active on the shared text encoder."""
     import gc
-    from importlib import import_module
 
-    from harness import tiny_clip
+    from lora_cache_testkit.harness import tiny_clip
 
     h = fresh
     name = "te_drop.safetensors"
@@ -257,7 +257,7 @@ def test_dropped_clip_clone_leaves_text_encoder_bare(fresh, pool):
     assert ev.clip_path == "build"
     with_adapter = ours.encode_from_tokens(tokens)
     assert not close(with_adapter, base)
-    layers = import_module(h.pkg_name + ".lora_cache.layers")
+    from lora_cache_loader.lora_cache import layers
     modules = [m for e in h.lc.STORE.entries() if e.lora == name for _, m, _ in e.modules()]
     assert modules and all(layers.is_installed(m) for m in modules)  # active after the encode
     ours.patcher.cycle = ours.patcher  # only the cycle collector can free it now

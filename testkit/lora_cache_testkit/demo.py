@@ -9,8 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import comfy_host
-from comfy_server import ComfyServer, make_base_dir
+from . import host
+from .server import ComfyServer, make_base_dir
 
 SERIES = [
     ("on", dict(lora_name="style.safetensors", strength_model=1.0, enabled=True)),
@@ -24,7 +24,7 @@ SERIES = [
 
 OURS = "LoraCacheLoaderModelOnly"
 STOCK = "LoraLoaderModelOnly"
-WORKFLOWS = comfy_host.ROOT / "workflows"
+WORKFLOWS = host.ROOT / "workflows"
 # The shipped API-format workflows: ours and its stock-LoraLoader twin. They sit in api/
 # because ComfyUI lists every .json directly in workflows/ as a template for the canvas.
 API_FILES = {OURS: "api/lora_cache_demo.json", STOCK: "api/stock_lora_demo.json"}
@@ -54,8 +54,8 @@ def workflow(lora_inputs: dict, node: str = OURS, seed: int = 7) -> dict:
 
 
 def make_files(base: Path) -> None:
-    comfy_host.boot()
-    import tiny_models
+    host.boot()
+    from . import tiny_models
 
     tiny_models.write_sd_unet(base / "models/diffusion_models/tiny_sd.safetensors", seed=0)
     tiny_models.write_taesd(base / "models/vae_approx")

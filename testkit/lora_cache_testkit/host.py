@@ -1,15 +1,20 @@
-"""Bootstraps the real ComfyUI installed by scripts/setup_host.sh for in-process use.
+"""The real ComfyUI host for in-process use: which ComfyUI (COMFYUI_DIR, default the 0.3.75 tree
+that scripts/setup_host.sh installs), booting it, and our package as ComfyUI loaded it.
 
-Shared by the tests, the demo and the benchmark. Import this before anything from comfy.
-"""
+Import this before anything from comfy."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
+from types import ModuleType
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMFY_DIR = Path(os.environ.get("COMFYUI_DIR", ROOT / ".host" / "ComfyUI")).resolve()
+# The name setup gives the repository in custom_nodes/, and the name tests import it by.
+PACKAGE = "lora_cache_loader"
 
 _booted = False
 
@@ -26,12 +31,45 @@ def boot(cpu: bool = True, extra_args: dict | None = None) -> Path:
     if not (COMFY_DIR / "main.py").is_file():
         raise SystemExit(f"ComfyUI not found at {COMFY_DIR}: run scripts/setup_host.sh first")
     sys.path.insert(0, str(COMFY_DIR))
-    from comfy.cli_args import args  # noqa: E402
+    from comfy.cli_args import args
 
     args.cpu = cpu
     for k, v in (extra_args or {}).items():
         setattr(args, k, v)
     # `nodes` puts comfy/ itself on sys.path; utils.extra_config must be imported before it.
-    import utils.extra_config  # noqa: F401,E402
+    import utils.extra_config  # noqa: F401
     _booted = True
     return COMFY_DIR
+
+
+def comfy_version() -> str:
+    """The version of the selected ComfyUI, as its comfyui_version.py states it."""
+    text = (COMFY_DIR / "comfyui_version.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+
+
+def load_package() -> ModuleType:
+    """Our package, importable as `lora_cache_loader` (so `from lora_cache_loader.lora_cache
+    import layers` works), and returned.
+
+    ComfyUI registers a custom-node folder in sys.modules under a name made from its path; after
+    it loaded our package, that module and its submodules are entered under `lora_cache_loader`
+    too (the same module objects, nothing is imported twice). Without ComfyUI's node loading
+    (GPU checks, the benchmark) the package is loaded from the repository as ComfyUI would."""
+    if PACKAGE in sys.modules:
+        return sys.modules[PACKAGE]
+    init = ROOT / "__init__.py"
+    # A package (with __path__): pytest may also have imported the file alone as `__init__`.
+    loaded = next((m for m in list(sys.modules.values()) if hasattr(m, "__path__")
+                   and getattr(m, "__file__", None) and Path(m.__file__).resolve() == init), None)
+    if loaded is not None:
+        prefix = loaded.__name__
+        for name, module in list(sys.modules.items()):
+            if name == prefix or name.startswith(prefix + "."):
+                sys.modules[PACKAGE + name[len(prefix):]] = module
+        return loaded
+    spec = importlib.util.spec_from_file_location(PACKAGE, init, submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    return module
