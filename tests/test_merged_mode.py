@@ -30,6 +30,7 @@ def entry_of(h, lora):
     return next(e for e in h.lc.STORE.entries() if e.lora == lora and e.layers)
 
 
+@pytest.mark.slow
 def test_merged_toggles_restore_weights_bit_exactly(fresh, merge_loras):
     """50 runs toggling merged mode on and off (two stacked adapters, LoCon convolutions
     included): every output equals stock's, every weight after every run equals the original

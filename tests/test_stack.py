@@ -179,6 +179,7 @@ def test_stack_node_equals_chain_and_reports_rows(fresh, pool):
     assert torch.equal(none["out"], h.run(wf.sd([]))["out"])
 
 
+@pytest.mark.slow
 def test_random_history_matches_stock_at_every_step(fresh, pool):
     """100 random steps over three chained nodes and four files: toggles, switches, strength
     changes (negative and zero included) and file rewrites. Every step's output equals the
