@@ -84,13 +84,14 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     templates = server.get("/workflow_templates")
     assert sorted(templates["lora_cache_loader"]) == ["lora_cache_demo", "stock_lora_demo"]
     page.goto(server.url)
-    page.wait_for_function("() => window.app?.graph && app.extensionManager && app.extensions?.some?.(e => e.name === 'lora_cache.panel')",
-                           timeout=90_000)
+    page.wait_for_function("() => window.app?.graph && app.extensionManager"
+                           " && app.extensions?.some?.(e => e.name === 'lora_cache.panel')", timeout=90_000)
     names = page.evaluate("() => app.extensions.map(e => e.name)")
     assert "lora_cache.badge" in names and "lora_cache.panel" in names
 
     # the shipped UI workflow loads, and the frontend turns it into the shipped API workflow
-    prompt = page.evaluate("async wf => { await app.loadGraphData(wf, true, true, 'lora_cache_demo'); return (await app.graphToPrompt()).output; }", ui_wf)
+    prompt = page.evaluate("async wf => { await app.loadGraphData(wf, true, true, 'lora_cache_demo');"
+                           " return (await app.graphToPrompt()).output; }", ui_wf)
     assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == \
         {k: (v["class_type"], v["inputs"]) for k, v in api_wf.items()}
 
@@ -105,7 +106,8 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
                            arg=LORA_NODE, timeout=10_000)
     assert server.wait_idle()
 
-    set_enabled = "([id, on]) => { const n = app.graph.getNodeById(id); n.widgets.find(w => w.name === 'enabled').value = on; }"
+    set_enabled = ("([id, on]) => { const n = app.graph.getNodeById(id);"
+                   " n.widgets.find(w => w.name === 'enabled').value = on; }")
     page.evaluate(set_enabled, [LORA_NODE, False])
     off = _queue_and_wait(page, server, "off")
     assert off["text"] == "off · " + off["text"].split(" · ", 1)[1] and off["event"]["reason"] == "disabled"
@@ -123,7 +125,8 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     assert cells[1].endswith("KiB") and abs(float(cells[1].split()[0]) - entry["bytes"] / 1024) < 0.1
     assert page.inner_text('[data-lora-cache="device"][data-device="cpu"] td:nth-child(2)') == cells[1]
     # frame the graph for the screenshot: the LoRA node and its badge beside the open panel
-    page.evaluate("() => { app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [460, 150]; app.canvas.setDirty(true, true); }")
+    page.evaluate("() => { app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [460, 150];"
+                  " app.canvas.setDirty(true, true); }")
     for close in page.query_selector_all("[aria-label='Close'], .p-message-close"):
         try:
             close.click(timeout=1000)
@@ -137,8 +140,8 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     assert shot.stat().st_size > 10_000
 
     page.click('[data-lora-cache="purge"]')
-    page.wait_for_function("() => document.querySelector('[data-lora-cache=\"status\"]')?.textContent.startsWith('Purged')",
-                           timeout=20_000)
+    page.wait_for_function("() => document.querySelector('[data-lora-cache=\"status\"]')"
+                           "?.textContent.startsWith('Purged')", timeout=20_000)
     assert page.query_selector('[data-lora-cache="adapter"]') is None
     assert server.get("/lora_cache/stats")["adapters"] == []
     assert not errors, errors

@@ -100,7 +100,8 @@ def test_clip_and_model_match_stock(fresh, loras, host):
             sd_clip[k + ".lora_up.weight"] = 0.2 * torch.randn(64, 4, generator=g)
             sd_clip[k + ".lora_down.weight"] = 0.2 * torch.randn(4, 64, generator=g)
     tiny_models.write_lora(h.loras / "withclip.safetensors", sd_clip)
-    stock = h.run(wf.clip("LoraLoader", {"lora_name": "withclip.safetensors", "strength_model": 0.9, "strength_clip": 0.7}))
+    stock = h.run(wf.clip("LoraLoader", {"lora_name": "withclip.safetensors", "strength_model": 0.9,
+                                         "strength_clip": 0.7}))
     base = h.run(wf.clip("LoraCacheLoader", {"lora_name": "withclip.safetensors", "strength_model": 0.9,
                                              "strength_clip": 0.7, "enabled": False, "mode": "auto"}))
     assert not close(base["cond"][0], stock["cond"][0])
@@ -133,7 +134,7 @@ def test_toggle_history_fast_path_moves_no_weights(fresh, loras, smart_memory):
         uuid0 = base_model.current_weight_patches_uuid
 
         work = []
-        for i, enabled in enumerate([False, True, False, True, False, True]):
+        for enabled in [False, True, False, True, False, True]:
             with count_weight_work() as counts:
                 out = h.run(wf.sd([wf.ours(loras["a"], enabled=enabled)]))["out"]
             ev = h.last_event()
@@ -227,7 +228,7 @@ def test_branch_without_adapter_sees_exact_base(fresh, loras):
     seeds = [100, 101, 102, 103]
     ref = {s: h.run(wf.sd([], seed=s))["out"] for s in seeds}
     h.new_executor()
-    for s, strength in zip(seeds[:3], (1.0, 0.5, 1.0)):
+    for s, strength in zip(seeds[:3], (1.0, 0.5, 1.0), strict=True):
         got = h.run(wf.sd([wf.ours(loras["a"], strength)], seed=s, base_branch=True))
         assert torch.equal(got["base"], ref[s])
         assert not close(got["out"], ref[s])

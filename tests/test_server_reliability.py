@@ -121,7 +121,8 @@ def test_soak_outputs_match_stock_and_memory_stays_flat(server):
 
 def test_interrupt_mid_sampling_then_runs_match_stock(server):
     steps = 200
-    ref = saved_latent(server, run_ok(server, prompt("style.safetensors", 0.8, stock=True, steps=2, seed=9, prefix="iref")))
+    ref = saved_latent(server, run_ok(server, prompt("style.safetensors", 0.8, stock=True, steps=2, seed=9,
+                                                     prefix="iref")))
     status, body = server.queue(prompt("style.safetensors", 0.8, steps=steps, seed=9, prefix="int"))
     assert status == 200, body
     pid = body["prompt_id"]

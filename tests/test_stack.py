@@ -61,7 +61,8 @@ def test_stacked_adapters_add_remove_reenable_fast_and_match_stock(fresh, pool):
         ([(a, 0.8, True), (b, -0.6, True), (c, 1.0, True)], {"l2": "build"}),            # third added
         ([(a, 0.8, True), (b, -0.6, False), (c, 1.0, True)], {"l1": "off", "l2": "fast"}),  # one removed
         ([(a, 0.8, False), (b, -0.6, False), (c, 1.0, False)], {"l0": "off", "l1": "off", "l2": "off"}),
-        ([(a, 0.8, True), (b, -0.6, True), (c, 1.0, True)], {"l0": "fast", "l1": "fast", "l2": "fast"}),  # set seen before
+        # the set seen before
+        ([(a, 0.8, True), (b, -0.6, True), (c, 1.0, True)], {"l0": "fast", "l1": "fast", "l2": "fast"}),
         ([(a, 0.8, True), (b, -0.6, True), (c, 1.0, False)], {"l2": "off"}),
         ([(a, 0.8, True), (b, -0.6, True), (c, 1.0, True)], {"l2": "fast"}),
     ]

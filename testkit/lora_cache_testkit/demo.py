@@ -44,11 +44,10 @@ def workflow(lora_inputs: dict, node: str = OURS, seed: int = 7) -> dict:
     sampler = next(v for v in p.values() if v["class_type"] == "KSampler")
     sampler["inputs"]["seed"] = seed
     inputs = dict(lora_inputs)
-    if node == STOCK:
-        if not inputs.pop("enabled", True):
-            sampler["inputs"]["model"] = p[lora_id]["inputs"]["model"]
-            del p[lora_id]
-            return p
+    if node == STOCK and not inputs.pop("enabled", True):
+        sampler["inputs"]["model"] = p[lora_id]["inputs"]["model"]
+        del p[lora_id]
+        return p
     p[lora_id]["inputs"].update(inputs)
     return p
 
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
         stats = server.get("/lora_cache/stats")
     print()
     print(f"{'run':<15} {'path':<6} {'node ms':>9} {'run s':>7}  {'stock run s':>11}  reason")
-    for r, s in zip(rows, stock):
+    for r, s in zip(rows, stock, strict=True):
         node_ms = f"{r['node_ms']:.3f}" if r["node_ms"] is not None else "-"
         print(f"{r['run']:<15} {r['path']:<6} {node_ms:>9} {r['run_s']:>7.3f}  {s['run_s']:>11.3f}  {r['reason']}")
     print()

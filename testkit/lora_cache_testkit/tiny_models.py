@@ -157,7 +157,7 @@ def write_taesd(vae_approx_dir: Path, seed: int = 3) -> Path:
         # the decoded pixels spread out, so different latents give visibly different images.
         with torch.no_grad():
             for module in parts.values():
-                for name, p in module.named_parameters():
+                for p in module.parameters():
                     if p.ndim > 1:
                         p.copy_(torch.randn(p.shape) * (1.0 / p[0].numel()) ** 0.5)
                     else:
