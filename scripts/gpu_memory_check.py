@@ -4,8 +4,8 @@ The tiny SD-type model on the GPU, three LoRAs, a device budget that holds one: 
 recently used factors must leave the GPU for pinned host memory and come back before use;
 comfy.model_management.unload_all_models / free_memory must take the factors off the GPU;
 --lowvram / --novram states must take the full path. Every output is compared with stock.
-Prints a JSON report. Run from scripts/: python3 gpu_memory_check.py
-(Written for issue 6 but not yet run on a GPU: the device tool runs the session checkout.)
+Prints a JSON report; docs/gpu-check.md holds a run. On a GPU machine, from the repository root:
+COMFYUI_DIR=path/to/ComfyUI PYTHONPATH=testkit python3 scripts/gpu_memory_check.py
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 Builds the tiny SD-type model on the GPU in its default dtype, toggles a LoRA through
 lora_cache.apply and sampling (comfy.sample) next to the stock patch path, and reports paths,
 the weight work ComfyUI did (counted), output differences to stock, and the novram fallback.
+Prints a JSON report; docs/gpu-check.md holds a run. On a GPU machine, from the repository root:
+COMFYUI_DIR=path/to/ComfyUI PYTHONPATH=testkit python3 scripts/gpu_smoke.py
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Issue 7: the capability checks. The real 0.3.75 host is capable; a patcher or host that
-lacks what the dynamic path relies on (or runs ComfyUI's dynamic VRAM) makes the node take
-ComfyUI's patch path with the reason, and the output still equals the stock LoraLoader's.
+"""The capability checks. The real hosts (ComfyUI 0.3.75 and 0.33.0, on CPU) are capable; a
+patcher or host that lacks what the dynamic path relies on (or runs ComfyUI's dynamic VRAM)
+makes the node take ComfyUI's patch path with the reason, and the output still equals the
+stock LoraLoader's.
 
 Capabilities are taken away on real ComfyUI objects, for one test only: a subclass of the real
 patcher class, an attribute deleted from a real class with monkeypatch, a marker that ComfyUI's

@@ -1,4 +1,4 @@
-"""Issue 3: parity with stock in every path, the fast path's guarantees, scope, file changes,
+"""Parity with stock in every path, the fast path's guarantees, scope, file changes,
 and bad input, on the real ComfyUI host (in-process) with tiny generated models."""
 from __future__ import annotations
 

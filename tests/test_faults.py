@@ -1,4 +1,4 @@
-"""Issue 6, faults on the real in-process host: an interrupt in the middle of building an
+"""Faults on the real in-process host: an interrupt in the middle of building an
 adapter or of sampling, a LoRA file deleted or rewritten between runs, and a model that
 ComfyUI frees. None may leave a half-built entry, a stale adapter or a leak."""
 from __future__ import annotations

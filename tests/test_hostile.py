@@ -1,4 +1,4 @@
-"""Issue 6, hostile input: names that escape the loras folders, pickles that would run code,
+"""Hostile input: names that escape the loras folders, pickles that would run code,
 malformed safetensors headers, absurd ranks and shapes. Every case is a node error naming the
 LoRA, nothing is cached, no file is written, and the next good run still equals stock."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 6, memory: the LRU policy, the byte budget (device tier -> CPU -> out of memory,
+"""Memory: the LRU policy, the byte budget (device tier -> CPU -> out of memory,
 pinned adapters never evicted) and ComfyUI's own unloads (unload_all_models, free_memory,
 --disable-smart-memory), on the real in-process host.
 

@@ -1,4 +1,4 @@
-"""Issue 8 items 2-3 through the node on the CPU host: merged mode merges the cached factors in
+"""Merged and auto mode through the node on the CPU host: merged mode merges the cached factors in
 place for each sampling (lora_cache/merge.py) and restores the weights bit-exactly; `auto` picks
 the measured-faster form per sampling; no model reload in either."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Issue 6 on the real server (HTTP + websocket only): a soak of 300+ queued runs checked
-against stock with flat memory, POST /interrupt in the middle of sampling, and ComfyUI's
-"Unload models" (POST /free) between runs, also under --disable-smart-memory.
+"""Memory and faults on the real server (HTTP + websocket only): a soak of 300+ queued runs
+checked against stock with flat memory, POST /interrupt in the middle of sampling, and
+ComfyUI's "Unload models" (POST /free) between runs, also under --disable-smart-memory.
 
 The servers run with LORA_CACHE_TEST_CPU_AS_DEVICE=1 (see lora_cache/memory.py): on this
 CPU-only host the CPU is handled like a GPU, so an unload moves the factors and the next run

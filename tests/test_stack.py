@@ -1,4 +1,4 @@
-"""Issue 4: several adapters, strength changes and switches without rebuilds, dynamic CLIP,
+"""Several adapters, strength changes and switches without rebuilds, dynamic CLIP,
 the LoRA Cache Stack node, and a long random history checked against stock at every step.
 
 Stock references come from the same prompt: a stock LoraLoader chain on `tiny_sd_ref` (the
