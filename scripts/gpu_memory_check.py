@@ -19,13 +19,12 @@ from lora_cache_testkit import host
 host.boot(cpu=False)
 
 import comfy.model_management as mm
-import comfy.sample
 import comfy.sd
-import comfy.utils
 import folder_paths
 import torch
 
 from lora_cache_testkit import tiny_models
+from lora_cache_testkit.sampling import apply_under_vram_state, stock_lora, tiny_sd_sampler
 
 
 def main() -> int:
@@ -38,19 +37,8 @@ def main() -> int:
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
         tiny_models.write_lora(tmp / f"{name}.safetensors", tiny_models.sd_lora_state_dict(ref_sd, seed=seed))
     base = comfy.sd.load_diffusion_model_state_dict(dict(unet_sd16))
-    g = torch.Generator().manual_seed(3)
-    cond = [[torch.randn(1, 77, 1024, generator=g), {}]]
-    latent = torch.zeros(1, 4, 16, 16)
-    noise = comfy.sample.prepare_noise(latent, 42)
-
-    def sample(model):
-        return comfy.sample.sample(model, noise, 4, 1.5, "euler", "normal", cond, cond, latent, seed=42).float()
-
-    stock = {}
-    for n in "abc":
-        lora = comfy.utils.load_torch_file(str(tmp / f"{n}.safetensors"))
-        m, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
-        stock[n] = sample(m)
+    sample = tiny_sd_sampler()
+    stock = {n: sample(stock_lora(base, tmp / f"{n}.safetensors")) for n in "abc"}
     dev = mm.get_torch_device()
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "runs": []}
 
@@ -84,15 +72,7 @@ def main() -> int:
     run("b after free_memory", "b")
     report["memory"] = lc.stats()["memory"]
     for state in ("LOW_VRAM", "NO_VRAM"):
-        old = mm.vram_state
-        mm.vram_state = getattr(mm.VRAMState, state)
-        try:
-            m, _, ev = lc.apply(base, None, "a.safetensors", 1.0, 0.0, True, "auto")
-            out = sample(m)
-            report[state] = {"path": ev.path, "reason": ev.reason,
-                             "max_abs_diff_vs_stock": float((out - stock["a"]).abs().max())}
-        finally:
-            mm.vram_state = old
+        report[state] = apply_under_vram_state(lc, base, sample, stock["a"], state)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -17,13 +17,12 @@ from lora_cache_testkit import host
 
 host.boot(cpu=False)
 
-import comfy.model_management as mm
-import comfy.sample
 import comfy.sd
 import folder_paths
 import torch
 
 from lora_cache_testkit import tiny_models
+from lora_cache_testkit.sampling import apply_under_vram_state, stock_lora, tiny_sd_sampler
 from lora_cache_testkit.spies import count_weight_work
 
 
@@ -37,19 +36,10 @@ def main() -> int:
                                               kinds=("attn", "ff", "conv"))
     tiny_models.write_lora(tmp / "a.safetensors", lora_sd)
     base = comfy.sd.load_diffusion_model_state_dict(dict(unet_sd16))
-    g = torch.Generator().manual_seed(3)
-    cond = [[torch.randn(1, 77, 1024, generator=g), {}]]
-    latent = torch.zeros(1, 4, 16, 16)
-    noise = comfy.sample.prepare_noise(latent, 42)
-
-    def sample(model):
-        return comfy.sample.sample(model, noise, 4, 1.5, "euler", "normal", cond, cond, latent, seed=42).float()
-
+    sample = tiny_sd_sampler()
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "dtype": str(base.model_dtype()),
               "runs": []}
-    lora = comfy.utils.load_torch_file(str(tmp / "a.safetensors"))
-    stock_model, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
-    stock = sample(stock_model)
+    stock = sample(stock_lora(base, tmp / "a.safetensors"))
     ref_base = sample(base)
     for label, enabled, mode in [("on", True, "auto"), ("off", False, "auto"), ("on again", True, "auto"),
                                  ("off", False, "auto"), ("on again", True, "auto"), ("merged", True, "merged"),
@@ -64,15 +54,7 @@ def main() -> int:
     entry = [e for e in lc.STORE.entries()][0]
     report["factor_device"] = entry.device
     report["factor_bytes"] = entry.nbytes
-    old = mm.vram_state
-    mm.vram_state = mm.VRAMState.NO_VRAM
-    try:
-        m, _, ev = lc.apply(base, None, "a.safetensors", 1.0, 0.0, True, "auto")
-        out = sample(m)
-        report["novram"] = {"path": ev.path, "reason": ev.reason,
-                            "max_abs_diff_vs_stock": float((out - stock).abs().max())}
-    finally:
-        mm.vram_state = old
+    report["novram"] = apply_under_vram_state(lc, base, sample, stock, "NO_VRAM")
     print(json.dumps(report, indent=1))
     return 0
 
