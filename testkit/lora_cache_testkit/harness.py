@@ -154,10 +154,10 @@ class Host:
         nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
         self.nodes = nodes
         self.execution = execution
-        # ComfyUI loaded our package from custom_nodes/; from here on it imports as
-        # lora_cache_loader (see host.load_package).
-        assert "LoraCacheLoader" in nodes.NODE_CLASS_MAPPINGS, "ComfyUI did not load our package"
-        self.lc = host.load_package().lora_cache
+        # ComfyUI loaded our package from custom_nodes/ under a name of its making; from here on
+        # it imports as lora_cache_loader too (see host.load_package).
+        node = nodes.NODE_CLASS_MAPPINGS["LoraCacheLoader"]
+        self.lc = host.load_package(loaded_as=node.__module__.rsplit(".nodes.", 1)[0]).lora_cache
         self.server = MessageLog()
         self.new_executor()
 

@@ -48,27 +48,23 @@ def comfy_version() -> str:
     return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
 
 
-def load_package() -> ModuleType:
+def load_package(loaded_as: str | None = None) -> ModuleType:
     """Our package, importable as `lora_cache_loader` (so `from lora_cache_loader.lora_cache
     import layers` works), and returned.
 
-    ComfyUI registers a custom-node folder in sys.modules under a name made from its path; after
-    it loaded our package, that module and its submodules are entered under `lora_cache_loader`
-    too (the same module objects, nothing is imported twice). Without ComfyUI's node loading
-    (GPU checks, the benchmark) the package is loaded from the repository as ComfyUI would."""
+    `loaded_as`: the name ComfyUI registered the package under when it loaded it from
+    custom_nodes/ (a name made from the folder's path); that module and its submodules are
+    entered under `lora_cache_loader` too, the same module objects, nothing imported twice.
+    Without it (no ComfyUI node loading: the GPU checks, the benchmark) the package is loaded
+    from the repository as ComfyUI would load it."""
     if PACKAGE in sys.modules:
         return sys.modules[PACKAGE]
-    init = ROOT / "__init__.py"
-    # A package (with __path__): pytest may also have imported the file alone as `__init__`.
-    loaded = next((m for m in list(sys.modules.values()) if hasattr(m, "__path__")
-                   and getattr(m, "__file__", None) and Path(m.__file__).resolve() == init), None)
-    if loaded is not None:
-        prefix = loaded.__name__
+    if loaded_as is not None:
         for name, module in list(sys.modules.items()):
-            if name == prefix or name.startswith(prefix + "."):
-                sys.modules[PACKAGE + name[len(prefix):]] = module
-        return loaded
-    spec = importlib.util.spec_from_file_location(PACKAGE, init, submodule_search_locations=[str(ROOT)])
+            if name == loaded_as or name.startswith(loaded_as + "."):
+                sys.modules[PACKAGE + name[len(loaded_as):]] = module
+        return sys.modules[loaded_as]
+    spec = importlib.util.spec_from_file_location(PACKAGE, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACKAGE] = module
     spec.loader.exec_module(module)
