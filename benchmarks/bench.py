@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import statistics
 import sys
@@ -33,13 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(HERE))
-
-import comfy_host  # noqa: E402
+from lora_cache_testkit import host
 
 
 def parse(argv=None):
@@ -57,34 +50,24 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def load_package():
-    spec = importlib.util.spec_from_file_location(
-        "lora_cache_loader", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["lora_cache_loader"] = mod
-    spec.loader.exec_module(mod)
-    return sys.modules["lora_cache_loader.lora_cache"]
-
-
 def med(xs):
     return statistics.median(xs) if xs else None
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    comfy_host.boot(cpu=args.tiny)
-    import torch
-
+    host.boot(cpu=args.tiny)
     import comfy.model_management as mm
     import comfy.sample
     import comfy.sd
     import comfy.utils
     import folder_paths
     import models
-    from spies import count_weight_work
+    import torch
 
-    lc = load_package()
-    from lora_cache_loader.lora_cache import layers as lc_layers
+    from lora_cache_testkit.spies import count_weight_work
+
+    lc = host.load_package().lora_cache
     from lora_cache_loader.lora_cache.store import STORE
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -93,8 +76,7 @@ def main(argv=None) -> int:
     lora_dir = Path(tempfile.mkdtemp(prefix="lc_bench_"))
     folder_paths.add_model_folder_path("loras", str(lora_dir), is_default=True)
     stock_repeats = dict(kv.split("=") for kv in args.stock_repeats.split(",") if kv)
-    sys.path.insert(0, str(comfy_host.COMFY_DIR))
-    from comfyui_version import __version__ as comfy_version
+    comfy_version = host.comfy_version()
 
     def sync():
         if cuda:
@@ -239,7 +221,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 out = sample(m, steps, cb)
                 t1 = time.perf_counter()
-                diffs = [b - a for a, b in zip(stamps, stamps[1:])]
+                diffs = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
                 return {"image_s": t1 - t0, "step_ms": (med(diffs) or 0.0) * 1000.0,
                         "step_ms_all": [d * 1000.0 for d in diffs], "wrappers_in_call_path": seen.get("wrappers"),
                         "finite": bool(torch.isfinite(out).all())}
@@ -313,7 +295,7 @@ def main(argv=None) -> int:
             report["models"][kind] = res
             lc.purge()
             mm.unload_all_models()
-            del base, block_modules
+            base = block_modules = None  # the model's memory goes before the next model is built
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()

@@ -33,11 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "scripts"))
-sys.path.insert(0, str(HERE))
-
-import comfy_host  # noqa: E402
+from lora_cache_testkit import host
 
 EVENTS = [("on", "a", 1.0), ("off", None, 0.0), ("on", "a", 1.0), ("off", None, 0.0), ("on", "a", 1.0),
           ("strength 0.6", "a", 0.6), ("other LoRA", "b", 1.0), ("back", "a", 0.6)]
@@ -64,7 +60,7 @@ def main(argv=None) -> int:
         # comfy-aimdo must hook the CUDA allocator before torch touches the GPU (ComfyUI's main.py).
         import comfy_aimdo.control
         comfy_aimdo.control.init()
-    comfy_host.boot(cpu=args.tiny)
+    host.boot(cpu=args.tiny)
 
     import torch
 
@@ -77,10 +73,9 @@ def main(argv=None) -> int:
     import folder_paths
     from safetensors.torch import save_file
 
-    import models
-    from bench import load_package
+    import models  # benchmarks/models.py, beside this script
 
-    lc = load_package()
+    lc = host.load_package().lora_cache
     cuda = not args.tiny
     aimdo = False
     if cuda:
@@ -135,7 +130,7 @@ def main(argv=None) -> int:
     if args.tiny:
         # ComfyUI's model detection needs real SDXL / Flux sizes; the smoke run takes the tiny
         # SD2-type UNet that it does recognise.
-        import tiny_models
+        from lora_cache_testkit import tiny_models
         unet_sd = tiny_models.sd_unet_state_dict(seed=0)
         save_file(unet_sd, str(model_path))
         for tag, seed in (("a", 1), ("b", 2)):

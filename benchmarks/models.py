@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
 import comfy.lora
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models
+import torch
+
+from lora_cache_testkit import tiny_models
 
 SDXL_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -79,7 +80,7 @@ def build(spec: Spec, seed: int = 0):
     if spec.kind == "sdxl":
         cfg = comfy.supported_models.SDXL(dict(spec.unet))
     else:
-        cfg = comfy.supported_models.Flux(dict(spec.unet))
+        cfg = comfy.supported_models.Flux(tiny_models.flux_config(spec.unet))
     cfg.set_inference_dtype(spec.dtype, None)
     # ComfyUI's ops skip parameter init: the weights are allocated, uninitialised, on load_device.
     model = cfg.get_model({}, "", device=load_device)

@@ -60,7 +60,7 @@ def render(r: dict, cmd: str) -> str:
     w("- A *run* is the node plus a 1-step `comfy.sample.sample`, which loads the model through "
       "`load_models_gpu` as a queue run does; times are medians over the repeated toggles (n per row). "
       "*Weight work* counts ComfyUI's own weight moves (model loads, weight restores, patched weights).\n")
-    for kind, m in r["models"].items():
+    for m in r["models"].values():
         label = m["label"]
         w(f"## {label} ({m['dtype']}, {m['params'] / 1e9:.2f}B parameters, {m['block_linears']} LoRA layers, "
           f"file {m['lora_file_mb']:.0f} MiB)\n")
@@ -78,7 +78,8 @@ def render(r: dict, cmd: str) -> str:
         w("")
         if m.get("ours_merged"):
             w("### Toggles in merged mode (the node's `mode` merged: factors merged in place per sampling)\n")
-            w("| operation | stock run s | ours (merged) node ms | ours (merged) run s | run speed-up | path | weight work |")
+            w("| operation | stock run s | ours (merged) node ms | ours (merged) run s | run speed-up | path "
+              "| weight work |")
             w("|---|---|---|---|---|---|---|")
             for op in OPS:
                 s_, o = op_stats(m["stock"], op), op_stats(m["ours_merged"], op)

@@ -43,14 +43,16 @@ def _loader_inputs(with_clip: bool) -> list:
         inputs.append(io.Clip.Input("clip", tooltip="The CLIP model the LoRA will be applied to."))
     inputs += [
         io.Combo.Input("lora_name", options=_lora_names(), tooltip="The LoRA file, from the loras folders."),
-        io.Float.Input("strength_model", **_STRENGTH, tooltip="How strongly to modify the diffusion model. Can be negative."),
+        io.Float.Input("strength_model", **_STRENGTH,
+                       tooltip="How strongly to modify the diffusion model. Can be negative."),
     ]
     if with_clip:
         inputs.append(io.Float.Input("strength_clip", **_STRENGTH,
                                      tooltip="How strongly to modify the CLIP model. Can be negative."))
     inputs += [
         io.Boolean.Input("enabled", default=True,
-                         tooltip="Off: the outputs are the inputs. Turning a cached adapter back on costs microseconds."),
+                         tooltip="Off: the outputs are the inputs. "
+                                 "Turning a cached adapter back on costs microseconds."),
         _mode_input(),
     ]
     return inputs
@@ -104,11 +106,13 @@ class LoraCacheStack(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         inputs = [io.Model.Input("model", tooltip="The diffusion model the LoRAs will be applied to."),
-                  io.Clip.Input("clip", optional=True, tooltip="Optional text encoder; the rows' strengths apply to it too.")]
+                  io.Clip.Input("clip", optional=True,
+                                tooltip="Optional text encoder; the rows' strengths apply to it too.")]
         names = ["None"] + _lora_names()
         for i in range(1, STACK_ROWS + 1):
             inputs += [
-                io.Combo.Input(f"lora_{i}", options=names, default="None", tooltip=f"LoRA file of row {i} (None: row unused)."),
+                io.Combo.Input(f"lora_{i}", options=names, default="None",
+                               tooltip=f"LoRA file of row {i} (None: row unused)."),
                 io.Float.Input(f"strength_{i}", **_STRENGTH, tooltip=f"Strength of row {i}. Can be negative."),
                 io.Boolean.Input(f"enabled_{i}", default=True,
                                  tooltip=f"Row {i} on/off; turning a cached row back on costs microseconds."),

@@ -4,8 +4,8 @@ The tiny SD-type model on the GPU, three LoRAs, a device budget that holds one: 
 recently used factors must leave the GPU for pinned host memory and come back before use;
 comfy.model_management.unload_all_models / free_memory must take the factors off the GPU;
 --lowvram / --novram states must take the full path. Every output is compared with stock.
-Prints a JSON report. Run from scripts/: python3 gpu_memory_check.py
-(Written for issue 6 but not yet run on a GPU: the device tool runs the session checkout.)
+Prints a JSON report; docs/gpu-check.md holds a run. On a GPU machine, from the repository root:
+COMFYUI_DIR=path/to/ComfyUI PYTHONPATH=testkit python3 scripts/gpu_memory_check.py
 """
 from __future__ import annotations
 
@@ -14,23 +14,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-import comfy_host
+from lora_cache_testkit import host
 
-comfy_host.boot(cpu=False)
+host.boot(cpu=False)
 
-import torch  # noqa: E402
+import comfy.model_management as mm
+import comfy.sd
+import folder_paths
+import torch
 
-import comfy.model_management as mm  # noqa: E402
-import comfy.sample  # noqa: E402
-import comfy.sd  # noqa: E402
-import comfy.utils  # noqa: E402
-import folder_paths  # noqa: E402
-import tiny_models  # noqa: E402
-from gpu_smoke import load_package  # noqa: E402
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit.sampling import apply_under_vram_state, stock_lora, tiny_sd_sampler
 
 
 def main() -> int:
-    lc = load_package()
+    lc = host.load_package().lora_cache
     store = lc.STORE
     owner = lc.MEMORY
     tmp = Path(tempfile.mkdtemp())
@@ -40,18 +38,8 @@ def main() -> int:
     for name, seed in (("a", 1), ("b", 2), ("c", 3)):
         tiny_models.write_lora(tmp / f"{name}.safetensors", tiny_models.sd_lora_state_dict(ref_sd, seed=seed))
     base = comfy.sd.load_diffusion_model_state_dict(dict(unet_sd16))
-    g = torch.Generator().manual_seed(3)
-    cond = [[torch.randn(1, 77, 1024, generator=g), {}]]
-    latent = torch.zeros(1, 4, 16, 16)
-    noise = comfy.sample.prepare_noise(latent, 42)
-
-    def sample(model):
-        return comfy.sample.sample(model, noise, 4, 1.5, "euler", "normal", cond, cond, latent, seed=42).float()
-
-    stock = {}
-    for n in "abc":
-        m, _ = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(str(tmp / f"{n}.safetensors")), 1.0, 0)
-        stock[n] = sample(m)
+    sample = tiny_sd_sampler()
+    stock = {n: sample(stock_lora(base, tmp / f"{n}.safetensors")) for n in "abc"}
     dev = mm.get_torch_device()
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "runs": []}
 
@@ -85,15 +73,7 @@ def main() -> int:
     run("b after free_memory", "b")
     report["memory"] = lc.stats()["memory"]
     for state in ("LOW_VRAM", "NO_VRAM"):
-        old = mm.vram_state
-        mm.vram_state = getattr(mm.VRAMState, state)
-        try:
-            m, _, ev = lc.apply(base, None, "a.safetensors", 1.0, 0.0, True, "auto")
-            out = sample(m)
-            report[state] = {"path": ev.path, "reason": ev.reason,
-                             "max_abs_diff_vs_stock": float((out - stock["a"]).abs().max())}
-        finally:
-            mm.vram_state = old
+        report[state] = apply_under_vram_state(lc, base, sample, stock["a"], state)
     print(json.dumps(report, indent=1))
     return 0
 

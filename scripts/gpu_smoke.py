@@ -3,42 +3,31 @@
 Builds the tiny SD-type model on the GPU in its default dtype, toggles a LoRA through
 lora_cache.apply and sampling (comfy.sample) next to the stock patch path, and reports paths,
 the weight work ComfyUI did (counted), output differences to stock, and the novram fallback.
+Prints a JSON report; docs/gpu-check.md holds a run. On a GPU machine, from the repository root:
+COMFYUI_DIR=path/to/ComfyUI PYTHONPATH=testkit python3 scripts/gpu_smoke.py
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-import comfy_host
+from lora_cache_testkit import host
 
-comfy_host.boot(cpu=False)
+host.boot(cpu=False)
 
-import torch  # noqa: E402
+import comfy.sd
+import folder_paths
+import torch
 
-import comfy.model_management as mm  # noqa: E402
-import comfy.sample  # noqa: E402
-import comfy.sd  # noqa: E402
-import folder_paths  # noqa: E402
-import tiny_models  # noqa: E402
-
-sys.path.insert(0, str(comfy_host.ROOT / "tests"))
-from spies import count_weight_work  # noqa: E402
-
-
-def load_package():
-    spec = importlib.util.spec_from_file_location(
-        "lora_cache_loader", comfy_host.ROOT / "__init__.py", submodule_search_locations=[str(comfy_host.ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["lora_cache_loader"] = mod
-    spec.loader.exec_module(mod)
-    return sys.modules["lora_cache_loader.lora_cache"]
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit.sampling import apply_under_vram_state, stock_lora, tiny_sd_sampler
+from lora_cache_testkit.spies import count_weight_work
 
 
 def main() -> int:
-    lc = load_package()
+    lc = host.load_package().lora_cache
     tmp = Path(tempfile.mkdtemp())
     folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
     unet_sd = tiny_models.sd_unet_state_dict(seed=0)
@@ -47,19 +36,10 @@ def main() -> int:
                                               kinds=("attn", "ff", "conv"))
     tiny_models.write_lora(tmp / "a.safetensors", lora_sd)
     base = comfy.sd.load_diffusion_model_state_dict(dict(unet_sd16))
-    dev = mm.get_torch_device()
-    g = torch.Generator().manual_seed(3)
-    cond = [[torch.randn(1, 77, 1024, generator=g), {}]]
-    latent = torch.zeros(1, 4, 16, 16)
-    noise = comfy.sample.prepare_noise(latent, 42)
-
-    def sample(model):
-        return comfy.sample.sample(model, noise, 4, 1.5, "euler", "normal", cond, cond, latent, seed=42).float()
-
+    sample = tiny_sd_sampler()
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "dtype": str(base.model_dtype()),
               "runs": []}
-    stock_model, _ = comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(str(tmp / "a.safetensors")), 1.0, 0)
-    stock = sample(stock_model)
+    stock = sample(stock_lora(base, tmp / "a.safetensors"))
     ref_base = sample(base)
     for label, enabled, mode in [("on", True, "auto"), ("off", False, "auto"), ("on again", True, "auto"),
                                  ("off", False, "auto"), ("on again", True, "auto"), ("merged", True, "merged"),
@@ -74,15 +54,7 @@ def main() -> int:
     entry = [e for e in lc.STORE.entries()][0]
     report["factor_device"] = entry.device
     report["factor_bytes"] = entry.nbytes
-    old = mm.vram_state
-    mm.vram_state = mm.VRAMState.NO_VRAM
-    try:
-        m, _, ev = lc.apply(base, None, "a.safetensors", 1.0, 0.0, True, "auto")
-        out = sample(m)
-        report["novram"] = {"path": ev.path, "reason": ev.reason,
-                            "max_abs_diff_vs_stock": float((out - stock).abs().max())}
-    finally:
-        mm.vram_state = old
+    report["novram"] = apply_under_vram_state(lc, base, sample, stock, "NO_VRAM")
     print(json.dumps(report, indent=1))
     return 0
 

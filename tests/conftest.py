@@ -1,11 +1,23 @@
+"""Fixtures: the in-process ComfyUI host (`host`, `fresh`) and one real ComfyUI server process
+shared by the server tests (`server`)."""
 import pytest
 
-from harness import Host
+from lora_cache_testkit import demo
+from lora_cache_testkit.harness import Host
+from lora_cache_testkit.server import CPU_AS_DEVICE, ComfyServer, make_base_dir
 
 
 @pytest.fixture(scope="session")
 def host(tmp_path_factory):
     return Host(tmp_path_factory.mktemp("comfy_base"))
+
+
+@pytest.fixture(scope="module")
+def pkg(host):
+    """Our package's modules as ComfyUI loaded them (through custom_nodes/)."""
+    class P:
+        from lora_cache_loader.lora_cache import adapters, forms, layers, merge
+    return P
 
 
 @pytest.fixture
@@ -15,3 +27,45 @@ def fresh(host):
     host.lc.purge()
     yield host
     host.lc.purge()
+
+
+def _model_files(s: ComfyServer) -> set:
+    return set((s.base / "models").rglob("*"))
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """One real ComfyUI server process for all server tests of the session (starting one costs
+    seconds): this package in custom_nodes/, the demo's model files, the CPU handled like a GPU.
+    `server` cleans up around each test. At the end it must stop as a user stops it (Ctrl-C,
+    exit status 0)."""
+    base = make_base_dir(tmp_path_factory.mktemp("server_base"))
+    demo.make_files(base)
+    s = ComfyServer(base, env=CPU_AS_DEVICE).start()
+    s.demo_files = _model_files(s)
+    yield s
+    s.stop()
+    assert s.stopped_cleanly(), f"ComfyUI did not shut down cleanly (rc={s.proc.returncode}); see {s.log_path}"
+
+
+def _reset(s: ComfyServer) -> None:
+    """Nothing queued, only the demo's model files, no adapter cached (a purge also makes
+    ComfyUI run our nodes again rather than serve their cached outputs)."""
+    s.wait_idle()
+    for extra in sorted(_model_files(s) - s.demo_files, reverse=True):
+        if extra.is_dir():
+            extra.rmdir()
+        else:
+            extra.unlink()
+    status, body = s.request("POST", "/lora_cache/purge")
+    assert status == 200, (status, body)
+
+
+@pytest.fixture
+def server(comfy_server):
+    """The shared server, as if just started for this test."""
+    s = comfy_server
+    assert s.proc.poll() is None, f"the shared ComfyUI server exited ({s.proc.returncode}); see {s.log_path}"
+    _reset(s)
+    yield s
+    _reset(s)

@@ -2,8 +2,9 @@
 against the real ComfyUI server: load the shipped UI workflow, check it is the shipped API
 workflow, queue it from the page, and read the badge the canvas drew and the LoRA Cache panel.
 
-Skipped, with the reason printed, only where the browser cannot start (no chromium binary,
-no playwright module, or the launch fails); scripts/setup_browser.sh installs both."""
+Where the browser cannot start (no chromium binary, no playwright module, or the launch fails)
+the test fails under CI (the CI environment variable set; scripts/setup_browser.sh installs both
+there) and is skipped elsewhere, with the reason printed."""
 from __future__ import annotations
 
 import json
@@ -14,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import demo
-from comfy_server import ComfyServer, make_base_dir
+from lora_cache_testkit import demo
 
 CHROMIUM = os.environ.get("LORA_CACHE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -23,7 +23,17 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 LORA_NODE = 2  # the LoRA node's id in workflows/lora_cache_demo.json
 
 
+pytestmark = [pytest.mark.server, pytest.mark.browser]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
 def _skip(reason: str):
+    """CI must run the browser test: there a browser that cannot start is a failure."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set: the browser test must run here)", pytrace=False)
     print(f"\n[test_browser] SKIPPED: {reason}", file=sys.stderr)
     pytest.skip(reason)
 
@@ -49,20 +59,10 @@ def browser_context(tmp_path_factory):
     pw.stop()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = make_base_dir(tmp_path_factory.mktemp("browser_base"))
-    demo.make_files(base)
-    s = ComfyServer(base).start()
-    yield s
-    s.stop()
-    assert s.stopped_cleanly(), f"ComfyUI did not shut down cleanly (rc={s.proc.returncode}); see {s.log_path}"
-
-
 def _queue_and_wait(page, server, expect_path: str):
     """Queues the canvas' workflow from the page and waits until the badge drew `expect_path`."""
-    page.evaluate("async () => { window.__lc_draws = app.graph.getNodeById(%d).loraCacheBadgeDraws ?? 0;"
-                  " await app.queuePrompt(0, 1); }" % LORA_NODE)
+    page.evaluate(f"async () => {{ window.__lc_draws = app.graph.getNodeById({LORA_NODE}).loraCacheBadgeDraws ?? 0;"
+                  " await app.queuePrompt(0, 1); }")
     page.wait_for_function(
         """([id, path]) => { const n = app.graph.getNodeById(id);
              return n.loraCacheEvent && n.loraCacheEvent.path === path && !n.loraCacheStale
@@ -94,13 +94,14 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     templates = server.get("/workflow_templates")
     assert sorted(templates["lora_cache_loader"]) == ["lora_cache_demo", "stock_lora_demo"]
     page.goto(server.url)
-    page.wait_for_function("() => window.app?.graph && app.extensionManager && app.extensions?.some?.(e => e.name === 'lora_cache.panel')",
-                           timeout=90_000)
+    page.wait_for_function("() => window.app?.graph && app.extensionManager"
+                           " && app.extensions?.some?.(e => e.name === 'lora_cache.panel')", timeout=90_000)
     names = page.evaluate("() => app.extensions.map(e => e.name)")
     assert "lora_cache.badge" in names and "lora_cache.panel" in names
 
     # the shipped UI workflow loads, and the frontend turns it into the shipped API workflow
-    prompt = page.evaluate("async wf => { await app.loadGraphData(wf, true, true, 'lora_cache_demo'); return (await app.graphToPrompt()).output; }", ui_wf)
+    prompt = page.evaluate("async wf => { await app.loadGraphData(wf, true, true, 'lora_cache_demo');"
+                           " return (await app.graphToPrompt()).output; }", ui_wf)
     assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == \
         {k: (v["class_type"], v["inputs"]) for k, v in api_wf.items()}
 
@@ -115,7 +116,8 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
                            arg=LORA_NODE, timeout=10_000)
     assert server.wait_idle()
 
-    set_enabled = "([id, on]) => { const n = app.graph.getNodeById(id); n.widgets.find(w => w.name === 'enabled').value = on; }"
+    set_enabled = ("([id, on]) => { const n = app.graph.getNodeById(id);"
+                   " n.widgets.find(w => w.name === 'enabled').value = on; }")
     page.evaluate(set_enabled, [LORA_NODE, False])
     off = _queue_and_wait(page, server, "off")
     assert off["text"] == "off · " + off["text"].split(" · ", 1)[1] and off["event"]["reason"] == "disabled"
@@ -137,7 +139,8 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     limit = stats["memory"]["device"]["cpu"]
     assert budget.inner_text() == _format_bytes(limit["limit"]) and budget.get_attribute("title") == limit["source"]
     # frame the graph for the screenshot: the LoRA node and its badge beside the open panel
-    page.evaluate("() => { app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [460, 150]; app.canvas.setDirty(true, true); }")
+    page.evaluate("() => { app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [460, 150];"
+                  " app.canvas.setDirty(true, true); }")
     for close in page.query_selector_all("[aria-label='Close'], .p-message-close"):
         try:
             close.click(timeout=1000)
@@ -151,8 +154,8 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     assert shot.stat().st_size > 10_000
 
     page.click('[data-lora-cache="purge"]')
-    page.wait_for_function("() => document.querySelector('[data-lora-cache=\"status\"]')?.textContent.startsWith('Purged')",
-                           timeout=20_000)
+    page.wait_for_function("() => document.querySelector('[data-lora-cache=\"status\"]')"
+                           "?.textContent.startsWith('Purged')", timeout=20_000)
     assert page.query_selector('[data-lora-cache="adapter"]') is None
     assert server.get("/lora_cache/stats")["adapters"] == []
     assert not errors, errors

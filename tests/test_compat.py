@@ -1,25 +1,23 @@
-"""Issue 7: the capability checks. The real 0.3.75 host is capable; a patcher or host that
-lacks what the dynamic path relies on (or runs ComfyUI's dynamic VRAM) makes the node take
-ComfyUI's patch path with the reason, and the output still equals the stock LoraLoader's.
+"""The capability checks. The real hosts (ComfyUI 0.3.75 and 0.33.0, on CPU) are capable; a
+patcher or host that lacks what the dynamic path relies on (or runs ComfyUI's dynamic VRAM)
+makes the node take ComfyUI's patch path with the reason, and the output still equals the
+stock LoraLoader's.
 
 Capabilities are taken away on real ComfyUI objects, for one test only: a subclass of the real
 patcher class, an attribute deleted from a real class with monkeypatch, a marker that ComfyUI's
 dynamic VRAM leaves on a model. ComfyUI's own loading, patching and sampling run unchanged."""
 from __future__ import annotations
 
-import sys
-
-import pytest
-import torch
-
 import comfy.lora
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.weight_adapter
-import workflows as wf
-from harness import tiny_models
+import pytest
+import torch
 
-from compare import close
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
 
 VARIANT = "LCTestPatcherVariant"
 
@@ -87,7 +85,9 @@ def lora(host):
 
 @pytest.fixture(scope="module")
 def caps(host):
-    return sys.modules[host.pkg_name + ".lora_cache.capabilities"]
+    from lora_cache_loader.lora_cache import capabilities
+
+    return capabilities
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +158,7 @@ def test_model_patcher_dynamic_class_is_capable(caps, host):
     cls = getattr(comfy.model_patcher, "ModelPatcherDynamic", None)
     if cls is None:
         pytest.skip("this ComfyUI has no ModelPatcherDynamic (0.3.75)")
-    load_state = sys.modules[host.pkg_name + ".lora_cache.load_state"]
+    from lora_cache_loader.lora_cache import load_state
     cpu = torch.device("cpu")
     plain = cls(torch.nn.Linear(4, 4), load_device=cpu, offload_device=cpu)
     assert type(plain) is comfy.model_patcher.ModelPatcher and caps.dynamic_path_problem(plain) is None

@@ -1,19 +1,19 @@
-"""Issue 3: parity with stock in every path, the fast path's guarantees, scope, file changes,
+"""Parity with stock in every path, the fast path's guarantees, scope, file changes,
 and bad input, on the real ComfyUI host (in-process) with tiny generated models."""
 from __future__ import annotations
 
 import math
 import os
 
+import comfy.model_management as mm
 import pytest
 import torch
 
-import comfy.model_management as mm
-import workflows as wf
-from harness import tiny_models
-from spies import count_weight_work
-
-from compare import close
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
+from lora_cache_testkit.marks import CLIP_FORCE_CAST, known_failure_on
+from lora_cache_testkit.spies import count_weight_work
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,7 @@ def test_conv_locon_matches_stock(fresh, loras):
     assert close(out, h.run(wf.sd([wf.stock(loras["conv"], 1.3)]))["out"])
 
 
+@known_failure_on("0.33.0", CLIP_FORCE_CAST)
 def test_clip_and_model_match_stock(fresh, loras, host):
     """LoraCacheLoader with model and CLIP: the sampled latent and the text conditioning equal
     the stock LoraLoader's; the text encoder takes the dynamic path too."""
@@ -99,7 +100,8 @@ def test_clip_and_model_match_stock(fresh, loras, host):
             sd_clip[k + ".lora_up.weight"] = 0.2 * torch.randn(64, 4, generator=g)
             sd_clip[k + ".lora_down.weight"] = 0.2 * torch.randn(4, 64, generator=g)
     tiny_models.write_lora(h.loras / "withclip.safetensors", sd_clip)
-    stock = h.run(wf.clip("LoraLoader", {"lora_name": "withclip.safetensors", "strength_model": 0.9, "strength_clip": 0.7}))
+    stock = h.run(wf.clip("LoraLoader", {"lora_name": "withclip.safetensors", "strength_model": 0.9,
+                                         "strength_clip": 0.7}))
     base = h.run(wf.clip("LoraCacheLoader", {"lora_name": "withclip.safetensors", "strength_model": 0.9,
                                              "strength_clip": 0.7, "enabled": False, "mode": "auto"}))
     assert not close(base["cond"][0], stock["cond"][0])
@@ -132,7 +134,7 @@ def test_toggle_history_fast_path_moves_no_weights(fresh, loras, smart_memory):
         uuid0 = base_model.current_weight_patches_uuid
 
         work = []
-        for i, enabled in enumerate([False, True, False, True, False, True]):
+        for enabled in [False, True, False, True, False, True]:
             with count_weight_work() as counts:
                 out = h.run(wf.sd([wf.ours(loras["a"], enabled=enabled)]))["out"]
             ev = h.last_event()
@@ -159,8 +161,7 @@ def test_fast_path_flags_only_while_sampling(fresh, loras):
     h = fresh
     h.run(wf.sd([wf.ours(loras["a"])]))
     entry = entry_for(h, loras["a"])
-    from importlib import import_module
-    layers = import_module(h.pkg_name + ".lora_cache.layers")
+    from lora_cache_loader.lora_cache import layers
     modules = [m for _, m, _ in entry.modules()]
     assert not any(layers.is_installed(m) for m in modules)
     assert not any("forward" in m.__dict__ for m in modules)
@@ -227,7 +228,7 @@ def test_branch_without_adapter_sees_exact_base(fresh, loras):
     seeds = [100, 101, 102, 103]
     ref = {s: h.run(wf.sd([], seed=s))["out"] for s in seeds}
     h.new_executor()
-    for s, strength in zip(seeds[:3], (1.0, 0.5, 1.0)):
+    for s, strength in zip(seeds[:3], (1.0, 0.5, 1.0), strict=True):
         got = h.run(wf.sd([wf.ours(loras["a"], strength)], seed=s, base_branch=True))
         assert torch.equal(got["base"], ref[s])
         assert not close(got["out"], ref[s])

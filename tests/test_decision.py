@@ -3,14 +3,13 @@ each rule is checked here from facts alone (the workflows in the other tests che
 gathers them from the real ComfyUI)."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 
 @pytest.fixture(scope="module")
 def d(host):
-    return sys.modules[host.pkg_name + ".lora_cache.decision"]
+    from lora_cache_loader.lora_cache import decision
+    return decision
 
 
 def facts(d, **kw):

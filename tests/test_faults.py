@@ -1,4 +1,4 @@
-"""Issue 6, faults on the real in-process host: an interrupt in the middle of building an
+"""Faults on the real in-process host: an interrupt in the middle of building an
 adapter or of sampling, a LoRA file deleted or rewritten between runs, and a model that
 ComfyUI frees. None may leave a half-built entry, a stale adapter or a leak."""
 from __future__ import annotations
@@ -7,18 +7,15 @@ import contextlib
 import gc
 import weakref
 
-import pytest
-import torch
-
 import comfy.model_management as mm
 import comfy.utils
+import pytest
+import torch
 from comfy_execution.utils import get_executing_context
 
-import workflows as wf
-from harness import tiny_models
-
-from compare import close
-
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
 
 
 @contextlib.contextmanager
@@ -52,8 +49,7 @@ def interrupted(h, prompt) -> None:
 
 
 def layer_forwards(h):
-    from importlib import import_module
-    layers = import_module(h.pkg_name + ".lora_cache.layers")
+    from lora_cache_loader.lora_cache import layers
     mods = [m for e in h.lc.STORE.entries() for _, m, _ in e.modules()]
     return [m for m in mods if layers.is_installed(m) or "forward" in m.__dict__]
 

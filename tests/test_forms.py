@@ -6,14 +6,13 @@ weights equal ComfyUI's merge; moving a layer's forms moves every tensor they ho
 from __future__ import annotations
 
 import random
-from importlib import import_module
 
 import pytest
 import torch
 
 import comfy.lora
 import comfy.sd
-from harness import tiny_models
+from lora_cache_testkit import tiny_models
 
 KINDS = tiny_models.ADAPTER_KINDS
 CASES = [(k, {}) for k in KINDS] + [
@@ -27,16 +26,6 @@ CASES = [(k, {}) for k in KINDS] + [
 def case_id(case) -> str:
     kind, kw = case
     return kind + "".join(f"-{v}" for v in kw.values())
-
-
-@pytest.fixture(scope="module")
-def pkg(host):
-    class P:
-        adapters = import_module(host.pkg_name + ".lora_cache.adapters")
-        layers = import_module(host.pkg_name + ".lora_cache.layers")
-        merge = import_module(host.pkg_name + ".lora_cache.merge")
-        forms = import_module(host.pkg_name + ".lora_cache.forms")
-    return P
 
 
 @pytest.fixture(scope="module")

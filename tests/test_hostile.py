@@ -1,4 +1,4 @@
-"""Issue 6, hostile input: names that escape the loras folders, pickles that would run code,
+"""Hostile input: names that escape the loras folders, pickles that would run code,
 malformed safetensors headers, absurd ranks and shapes. Every case is a node error naming the
 LoRA, nothing is cached, no file is written, and the next good run still equals stock."""
 from __future__ import annotations
@@ -10,10 +10,9 @@ import struct
 import pytest
 import torch
 
-import workflows as wf
-from harness import tiny_models
-
-from compare import close
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
 
 
 @pytest.fixture(scope="module")

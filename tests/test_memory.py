@@ -1,4 +1,4 @@
-"""Issue 6, memory: the LRU policy, the byte budget (device tier -> CPU -> out of memory,
+"""Memory: the LRU policy, the byte budget (device tier -> CPU -> out of memory,
 pinned adapters never evicted) and ComfyUI's own unloads (unload_all_models, free_memory,
 --disable-smart-memory), on the real in-process host.
 
@@ -7,17 +7,13 @@ accelerator (factors 'moved to the CPU' are copied to new host tensors and flagg
 exactly the code a GPU runs, and a budget is set for the 'cpu' device."""
 from __future__ import annotations
 
-from importlib import import_module
-
+import comfy.model_management as mm
 import pytest
 import torch
 
-import comfy.model_management as mm
-
-import workflows as wf
-from harness import tiny_models
-
-from compare import close
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +31,7 @@ def mem(host):
     """CPU handled like a device, budgets reset afterwards."""
     host.new_executor()
     host.lc.purge()
-    memory = import_module(host.pkg_name + ".lora_cache.memory")
+    from lora_cache_loader.lora_cache import memory
     owner = host.lc.MEMORY
     old = memory.CPU_AS_DEVICE
     memory.CPU_AS_DEVICE = True
@@ -54,7 +50,7 @@ def entry(h, lora):
 
 
 def test_lru_policy(host):
-    budget = import_module(host.pkg_name + ".lora_cache.budget")
+    from lora_cache_loader.lora_cache import budget
     p = budget.LRUPolicy()
     for k in "abc":
         p.mark_used(k)
@@ -69,7 +65,7 @@ def test_lru_policy(host):
 
 
 def test_budget_env_and_setting(host, monkeypatch, tmp_path):
-    budget = import_module(host.pkg_name + ".lora_cache.budget")
+    from lora_cache_loader.lora_cache import budget
     b = budget.Budget()
     limit, source = b.device_limit("cpu")
     assert limit > 0 and "default" in source
@@ -140,8 +136,7 @@ def test_adapters_in_use_are_never_evicted(mem, loras):
     stock = h.run(wf.sd([wf.stock(loras["m_a"], 0.7), wf.stock(loras["m_b"], -0.5)]))["out"]
     owner.budget.overrides["cpu"] = 1  # nothing fits
     seen = []
-    scope = import_module(h.pkg_name + ".lora_cache.scope")
-    layers = import_module(h.pkg_name + ".lora_cache.layers")
+    from lora_cache_loader.lora_cache import layers, scope
     prompt = wf.sd([wf.ours(loras["m_a"], 0.7), wf.ours(loras["m_b"], -0.5)])
     # Our own ON_PRE_RUN, wrapped to record what the sampling sees right after it ran.
     orig = scope._on_pre_run
@@ -208,7 +203,7 @@ def test_cpu_homed_factors_stay_without_the_test_switch(host, loras):
     h = host
     h.new_executor()
     h.lc.purge()
-    memory = import_module(h.pkg_name + ".lora_cache.memory")
+    from lora_cache_loader.lora_cache import memory
     assert not memory.CPU_AS_DEVICE
     h.run(wf.sd([wf.ours(loras["m_b"])]))
     mm.unload_all_models()

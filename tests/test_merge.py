@@ -3,32 +3,20 @@ direct dynamic forward of lora_cache.layers, on ComfyUI's Flux class with a tiny
 its fused qkv / linear1 weights take diffusers q/k/v LoRAs as output slices."""
 from __future__ import annotations
 
-from importlib import import_module
-
-import pytest
-import torch
-
 import comfy.lora
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models
-from harness import tiny_models
+import pytest
+import torch
 
-
-@pytest.fixture(scope="module")
-def pkg(host):
-    """Our package's modules as ComfyUI loaded them (through custom_nodes/)."""
-    class P:
-        adapters = import_module(host.pkg_name + ".lora_cache.adapters")
-        layers = import_module(host.pkg_name + ".lora_cache.layers")
-        merge = import_module(host.pkg_name + ".lora_cache.merge")
-    return P
+from lora_cache_testkit import tiny_models
 
 
 def flux_with_factors(pkg, dtype):
     """A tiny Flux model in `dtype` and a rank-4 LoRA's factors for it, built as the node builds
     them (ComfyUI's key map and load_lora, then adapters.plan_dynamic)."""
-    cfg = comfy.supported_models.Flux(dict(tiny_models.FLUX_CONFIG))
+    cfg = comfy.supported_models.Flux(tiny_models.flux_config())
     cfg.set_inference_dtype(dtype, None)
     model = cfg.get_model({}, "", device="cpu")
     tiny_models._randomize(model.diffusion_model, 0)

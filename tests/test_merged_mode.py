@@ -1,4 +1,4 @@
-"""Issue 8 items 2-3 through the node on the CPU host: merged mode merges the cached factors in
+"""Merged and auto mode through the node on the CPU host: merged mode merges the cached factors in
 place for each sampling (lora_cache/merge.py) and restores the weights bit-exactly; `auto` picks
 the measured-faster form per sampling; no model reload in either."""
 from __future__ import annotations
@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import workflows as wf
-from harness import tiny_models
-from spies import count_weight_work
-
-from compare import close
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
+from lora_cache_testkit.spies import count_weight_work
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +30,7 @@ def entry_of(h, lora):
     return next(e for e in h.lc.STORE.entries() if e.lora == lora and e.layers)
 
 
+@pytest.mark.slow
 def test_merged_toggles_restore_weights_bit_exactly(fresh, merge_loras):
     """50 runs toggling merged mode on and off (two stacked adapters, LoCon convolutions
     included): every output equals stock's, every weight after every run equals the original

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-import workflows as wf
-from harness import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit import tiny_models
 
-from compare import close
+from lora_cache_testkit.compare import close
 
 
 class Reloaded:

@@ -1,7 +1,7 @@
 """The real ComfyUI server in a subprocess with this package in custom_nodes/, driven over
 HTTP and the websocket only, with the shipped API workflows from workflows/: the demo series
 against its stock-LoraLoader twin (saved PNGs compared), the stats and purge routes, a bad
-file, build progress, and a clean shutdown."""
+file, build progress, and a clean shutdown (the `server` fixture of conftest.py)."""
 from __future__ import annotations
 
 import io
@@ -10,23 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import demo
-from comfy_server import ComfyServer, make_base_dir
+from lora_cache_testkit import demo
 
 # ours vs stock: the same latents up to float rounding (unmerged y + (x A^T) B^T vs merged
 # (W + BA) x), decoded and quantised to 8 bits; rounding may flip a pixel by one level.
 MAX_LEVEL_DIFF = 1
 MAX_FRACTION_DIFFERENT = 0.01
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = make_base_dir(tmp_path_factory.mktemp("server_base"))
-    demo.make_files(base)
-    s = ComfyServer(base).start()
-    yield s
-    s.stop()
-    assert s.stopped_cleanly(), f"ComfyUI did not shut down cleanly (rc={s.proc.returncode}); see {s.log_path}"
+pytestmark = pytest.mark.server
 
 
 def pixels(png: bytes) -> np.ndarray:

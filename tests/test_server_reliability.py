@@ -1,15 +1,13 @@
-"""Issue 6 on the real server (HTTP + websocket only): a soak of 300+ queued runs checked
-against stock with flat memory, POST /interrupt in the middle of sampling, and ComfyUI's
-"Unload models" (POST /free) between runs, also under --disable-smart-memory.
+"""Memory and faults on the real server (HTTP + websocket only): a soak of 300+ queued runs
+checked against stock with flat memory, POST /interrupt in the middle of sampling, and
+ComfyUI's "Unload models" (POST /free) between runs, also under --disable-smart-memory.
 
 The servers run with LORA_CACHE_TEST_CPU_AS_DEVICE=1 (see lora_cache/memory.py): on this
 CPU-only host the CPU is handled like a GPU, so an unload moves the factors and the next run
 must move them back, the code path a GPU takes."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import time
 
@@ -18,12 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import demo
-from comfy_server import ComfyServer, make_base_dir
+from lora_cache_testkit import demo
+from lora_cache_testkit.compare import close
+from lora_cache_testkit.server import CPU_AS_DEVICE, ComfyServer, make_base_dir
 
-from compare import close
 SOAK_RUNS = 320
 WARMUP = 60
+
+pytestmark = pytest.mark.server
 
 
 def prompt(lora: str | None, strength: float = 1.0, enabled: bool = True, stock: bool = False,
@@ -67,27 +67,6 @@ def saved_latent(server: ComfyServer, res: dict) -> torch.Tensor:
     raise AssertionError(f"no SaveLatent output in {[t for t, _ in res['messages']]}")
 
 
-@contextlib.contextmanager
-def started(base, extra_args=()):
-    os.environ["LORA_CACHE_TEST_CPU_AS_DEVICE"] = "1"
-    try:
-        s = ComfyServer(base, extra_args=extra_args).start()
-    finally:
-        del os.environ["LORA_CACHE_TEST_CPU_AS_DEVICE"]
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = make_base_dir(tmp_path_factory.mktemp("reliability_base"))
-    demo.make_files(base)
-    with started(base) as s:
-        yield s
-
-
 SETTINGS = [(lora, strength, True) for lora in ("style.safetensors", "detail.safetensors")
             for strength in (1.0, 0.5, -0.7)] + [("style.safetensors", 1.0, False), ("detail.safetensors", 0.5, False)]
 
@@ -105,6 +84,7 @@ def references(server: ComfyServer, steps: int = 1, seed: int = 3) -> dict:
     return refs
 
 
+@pytest.mark.slow
 def test_soak_outputs_match_stock_and_memory_stays_flat(server):
     refs = references(server)
     assert len(refs) == 7
@@ -141,7 +121,8 @@ def test_soak_outputs_match_stock_and_memory_stays_flat(server):
 
 def test_interrupt_mid_sampling_then_runs_match_stock(server):
     steps = 200
-    ref = saved_latent(server, run_ok(server, prompt("style.safetensors", 0.8, stock=True, steps=2, seed=9, prefix="iref")))
+    ref = saved_latent(server, run_ok(server, prompt("style.safetensors", 0.8, stock=True, steps=2, seed=9,
+                                                     prefix="iref")))
     status, body = server.queue(prompt("style.safetensors", 0.8, steps=steps, seed=9, prefix="int"))
     assert status == 200, body
     pid = body["prompt_id"]
@@ -203,12 +184,13 @@ def test_unload_models_button_moves_factors_then_runs_match_stock(server):
     assert adapter(server, "detail.safetensors")["resident"]
 
 
+@pytest.mark.slow
 def test_disable_smart_memory_server_series_matches_stock(tmp_path):
     """--disable-smart-memory: ComfyUI unloads every model after each prompt, so the factors
     follow each time; every output still equals stock."""
     base = make_base_dir(tmp_path / "dsm")
     demo.make_files(base)
-    with started(base, ("--disable-smart-memory",)) as s:
+    with ComfyServer(base, ("--disable-smart-memory",), env=CPU_AS_DEVICE) as s:
         series = [("style.safetensors", 1.0, True), ("style.safetensors", 1.0, False),
                   ("style.safetensors", 1.0, True), ("style.safetensors", 0.6, True),
                   ("detail.safetensors", 1.0, True), ("style.safetensors", 0.6, True)]

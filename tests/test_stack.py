@@ -1,4 +1,4 @@
-"""Issue 4: several adapters, strength changes and switches without rebuilds, dynamic CLIP,
+"""Several adapters, strength changes and switches without rebuilds, dynamic CLIP,
 the LoRA Cache Stack node, and a long random history checked against stock at every step.
 
 Stock references come from the same prompt: a stock LoraLoader chain on `tiny_sd_ref` (the
@@ -12,11 +12,11 @@ import shutil
 import pytest
 import torch
 
-import workflows as wf
-from harness import tiny_models
-from spies import count_weight_work
-
-from compare import close
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit import workflows as wf
+from lora_cache_testkit.compare import close
+from lora_cache_testkit.marks import CLIP_FORCE_CAST, known_failure_on
+from lora_cache_testkit.spies import count_weight_work
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,8 @@ def test_stacked_adapters_add_remove_reenable_fast_and_match_stock(fresh, pool):
         ([(a, 0.8, True), (b, -0.6, True), (c, 1.0, True)], {"l2": "build"}),            # third added
         ([(a, 0.8, True), (b, -0.6, False), (c, 1.0, True)], {"l1": "off", "l2": "fast"}),  # one removed
         ([(a, 0.8, False), (b, -0.6, False), (c, 1.0, False)], {"l0": "off", "l1": "off", "l2": "off"}),
-        ([(a, 0.8, True), (b, -0.6, True), (c, 1.0, True)], {"l0": "fast", "l1": "fast", "l2": "fast"}),  # set seen before
+        # the set seen before
+        ([(a, 0.8, True), (b, -0.6, True), (c, 1.0, True)], {"l0": "fast", "l1": "fast", "l2": "fast"}),
         ([(a, 0.8, True), (b, -0.6, True), (c, 1.0, False)], {"l2": "off"}),
         ([(a, 0.8, True), (b, -0.6, True), (c, 1.0, True)], {"l2": "fast"}),
     ]
@@ -104,6 +105,7 @@ def test_switch_a_b_a_and_strength_sweep_are_fast_with_reasons(fresh, pool):
         assert dict(work) == {} and factor_ids(h) == ids
 
 
+@known_failure_on("0.33.0", CLIP_FORCE_CAST)
 def test_clip_strengths_dynamic_match_stock_and_base_clip_stays_exact(fresh, pool):
     """The text encoder takes the dynamic path: builds once, then every re-enable and strength
     change is fast with no weight work on the text encoder, the conditioning equals the stock
@@ -137,7 +139,7 @@ def test_clip_strengths_dynamic_match_stock_and_base_clip_stays_exact(fresh, poo
     base_cond = base["cond"][0]
     assert torch.equal(base["cond_base"][0], base_cond)
 
-    from harness import tiny_clip
+    from lora_cache_testkit.harness import tiny_clip
     te = tiny_clip().cond_stage_model
     history = [(0.7, True, "build"), (0.7, False, "off"), (0.7, True, "fast"), (-0.4, True, "fast"),
                (1.3, True, "fast"), (0.7, True, "fast")]
@@ -178,6 +180,7 @@ def test_stack_node_equals_chain_and_reports_rows(fresh, pool):
     assert torch.equal(none["out"], h.run(wf.sd([]))["out"])
 
 
+@pytest.mark.slow
 def test_random_history_matches_stock_at_every_step(fresh, pool):
     """100 random steps over three chained nodes and four files: toggles, switches, strength
     changes (negative and zero included) and file rewrites. Every step's output equals the
@@ -237,9 +240,8 @@ def test_dropped_clip_clone_leaves_text_encoder_bare(fresh, pool):
     reference cycle, where weak references die before ModelPatcher.__del__ ejects) must not
     leave its adapter active on the shared text encoder."""
     import gc
-    from importlib import import_module
 
-    from harness import tiny_clip
+    from lora_cache_testkit.harness import tiny_clip
 
     h = fresh
     name = "te_drop.safetensors"
@@ -257,7 +259,7 @@ def test_dropped_clip_clone_leaves_text_encoder_bare(fresh, pool):
     assert ev.clip_path == "build"
     with_adapter = ours.encode_from_tokens(tokens)
     assert not close(with_adapter, base)
-    layers = import_module(h.pkg_name + ".lora_cache.layers")
+    from lora_cache_loader.lora_cache import layers
     modules = [m for e in h.lc.STORE.entries() if e.lora == name for _, m, _ in e.modules()]
     assert modules and all(layers.is_installed(m) for m in modules)  # active after the encode
     ours.patcher.cycle = ours.patcher  # only the cycle collector can free it now

@@ -1,5 +1,5 @@
 """A real ComfyUI server in a subprocess, driven over HTTP and the websocket as users' scripts
-do. Used by the demo and the end-to-end tests."""
+do. Used by the demo and the server tests."""
 from __future__ import annotations
 
 import json
@@ -16,9 +16,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import comfy_host
+from . import host
 
-ROOT = comfy_host.ROOT
+ROOT = host.ROOT
 
 
 def free_port() -> int:
@@ -38,9 +38,17 @@ def make_base_dir(base: Path) -> Path:
     return base
 
 
+# For the server tests on a CPU-only host: the CPU is handled like a GPU (see
+# lora_cache/memory.py), so an unload moves the factors and the next run must move them back,
+# the code path a GPU takes.
+CPU_AS_DEVICE = {"LORA_CACHE_TEST_CPU_AS_DEVICE": "1"}
+
+
 class ComfyServer:
-    def __init__(self, base: Path, extra_args: tuple[str, ...] = (), log_path: Path | None = None):
+    def __init__(self, base: Path, extra_args: tuple[str, ...] = (), log_path: Path | None = None,
+                 env: dict[str, str] | None = None):
         self.base = base
+        self.env = dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.client_id = str(uuid.uuid4())
@@ -49,13 +57,13 @@ class ComfyServer:
         self.proc: subprocess.Popen | None = None
         self.ws = None
 
-    def start(self, timeout: float = 120.0) -> "ComfyServer":
-        cmd = [sys.executable, str(comfy_host.COMFY_DIR / "main.py"), "--cpu", "--listen", "127.0.0.1",
+    def start(self, timeout: float = 120.0) -> ComfyServer:
+        cmd = [sys.executable, str(host.COMFY_DIR / "main.py"), "--cpu", "--listen", "127.0.0.1",
                "--port", str(self.port), "--disable-auto-launch", "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", "--disable-api-nodes", *self.extra_args]
-        self._log = open(self.log_path, "wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, cwd=str(comfy_host.COMFY_DIR), stdout=self._log,
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - the server writes to it until stop()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.proc = subprocess.Popen(cmd, cwd=str(host.COMFY_DIR), stdout=self._log,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:

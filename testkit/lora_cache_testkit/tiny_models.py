@@ -54,18 +54,23 @@ def write_sd_unet(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def flux_config(config: dict | None = None) -> dict:
+    """A Flux config (default: FLUX_CONFIG) as this host's Flux class takes it."""
+    import comfy.ldm.flux.model
+
+    config = dict(FLUX_CONFIG if config is None else config)
+    if "txt_ids_dims" in getattr(comfy.ldm.flux.model.FluxParams, "__dataclass_fields__", {}):
+        config["txt_ids_dims"] = []  # newer ComfyUI: what its own detection sets for classic Flux
+    return config
+
+
 def flux_patcher(seed: int = 0):
     """A ModelPatcher over ComfyUI's own Flux model class with a tiny config."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    import comfy.ldm.flux.model
-
-    config = dict(FLUX_CONFIG)
-    if "txt_ids_dims" in getattr(comfy.ldm.flux.model.FluxParams, "__dataclass_fields__", {}):
-        config["txt_ids_dims"] = []  # newer ComfyUI: what its own detection sets for classic Flux
-    cfg = comfy.supported_models.Flux(config)
+    cfg = comfy.supported_models.Flux(flux_config())
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, "", device=mm.unet_offload_device())
     _randomize(model.diffusion_model, seed)
@@ -152,7 +157,7 @@ def write_taesd(vae_approx_dir: Path, seed: int = 3) -> Path:
         # the decoded pixels spread out, so different latents give visibly different images.
         with torch.no_grad():
             for module in parts.values():
-                for name, p in module.named_parameters():
+                for p in module.parameters():
                     if p.ndim > 1:
                         p.copy_(torch.randn(p.shape) * (1.0 / p[0].numel()) ** 0.5)
                     else:

@@ -25,7 +25,8 @@ def sd(loras: list[tuple[str, dict]], seed: int = 42, base_branch: bool = False,
 
     base_branch adds a second KSampler fed by the loader's model directly (no adapter)."""
     if model == "sd":
-        p = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd.safetensors", "weight_dtype": "default"}},
+        p = {"1": {"class_type": "UNETLoader",
+                   "inputs": {"unet_name": "tiny_sd.safetensors", "weight_dtype": "default"}},
              "2": {"class_type": "LotusConditioning", "inputs": {}},
              "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
     else:  # flux
@@ -67,11 +68,13 @@ def paired(rows: list[tuple[str, float, bool]], seed: int = 42, node: str = OURS
     rewritten file reads a copy under another name: `stock_names` maps ours to the stock one."""
     p = sd([(node, {"lora_name": lora, "strength_model": s, "enabled": on, "mode": "auto"})
             for lora, s, on in rows], seed)
-    p["r1"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd_ref.safetensors", "weight_dtype": "default"}}
+    p["r1"] = {"class_type": "UNETLoader",
+               "inputs": {"unet_name": "tiny_sd_ref.safetensors", "weight_dtype": "default"}}
     ref = ["r1", 0]
     for i, (lora, s, on) in enumerate(rows):
         stock_lora = (stock_names or {}).get(lora, lora)
-        p[f"s{i}"] = {"class_type": STOCK, "inputs": {"model": ref, "lora_name": stock_lora, "strength_model": s if on else 0.0}}
+        p[f"s{i}"] = {"class_type": STOCK,
+                      "inputs": {"model": ref, "lora_name": stock_lora, "strength_model": s if on else 0.0}}
         ref = [f"s{i}", 0]
     p["r5"] = _sampler(ref, ["2", 0], ["3", 0], seed)
     p["r6"] = {"class_type": "LCTestLatentSink", "inputs": {"samples": ["r5", 0], "tag": "ref"}}

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import sys
 import uuid
 from pathlib import Path
 
-import comfy_host  # noqa: E402
+from . import host
 
-comfy_host.boot()
+host.boot()
 
-import torch  # noqa: E402
+import torch
 
-import tiny_models  # noqa: E402
+from . import tiny_models
 
 SINK: dict[str, object] = {}
 
@@ -155,10 +154,10 @@ class Host:
         nodes.NODE_CLASS_MAPPINGS.update(TEST_NODES)
         self.nodes = nodes
         self.execution = execution
-        cls = nodes.NODE_CLASS_MAPPINGS["LoraCacheLoader"]
-        pkg = cls.__module__.rsplit(".nodes.", 1)[0]
-        self.pkg_name = pkg
-        self.lc = sys.modules[pkg + ".lora_cache"]
+        # ComfyUI loaded our package from custom_nodes/ under a name of its making; from here on
+        # it imports as lora_cache_loader too (see host.load_package).
+        node = nodes.NODE_CLASS_MAPPINGS["LoraCacheLoader"]
+        self.lc = host.load_package(loaded_as=node.__module__.rsplit(".nodes.", 1)[0]).lora_cache
         self.server = MessageLog()
         self.new_executor()
 

@@ -1,0 +1,44 @@
+"""Sampling the tiny SD-type model outside a prompt, as the GPU checks do: comfy.sample with
+fixed noise and random conditioning, and the stock LoRA path to compare with."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.sd
+import comfy.utils
+import torch
+
+
+def tiny_sd_sampler(steps: int = 4, seed: int = 42):
+    """sample(model) -> the float latent of `steps` euler steps on a 16x16 latent, cfg 1.5."""
+    g = torch.Generator().manual_seed(3)
+    cond = [[torch.randn(1, 77, 1024, generator=g), {}]]
+    latent = torch.zeros(1, 4, 16, 16)
+    noise = comfy.sample.prepare_noise(latent, seed)
+
+    def sample(model) -> torch.Tensor:
+        return comfy.sample.sample(model, noise, steps, 1.5, "euler", "normal", cond, cond, latent,
+                                   seed=seed).float()
+
+    return sample
+
+
+def stock_lora(base, path: Path, strength: float = 1.0):
+    """What the stock LoraLoaderModelOnly makes of `base` and the LoRA file at `path`."""
+    return comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(str(path)), strength, 0)[0]
+
+
+def apply_under_vram_state(lc, base, sample, stock: torch.Tensor, state: str, lora: str = "a.safetensors") -> dict:
+    """One apply of `lora` (lora_cache.apply, as the node calls it) and a sample while ComfyUI's
+    vram_state is `state` (LOW_VRAM, NO_VRAM: what --lowvram / --novram set): the path taken,
+    why, and the output's largest difference to `stock`."""
+    old = mm.vram_state
+    mm.vram_state = getattr(mm.VRAMState, state)
+    try:
+        m, _, ev = lc.apply(base, None, lora, 1.0, 0.0, True, "auto")
+        out = sample(m)
+    finally:
+        mm.vram_state = old
+    return {"path": ev.path, "reason": ev.reason, "max_abs_diff_vs_stock": float((out - stock).abs().max())}

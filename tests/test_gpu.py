@@ -1,0 +1,55 @@
+"""The GPU checks, on a machine with a CUDA GPU (`pytest -m gpu`): scripts/gpu_smoke.py and
+scripts/gpu_memory_check.py run as they are (their own process, ComfyUI booted for the GPU), and
+their JSON reports are checked: the paths the node took, no weight work by ComfyUI, outputs equal
+to stock within fp16 rounding, ComfyUI's patch path under --lowvram / --novram. Skipped without
+a GPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lora_cache_testkit import host
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# The tiny model samples in fp16 on the GPU: stock rounds its merged weights to fp16, the dynamic
+# path adds an fp16 low-rank product to the fp16 output (about 1e-4 of the output's range).
+REL_TOL = 1e-3
+
+
+def report(script: str) -> dict:
+    proc = subprocess.run([sys.executable, str(host.ROOT / "scripts" / script)], cwd=host.ROOT,
+                          env={**os.environ, "COMFYUI_DIR": str(host.COMFY_DIR)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    return json.loads("\n".join(lines[lines.index("{"):]))  # the report is printed last
+
+
+def within_rounding(run: dict) -> bool:
+    return run["max_abs_diff_vs_stock"] <= REL_TOL * run["ref_max_abs"]
+
+
+def test_gpu_smoke():
+    r = report("gpu_smoke.py")
+    assert [run["path"] for run in r["runs"]] == ["build", "off", "fast", "off", "fast", "full", "fast"], r["runs"]
+    for run in r["runs"]:
+        assert run["weight_work"] == {}, run  # ComfyUI never reloads or re-patches the model
+        assert within_rounding(run), run
+    assert r["factor_device"].startswith("cuda")
+    assert r["novram"]["path"] == "full" and r["novram"]["max_abs_diff_vs_stock"] == 0.0, r["novram"]
+
+
+def test_gpu_memory_check():
+    r = report("gpu_memory_check.py")
+    assert r["runs"][0]["path"] == "build"
+    for run in r["runs"]:
+        assert within_rounding(run), run
+    for state in ("LOW_VRAM", "NO_VRAM"):
+        assert r[state]["path"] == "full" and r[state]["max_abs_diff_vs_stock"] == 0.0, r[state]
