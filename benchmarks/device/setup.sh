@@ -48,5 +48,5 @@ cat > /tmp/standins/sitecustomize.py <<PY
 import _standin
 _standin.install($roots)
 PY
-export PYTHONPATH="/tmp/standins:/tmp/site:$ROOT/scripts:$ROOT/tests${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="/tmp/standins:/tmp/site:$ROOT/testkit${PYTHONPATH:+:$PYTHONPATH}"
 echo "[device setup] ComfyUI at $COMFYUI_DIR; stand-ins for $roots"
