@@ -167,14 +167,24 @@ class Memory:
         """Before a sampling, after ComfyUI loaded the model: the least memory the sampling needs
         (ComfyUI's own estimate for the latent, plus its inference reserve) comes before cached
         factors that it does not use. Under dynamic VRAM comfy-aimdo evicts weights for new
-        allocations but never our factors, so ours give way first."""
+        allocations but never our factors, so ours give way first: where the model's weights
+        stream (they do not all fit), unused factors leave the device."""
         device = patcher.load_device
         if shape is None or not can_offload(device) or torch.device(device).type == "cpu":
             return
         need = mm.minimum_inference_memory() + int(patcher.model.memory_required([shape[0], *shape[1:]]))
-        # Under dynamic VRAM the patcher also counts weight pages comfy-aimdo can evict.
-        free_of = getattr(patcher, "get_free_memory", None)
-        free = free_of(device) if callable(free_of) else mm.get_free_memory(device)
+        if load_state.is_dynamic(patcher):
+            # Weights that do not fit beside the sampling stream in at every step: there each byte
+            # of factors this sampling does not use costs a byte of weights streamed per step.
+            missing = patcher.model_size() - patcher.loaded_size()
+            free = mm.get_free_memory(device)
+            if missing + need > free:
+                moved = self.give_way(device, f"the model streams its weights on {device} (dynamic VRAM)")
+                if moved:
+                    log.info("[LoRA Cache] %d bytes of unused cached factors moved off %s: the model streams "
+                             "its weights there", moved, device)
+            return
+        free = mm.get_free_memory(device)
         if free >= need:
             return
         moved = self.give_way(device, f"sampling needs {need / _MB:.0f} MB on {device}, {free / _MB:.0f} MB free",
