@@ -19,8 +19,6 @@ import torch
 
 import comfy.model_management as mm
 
-from . import layers
-
 _MB = 1024 * 1024
 
 
@@ -99,17 +97,19 @@ def merged_problem(patcher) -> str | None:
 
 
 def unattached_problem(entry) -> str | None:
-    """Why a cached entry's factors are not ready on its layers, or None."""
+    """Why a cached entry's factors are not ready on its layers, or None.
+
+    Layers hold an entry's factors from its attach until its detach, which also ends the entry
+    (`live`), so this is a check of the entry, not a walk over its layers: the fast path's cost
+    does not grow with the model. Layers ComfyUI leaves offloaded are a model-level fact
+    (`model_lowvram`, placement_problem); a layer that casts its weight per call is not one
+    (text encoders with a compute dtype, every layer under dynamic VRAM)."""
     if entry.model_ref() is None:
         return "model was freed"
+    if not entry.live:
+        return "its cache entry was replaced"
     if not entry.resident:  # the memory owner moved them (memory.py)
         return f"its factors were moved to cpu ({entry.offload_reason}); moved back to {entry.home}"
-    # Layers ComfyUI leaves offloaded are a model-level fact (`model_lowvram`, placement_problem);
-    # a layer that casts its weight per call is not one: text encoders with a compute dtype and
-    # every layer under dynamic VRAM cast on each call with their weights resident.
-    for path, module, factors in entry.modules():
-        if not layers.holds(module, entry, factors):
-            return f"layer {path} no longer holds the cached factors"
     return None
 
 
