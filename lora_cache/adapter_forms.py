@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -394,9 +395,9 @@ def _glora(ctx: BuildContext, t: Target) -> Built:
     old, rank = False, None
     if b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]:
         rank, old = a1.shape[0], True
-    if b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]:
-        if not (old and a2.shape[0] == shape[0] and shape[0] == shape[1]):
-            rank, old = a2.shape[0], False
+    if (b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]
+            and not (old and a2.shape[0] == shape[0] and shape[0] == shape[1])):
+        rank, old = a2.shape[0], False
     if rank is None:
         raise _fail(ctx, t, f"a1 {_shape(a1.shape)}, a2 {_shape(a2.shape)}, b1 {_shape(b1.shape)}, "
                             f"b2 {_shape(b2.shape)} do not share a rank")

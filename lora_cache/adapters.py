@@ -10,12 +10,11 @@ import math
 import re
 from dataclasses import dataclass
 
-import torch
-
 import comfy.lora
 import comfy.lora_convert
 import comfy.utils
 import comfy.weight_adapter
+import torch
 
 from .adapter_forms import BuildContext, Built, NoForm, Target, forms_for
 from .errors import LoraCacheError

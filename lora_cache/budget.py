@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter, OrderedDict
-from typing import Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 import torch
 

@@ -26,8 +26,8 @@ can be merged into a weight (`merge_into`, merged mode and the weight before a l
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +125,8 @@ class _States:
     def get(self, module, prefix, extra, make: Callable[[], object]):
         key = self._key(module, prefix, extra)
         for i, (k, refs, value) in enumerate(self.items):
-            if k == key and refs[0]() is module.weight and all(r() is f for r, (f, _) in zip(refs[1:], prefix)):
+            if (k == key and refs[0]() is module.weight
+                    and all(r() is f for r, (f, _) in zip(refs[1:], prefix, strict=True))):
                 self.items.append(self.items.pop(i))
                 return value
         value = make()

@@ -15,8 +15,9 @@ GLoRA) see exactly that weight.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -349,7 +350,7 @@ def run_chain(chain: tuple[Op, ...], has_pre: bool, x: torch.Tensor, base: Calla
         if op.pre is not None:
             cur = op.pre(cur)
     y = base(cur)
-    for op, xi in zip(chain, reversed(inputs)):
+    for op, xi in zip(chain, reversed(inputs), strict=True):
         if op.post is not None:
             y = op.post(xi, y)
     return y

@@ -20,12 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
-
-import torch
 
 import comfy.model_management as mm
+import torch
 
 from . import layers, load_state
 from .budget import Budget, LRUPolicy

@@ -18,6 +18,7 @@ sibling runs); only the owner's eject or cleanup deactivates.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import weakref
@@ -72,7 +73,7 @@ class AdapterStack:
 
     items: tuple[StackItem, ...] = ()
 
-    def with_adapter(self, entry: Entry, strength: float, mode: str = "dynamic") -> "AdapterStack":
+    def with_adapter(self, entry: Entry, strength: float, mode: str = "dynamic") -> AdapterStack:
         return AdapterStack(self.items + (StackItem(entry, strength, mode),))
 
 
@@ -129,12 +130,12 @@ def _activate(patcher, forms: dict[str, str] | None = None, timing: Timing | Non
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
     items = [_current(item, patcher) for item in stack.items]
     MEMORY.pin(id(model), [e for e, _, _ in items])  # never evicted while active; moved back if needed
-    act = _Activation(weakref.ref(patcher, lambda ref, mid=id(model): _owner_gone(mid, ref)), [], timing=timing)
+    act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [], timing=timing)
     _active[id(model)] = act
     to_merge = []
     want = [(forms or {}).get(mode, "dynamic") == "merged" for _, _, mode in items]
     merged_flags = merge.merged_items([entry.layers for entry, _, _ in items], want)
-    for (entry, strength, mode), merged in zip(items, merged_flags):
+    for (entry, strength, _mode), merged in zip(items, merged_flags, strict=True):
         for _, module, factors in entry.modules():
             if merged:
                 to_merge.append((module, factors, strength))

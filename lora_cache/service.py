@@ -4,8 +4,9 @@ Node classes call `apply` / `apply_stack` and nothing else."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from . import adapters, build, capabilities, decision, files, load_state, scope
 from .decision import Decision, Facts
@@ -153,7 +154,8 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
             unet_p, clip_p = adapters.split_patches(sd, model if use_model else None, clip if use_clip else None,
                                                     lora_name)
             if not unet_p and not clip_p:
-                target = " or ".join(t for t, used in (("diffusion model", use_model), ("text encoder", use_clip)) if used)
+                target = " or ".join(t for t, used in (("diffusion model", use_model), ("text encoder", use_clip))
+                                     if used)
                 raise LoraCacheError(f"LoRA file '{lora_name}' has no LoRA keys for this {target} "
                                      f"({len(sd)} tensors, none match ComfyUI's key map)")
             read["split"] = (unet_p, clip_p)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
@@ -62,7 +62,8 @@ class Entry:
         # Kept per `layers` dict: planning the factors replaces it.
         cached = self.__dict__.get("_mods")
         if cached is None or cached[0] is not self.layers:
-            cached = self.__dict__["_mods"] = (self.layers, {p: weakref.ref(model.get_submodule(p)) for p in self.layers})
+            cached = self.__dict__["_mods"] = (self.layers,
+                                               {p: weakref.ref(model.get_submodule(p)) for p in self.layers})
         mods = cached[1]
         for path, factors in self.layers.items():
             yield path, mods[path](), factors
