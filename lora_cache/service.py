@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from . import adapters, build, capabilities, decision, files, load_state, scope
 from .decision import Decision, Facts
@@ -44,8 +44,8 @@ def fingerprint(lora_name: str, enabled: bool) -> str | float:
 class _Side:
     """The diffusion model or the text encoder: what the node patches and how."""
 
-    name: str  # "model" | "clip"
-    obj: object  # ModelPatcher, or comfy.sd.CLIP
+    name: Literal["model", "clip"]
+    obj: Any  # ModelPatcher, or comfy.sd.CLIP (ComfyUI's, untyped)
     strength: float
 
     @property
@@ -171,6 +171,7 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
         clip_d, out_clip = _apply_side(_Side("clip", clip, strength_clip), lora_name, ident, mode,
                                        lambda: split()[1], key("clip"))
     if d is None:  # text encoder only: the event's path is the text encoder's
+        assert clip_d is not None  # the text encoder ran: a run with neither side returned above
         d = Decision(clip_d.path, f"text encoder: {clip_d.reason}")
     return out_model, out_clip, done(d, clip_d)
 
