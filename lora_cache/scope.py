@@ -54,6 +54,9 @@ class _Activation:
     merged: merge.Merged | None = None  # weights merged for this run, restored on release
     timing: Timing | None = None
 
+    def owned_by(self, patcher) -> bool:
+        return self.owner() is patcher
+
 
 # base module tree id -> what we activated and for whom, so deactivation undoes exactly that.
 _active: dict[int, _Activation] = {}
@@ -237,7 +240,7 @@ def _on_pre_run(patcher) -> None:
 def _on_cleanup(patcher) -> None:
     act = _active.get(id(patcher.model))
     _release(patcher)
-    if act is not None and act.owner() is patcher and act.timing is not None:
+    if act is not None and act.owned_by(patcher) and act.timing is not None:
         t = act.timing
         seconds = _sync(patcher.load_device) - t.start
         COSTS.record(t.key, t.form, seconds)
