@@ -27,7 +27,7 @@ _last_run: dict[tuple[str, str], LastRun] = {}
 _PATH_WEIGHT = {"off": 0, "fast": 1, "build": 2, "full": 3}
 
 
-def fingerprint(lora_name: str, enabled: bool) -> str | float:
+def fingerprint(lora_name: str | None, enabled: bool) -> str | float:
     """The node's change fingerprint (IS_CHANGED): the file's identity and the cache generation,
     so a rewritten file, a purge or factors moved off the device make ComfyUI execute the node
     again."""
