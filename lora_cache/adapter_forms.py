@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+from torch.nn.modules.conv import _ConvNd
 
 from .errors import LoraCacheError
 from .forms import BlockRotation, Butterfly, DenseDelta, DoRA, InputLowRank, KronFactors, StockDelta, layer_weight
-from .layers import LayerFactors
+from .layers import LayerFactors, weight_of
 
 
 class NoForm(Exception):
@@ -59,7 +61,7 @@ class Target(NamedTuple):
     offset: tuple | None  # ComfyUI's (dim, start, length): a slice of a fused weight
     function: Callable | None  # ComfyUI's patch function (e.g. Flux's swap_scale_shift)
     source: str  # the file's key prefix (for messages)
-    adapter: object
+    adapter: Any  # a comfy.weight_adapter adapter (ComfyUI's, untyped)
 
     @property
     def out_slice(self) -> tuple[int, int] | None:
@@ -68,7 +70,7 @@ class Target(NamedTuple):
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the weight (slice) the adapter patches."""
-        w = self.module.weight.shape
+        w = weight_of(self.module).shape
         return (self.offset[2] if self.offset is not None else w[0], *w[1:])
 
     @property
@@ -206,7 +208,7 @@ def low_rank(ctx: BuildContext, t: Target, up, down, scale: float, mid=None) -> 
     """Low-rank factors for the layer; raises on factors that cannot belong to it."""
     lora_name, key, module = ctx.lora_name, t.key, t.module
     rank = down.shape[0]
-    if t.linear:
+    if isinstance(module, torch.nn.Linear):
         up, down = _flat_factors(up, down)
         out_dim = t.shape[0]
         if mid is not None or up.ndim != 2 or down.ndim != 2 or up.shape[1] != rank:
@@ -225,6 +227,7 @@ def low_rank(ctx: BuildContext, t: Target, up, down, scale: float, mid=None) -> 
                 raise NoForm(f"patch function on '{key}' does not commute with the factors")
             up = t.function(up.float())
         return LayerFactors("linear", _put(ctx, down.t()), _put(ctx, up.t()), scale, out_slice=t.out_slice)
+    assert isinstance(module, _ConvNd), "a target is a Linear or a plain convolution (adapters.resolve)"
     nd = len(module.kernel_size)
     kernel = tuple(module.kernel_size)
     ok = (up.ndim == nd + 2 and down.ndim == nd + 2 and up.shape[0] == module.out_channels
@@ -262,7 +265,8 @@ def _lora(ctx: BuildContext, t: Target) -> Built:
 # -- DoRA ---------------------------------------------------------------------------------------
 
 
-def with_dora(ctx: BuildContext, t: Target, core, magnitude: torch.Tensor) -> Built:
+def with_dora(ctx: BuildContext, t: Target, core: LayerFactors | KronFactors | DenseDelta,
+              magnitude: torch.Tensor) -> Built:
     """ComfyUI's weight decomposition over an additive core. The magnitude's first dim decides the
     axis as in ComfyUI; shapes whose ratio would not be one value per output row (or per input
     column) keep ComfyUI's own merge (exact, dense)."""
@@ -309,6 +313,7 @@ def _loha(ctx: BuildContext, t: Target) -> Built:
         if dora_scale is not None:
             return Built((stock_form(ctx, t),), "dora on a transformed target: ComfyUI's merge per strength")
         return Built((dense_form(ctx, t),), "loha on a transformed target: dense update")
+    core: DenseDelta | LayerFactors
     if r * (rows + k) >= rows * k:
         # (A1 B1) * (A2 B2) has rank r1*r2; here that is not smaller than the weight
         d = (_f32(ctx, w1a) @ _f32(ctx, w1b)) * (_f32(ctx, w2a) @ _f32(ctx, w2b))
@@ -394,9 +399,9 @@ def _glora(ctx: BuildContext, t: Target) -> Built:
     old, rank = False, None
     if b2.shape[1] == b1.shape[0] == a1.shape[0] == a2.shape[1]:
         rank, old = a1.shape[0], True
-    if b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]:
-        if not (old and a2.shape[0] == shape[0] and shape[0] == shape[1]):
-            rank, old = a2.shape[0], False
+    if (b2.shape[0] == b1.shape[1] == a1.shape[1] == a2.shape[0]
+            and not (old and a2.shape[0] == shape[0] and shape[0] == shape[1])):
+        rank, old = a2.shape[0], False
     if rank is None:
         raise _fail(ctx, t, f"a1 {_shape(a1.shape)}, a2 {_shape(a2.shape)}, b1 {_shape(b1.shape)}, "
                             f"b2 {_shape(b2.shape)} do not share a rank")

@@ -10,12 +10,11 @@ import math
 import re
 from dataclasses import dataclass
 
-import torch
-
 import comfy.lora
 import comfy.lora_convert
 import comfy.utils
 import comfy.weight_adapter
+import torch
 
 from .adapter_forms import BuildContext, Built, NoForm, Target, forms_for
 from .errors import LoraCacheError
@@ -123,7 +122,7 @@ def _counted(kinds: dict[str, int]) -> str:
     return ", ".join(f"{k} on {n} layer{'s' if n != 1 else ''}" for k, n in sorted(kinds.items()))
 
 
-def unsupported(patches: Patches) -> str | None:
+def unsupported(patches: dict) -> str | None:
     """Patches that are not weight adapters (ComfyUI's "diff" / "set" tuples)."""
     kinds: dict[str, int] = {}
     for adapter in patches.values():
@@ -163,8 +162,10 @@ def module_path(t: Target) -> str:
     return t.key[: -len(".weight")]
 
 
-def plan_dynamic(patches: Patches, model_patcher, lora_name: str, device, dtype, progress=None) -> Plan:
+def plan_dynamic(patches: dict, model_patcher, lora_name: str, device, dtype, progress=None) -> Plan:
     """Forms for the dynamic path. Raises on shapes that cannot belong to the layer.
+    `patches`: target -> adapter, a Patches (its `sources` name the file's keys in messages) or
+    ComfyUI's load_lora result as it is.
     `progress(done)` is called every few layers: a large adapter's build shows in the UI."""
     reason = unsupported(patches)
     if reason is not None:

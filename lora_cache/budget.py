@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter, OrderedDict
-from typing import Hashable, Iterable
+from collections.abc import Hashable, Iterable
+from typing import Generic, TypeVar
 
 import torch
 
@@ -28,21 +29,24 @@ ENV_DEVICE = "LORA_CACHE_GPU_BUDGET_MB"
 ENV_HOST = "LORA_CACHE_CPU_BUDGET_MB"
 
 
-class LRUPolicy:
+Key = TypeVar("Key", bound=Hashable)
+
+
+class LRUPolicy(Generic[Key]):
     """Least recently used first. Keys are cache entries (anything hashable)."""
 
-    def __init__(self):
-        self._order: OrderedDict[Hashable, None] = OrderedDict()
-        self.counters: Counter = Counter()
+    def __init__(self) -> None:
+        self._order: OrderedDict[Key, None] = OrderedDict()
+        self.counters: Counter[str] = Counter()
 
-    def mark_used(self, key: Hashable) -> None:
+    def mark_used(self, key: Key) -> None:
         self._order[key] = None
         self._order.move_to_end(key)
 
-    def remove(self, key: Hashable) -> None:
+    def remove(self, key: Key) -> None:
         self._order.pop(key, None)
 
-    def select_victim(self, candidates: Iterable[Hashable], pinned: Iterable[Hashable] = ()) -> Hashable | None:
+    def select_victim(self, candidates: Iterable[Key], pinned: Iterable[Key] = ()) -> Key | None:
         """The least recently used candidate that is not pinned, or None."""
         cand = set(candidates)
         pin = set(pinned)
@@ -54,7 +58,7 @@ class LRUPolicy:
             return key
         return None
 
-    def order(self) -> list:
+    def order(self) -> list[Key]:
         return list(self._order)
 
 
@@ -106,7 +110,7 @@ class Budget:
     """Byte limits per tier. `overrides` (device string -> bytes) let tests and callers set a
     limit for one device, the CPU included, without touching the environment."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.overrides: dict[str, int] = {}
         self.host_override: int | None = None
 

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable, NamedTuple
-
-import torch
+from collections.abc import Callable
+from typing import NamedTuple
 
 import comfy.utils
+import torch
 
 from . import adapters, capabilities, layers
 from .errors import LoraCacheError
 from .files import FileIdentity
 from .memory import MEMORY
 from .store import STORE, Entry
-
 
 log = logging.getLogger("lora_cache")
 

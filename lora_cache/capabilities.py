@@ -14,13 +14,12 @@ import functools
 import inspect
 import weakref
 
-import torch
-
 import comfy.lora
 import comfy.lora_convert
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.weight_adapter
+import torch
 
 from . import load_state
 
@@ -87,7 +86,7 @@ def _foreign_dynamic_model(patcher) -> bool:
 
 # Models whose blocks ComfyUI captures as CUDA graphs under dynamic VRAM (a few text encoders):
 # the replay reuses whatever the forward did at capture time. Worked out once per model.
-_graph_captured: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_graph_captured: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def _captures_graphs(model) -> bool:

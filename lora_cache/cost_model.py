@@ -65,7 +65,8 @@ class CostModel:
 
     def measured(self) -> list[dict]:
         with self._lock:
-            return [{"key": repr(k), **{f"{f}_ms": v * 1000 for f, v in seen.items()}} for k, seen in self._seen.items()]
+            return [{"key": repr(k), **{f"{f}_ms": v * 1000 for f, v in seen.items()}}
+                    for k, seen in self._seen.items()]
 
     def clear(self) -> None:
         with self._lock:

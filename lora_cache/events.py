@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger("lora_cache")
 
-_recent: deque["Event"] = deque(maxlen=200)
+_recent: deque[Event] = deque(maxlen=200)
 # What `auto` chose per sampling and what the sampling cost (time from ON_PRE_RUN to cleanup).
 _samplings: deque[dict] = deque(maxlen=50)
 

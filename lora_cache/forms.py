@@ -26,13 +26,14 @@ can be merged into a weight (`merge_into`, merged mode and the weight before a l
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .layers import LayerFactors, Op, _moved, move_layer
+from .layers import LayerFactors, LayerForm, Op, _moved, weight_of
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _STATES = 4  # derived states kept per form (weights and prefixes seen recently)
@@ -50,7 +51,7 @@ def _per_channel(v: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     """A vector over channels, shaped to broadcast over the layer's input or output."""
     if _is_linear(module):
         return v
-    return v.view(-1, *([1] * (module.weight.ndim - 2)))
+    return v.view(-1, *([1] * (weight_of(module).ndim - 2)))
 
 
 def _writable(y: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,7 @@ def _bias(module: torch.nn.Module, out_slice, dtype, device) -> torch.Tensor | N
 def layer_weight(module: torch.nn.Module, device) -> torch.Tensor:
     """The layer's current weight as an fp32 copy on `device`, as ComfyUI reads it for a merge
     (model_patcher.get_key_weight: a layer with `convert_weight` gets it applied)."""
-    w = module.weight.detach().to(device=device, dtype=torch.float32, copy=True)
+    w = weight_of(module).detach().to(device=device, dtype=torch.float32, copy=True)
     convert = getattr(module, "convert_weight", None)
     return convert(w, inplace=True) if convert is not None else w
 
@@ -125,7 +126,8 @@ class _States:
     def get(self, module, prefix, extra, make: Callable[[], object]):
         key = self._key(module, prefix, extra)
         for i, (k, refs, value) in enumerate(self.items):
-            if k == key and refs[0]() is module.weight and all(r() is f for r, (f, _) in zip(refs[1:], prefix)):
+            if (k == key and refs[0]() is module.weight
+                    and all(r() is f for r, (f, _) in zip(refs[1:], prefix, strict=True))):
                 self.items.append(self.items.pop(i))
                 return value
         value = make()
@@ -178,7 +180,7 @@ class Form:
             if isinstance(v, torch.Tensor):
                 setattr(self, n, _moved(v, device, pin))
             elif v is not None:  # a form inside this one (DoRA's core)
-                move_layer((v,), device, pin)
+                v.move(device, pin)
         states = self.__dict__.get("states")
         if states is not None:
             states.clear()  # derived again from the weight at the next activation
@@ -188,6 +190,16 @@ class Form:
 
 
 # -- additive forms --------------------------------------------------------------------------
+
+
+class AdditiveCore(LayerForm, Protocol):
+    """An additive form (LayerFactors, KronFactors, DenseDelta): what DoRA reads of its core."""
+
+    scale: float
+
+    def dense(self) -> torch.Tensor: ...
+
+    def delta_fn(self, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]: ...
 
 
 @dataclass(eq=False)
@@ -341,7 +353,7 @@ class DoRA(Form):
     s * scale * core(x * c) is added. c is derived from the weight on the device at the first
     activation and kept per (weight, forms before it); a strength change only rescales it."""
 
-    core: Form
+    core: AdditiveCore
     magnitude: torch.Tensor
     axis: str  # "out" | "in"
     out_slice: tuple[int, int] | None = None
@@ -377,12 +389,11 @@ class DoRA(Form):
         dtype = core.tensors()[0].dtype
         keep = (1 + s * (c - 1)).to(dtype)  # what the weight before keeps, per channel
         gain = s * core.scale * c  # what the core's update gets, per channel (fp32)
-        low_rank = isinstance(core, LayerFactors) and core.kind == "linear"
+        low_rank = core if isinstance(core, LayerFactors) and core.kind == "linear" else None
         if self.axis == "in":
             keep_in = _per_channel(keep, module)
-            if low_rank:  # the input scale folds into down: one addmm_ as for plain LoRA
-                add = LayerFactors("linear", (core.down.float() * gain[:, None]).to(dtype), core.up, 1.0,
-                                   out_slice=sl).bind(module, 1.0, ()).post
+            if low_rank is not None:  # the input scale folds into down: one addmm_ as for plain LoRA
+                add = _low_rank_post((low_rank.down.float() * gain[:, None]).to(dtype), low_rank.up, sl, module)
             else:
                 delta, gain_in = core.delta_fn(module), _per_channel(gain.to(dtype), module)
 
@@ -393,9 +404,8 @@ class DoRA(Form):
         bias = _bias(module, sl, torch.float32, c.device)
         shift = None if bias is None else _per_channel(((1 - keep.float()) * bias).to(dtype), module)
         keep_out = _per_channel(keep, module)
-        if low_rank:  # the output scale folds into up
-            add = LayerFactors("linear", core.down, (core.up.float() * gain[None, :]).to(dtype), 1.0,
-                               out_slice=sl).bind(module, 1.0, ()).post
+        if low_rank is not None:  # the output scale folds into up
+            add = _low_rank_post(low_rank.down, (low_rank.up.float() * gain[None, :]).to(dtype), sl, module)
         else:
             delta, gain_out = core.delta_fn(module), _per_channel(gain.to(dtype), module)
 
@@ -416,6 +426,14 @@ class DoRA(Form):
         c = self.ratio(weight)
         v = w + self.core.scale * self.core.dense().reshape(w.shape)
         w.add_(v * c - w, alpha=float(strength))
+
+
+def _low_rank_post(down: torch.Tensor, up: torch.Tensor, out_slice: tuple[int, int] | None,
+                   module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What low-rank Linear factors add to the output at unit scale and strength."""
+    post = LayerFactors("linear", down, up, 1.0, out_slice=out_slice).bind(module, 1.0, ()).post
+    assert post is not None, "a low-rank update adds to the output"
+    return post
 
 
 def _channels_last(y: torch.Tensor, module) -> torch.Tensor:
@@ -537,7 +555,7 @@ class StockDelta(Form):
     adapter ComfyUI can merge, kept as a dense update per (weight, forms before it, strength)
     on the device. A strength change recomputes it there (one merge of the layer)."""
 
-    adapter: object  # a comfy.weight_adapter adapter whose tensors are on the device
+    adapter: Any  # a comfy.weight_adapter adapter (ComfyUI's, untyped) whose tensors are on the device
     key: str
     offset: tuple | None
     function: Callable | None

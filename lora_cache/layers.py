@@ -15,11 +15,13 @@ GLoRA) see exactly that weight.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Literal, NamedTuple, Protocol, TypeGuard, overload
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.conv import _ConvNd
 
 SLOT_ATTR = "lora_cache_slot"
 
@@ -36,6 +38,41 @@ class Op(NamedTuple):
 
     pre: Callable | None
     post: Callable | None
+
+
+class LayerForm(Protocol):
+    """What every form on a layer has: `LayerFactors` (below) and the forms of forms.py. The
+    layer's slot, the memory owner and the merge use a layer's forms only through these."""
+
+    kind: str
+    order_sensitive: bool  # its update depends on the weight before it (see order_sensitive())
+    out_slice: tuple[int, int] | None
+
+    def tensors(self) -> list[torch.Tensor]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def move(self, device: torch.device, pin: bool) -> None: ...
+
+    def bind(self, module: torch.nn.Module, strength: float, prefix: Prefix) -> Op: ...
+
+    def merge_into(self, weight: torch.Tensor, strength: float) -> None: ...
+
+
+# The forms before one on its layer, in chain order, with their strengths.
+Prefix = tuple[tuple[LayerForm, float], ...]
+
+
+def weight_of(module: torch.nn.Module) -> torch.Tensor:
+    """A targeted layer's weight (a Linear's or a convolution's, adapters.resolve): torch types
+    any module attribute as Tensor | Module."""
+    w = module.weight
+    assert isinstance(w, torch.Tensor), f"{type(module).__name__}.weight is not a tensor"
+    return w
 
 
 def _to(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +123,10 @@ class LayerFactors:
                 d, u = _to(down, x), _to(up, x)
                 return (x.reshape(-1, x.shape[-1]) @ d @ u).view(*x.shape[:-1], -1)
             return delta
+        assert isinstance(module, _ConvNd), "factors other than Linear ones target a convolution (adapters.resolve)"
         stride, padding, dilation = module.stride, module.padding, module.dilation
 
-        def delta_conv(x):
+        def delta_conv(x: torch.Tensor) -> torch.Tensor:
             conv = _CONV[x.ndim - 2]
             if mid is None:
                 h = conv(x, _to(down, x), None, stride, padding, dilation)
@@ -112,7 +150,12 @@ class LayerFactors:
         target = weight if self.out_slice is None else weight.narrow(0, *self.out_slice)
         target.add_(self.dense().reshape(target.shape), alpha=float(strength) * self.scale)
 
-    def bind(self, module: torch.nn.Module, strength: float, prefix) -> Op:
+    def move(self, device: torch.device, pin: bool = False) -> None:
+        """Moves this factor's tensors in place (move_layer moves a layer's factors together, a
+        shared down projection once)."""
+        move_layer((self,), device, pin)
+
+    def bind(self, module: torch.nn.Module, strength: float, prefix: Prefix) -> Op:
         """y += strength * scale * up(down(x)), in place where autograd does not record y; the
         tensors bound now (they do not move while the layer is active)."""
         alpha = strength * self.scale
@@ -125,7 +168,8 @@ class LayerFactors:
                 return y.add_(delta(x), alpha=alpha)
             return Op(None, post_conv)
         down, up = self.down, self.up
-        start, length = self.out_slice if self.out_slice is not None else (None, None)
+        # the output columns the update goes to; None: all of them
+        start, stop = (None, None) if self.out_slice is None else (self.out_slice[0], sum(self.out_slice))
 
         def post(x, y):
             d, u = _to(down, x), _to(up, x)
@@ -135,13 +179,13 @@ class LayerFactors:
                 if start is None:
                     return y + delta
                 y = y.clone()
-                y[..., start:start + length] += delta
+                y[..., start:stop] += delta
                 return y
             y2 = y.view(-1, y.shape[-1])
             if start is None:
                 y2.addmm_(h, u, alpha=alpha)
             else:
-                y2[:, start:start + length].addmm_(h, u, alpha=alpha)
+                y2[:, start:stop].addmm_(h, u, alpha=alpha)
             return y
         return Op(None, post)
 
@@ -158,7 +202,7 @@ def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
     return out
 
 
-def move_layer(factors: tuple[LayerFactors, ...], device: torch.device, pin: bool = False) -> None:
+def move_layer(factors: tuple[LayerForm, ...], device: torch.device, pin: bool = False) -> None:
     """Moves one layer's factors to `device` in place: the LayerFactors objects (which the layer's
     slot holds) stay, their tensors change place. A shared down projection moves once and the
     factors' `down`s become views of the moved copy again, so nothing stays behind on the old
@@ -173,6 +217,7 @@ def move_layer(factors: tuple[LayerFactors, ...], device: torch.device, pin: boo
             if key not in shared:
                 shared[key] = _moved(f.shared_down, device, pin)
             f.shared_down = shared[key]
+            assert f.shared_cols is not None, "share_down sets both"
             lo, hi = f.shared_cols
             f.down = f.shared_down[:, lo:hi]
         else:
@@ -182,7 +227,7 @@ def move_layer(factors: tuple[LayerFactors, ...], device: torch.device, pin: boo
             f.mid = _moved(f.mid, device, pin)
 
 
-def copy_layer(factors: tuple[LayerFactors, ...], device: torch.device) -> tuple[LayerFactors, ...]:
+def copy_layer(factors: tuple[LayerForm, ...], device: torch.device) -> tuple[LayerForm, ...]:
     """A layer's factors (and forms) copied to `device` as new objects owning their own tensors;
     views stay views of the copy of what they viewed (one deepcopy keeps storages shared)."""
     copies = copy.deepcopy(factors)
@@ -194,12 +239,16 @@ def copy_layer(factors: tuple[LayerFactors, ...], device: torch.device) -> tuple
     return copies
 
 
-def share_down(factors: tuple[LayerFactors, ...]) -> torch.Tensor | None:
+def _all_linear(forms: tuple[LayerForm, ...]) -> TypeGuard[tuple[LayerFactors, ...]]:
+    return all(isinstance(f, LayerFactors) and f.kind == "linear" for f in forms)
+
+
+def share_down(factors: tuple[LayerForm, ...]) -> torch.Tensor | None:
     """One down projection for all Linear factors of a layer (Flux's q/k/v slices of a fused
     qkv weight, or q/k/v/mlp of linear1): their downs side by side in one [in, R] matrix, each
     factor's `down` becoming a view of its columns. One GEMM then computes every factor's
     `x @ down`, and the memory is the same as before. Idempotent."""
-    if len(factors) < 2 or any(not isinstance(f, LayerFactors) or f.kind != "linear" for f in factors):
+    if len(factors) < 2 or not _all_linear(factors):
         return None
     first = factors[0]
     if first.shared_down is not None and all(f.shared_down is first.shared_down for f in factors):
@@ -218,7 +267,7 @@ def share_down(factors: tuple[LayerFactors, ...]) -> torch.Tensor | None:
     return shared
 
 
-def order_sensitive(layers: dict[str, tuple]) -> bool:
+def order_sensitive(layers: dict[str, tuple[LayerForm, ...]]) -> bool:
     """Whether some form's update depends on the weight before it (DoRA, OFT, BOFT, GLoRA,
     ComfyUI's own merge): then the order of the adapters on a layer matters."""
     return any(f.order_sensitive for fs in layers.values() for f in fs)
@@ -227,9 +276,9 @@ def order_sensitive(layers: dict[str, tuple]) -> bool:
 class LayerSlot:
     __slots__ = ("adapters", "active", "installed", "prev_forward", "plan", "chain", "chain_pre")
 
-    def __init__(self):
-        self.adapters: dict[object, tuple] = {}
-        self.active: list[tuple[tuple, float]] = []
+    def __init__(self) -> None:
+        self.adapters: dict[object, tuple[LayerForm, ...]] = {}
+        self.active: list[tuple[tuple[LayerForm, ...], float]] = []
         self.installed: Callable | None = None
         self.prev_forward: Callable | None = None
         # What the direct forward computes, rebuilt on activate: per active adapter
@@ -242,6 +291,14 @@ class LayerSlot:
         self.chain_pre = False
 
 
+@overload
+def slot_of(module: torch.nn.Module, create: Literal[True]) -> LayerSlot: ...
+
+
+@overload
+def slot_of(module: torch.nn.Module, create: bool = False) -> LayerSlot | None: ...
+
+
 def slot_of(module: torch.nn.Module, create: bool = False) -> LayerSlot | None:
     slot = module.__dict__.get(SLOT_ATTR)
     if slot is None and create:
@@ -252,7 +309,7 @@ def slot_of(module: torch.nn.Module, create: bool = False) -> LayerSlot | None:
     return slot
 
 
-def register(module: torch.nn.Module, key: object, factors: tuple[LayerFactors, ...]) -> None:
+def register(module: torch.nn.Module, key: object, factors: tuple[LayerForm, ...]) -> None:
     slot_of(module, create=True).adapters[key] = factors
 
 
@@ -262,12 +319,12 @@ def unregister(module: torch.nn.Module, key: object) -> None:
         slot.adapters.pop(key, None)
 
 
-def holds(module: torch.nn.Module, key: object, factors: tuple[LayerFactors, ...]) -> bool:
+def holds(module: torch.nn.Module, key: object, factors: tuple[LayerForm, ...]) -> bool:
     slot = slot_of(module)
     return slot is not None and slot.adapters.get(key) is factors
 
 
-def activate(module: torch.nn.Module, factors: tuple, strength: float) -> None:
+def activate(module: torch.nn.Module, factors: tuple[LayerForm, ...], strength: float) -> None:
     slot = slot_of(module, create=True)
     slot.active.append((factors, strength))
     slot.plan = _plan(slot.active)
@@ -319,12 +376,12 @@ def _plan(active) -> tuple | None:
     return tuple(plan)
 
 
-def _chain(module: torch.nn.Module, active) -> tuple[Op, ...]:
+def _chain(module: torch.nn.Module, active: list[tuple[tuple[LayerForm, ...], float]]) -> tuple[Op, ...]:
     """Every active form bound to its strength, in chain order. A form that depends on the
     weight before it gets the forms before it on this layer (`prefix`) to compute that weight
     from (forms.py caches what it derives, per weight and prefix)."""
     ops = []
-    prefix: list[tuple[object, float]] = []
+    prefix: list[tuple[LayerForm, float]] = []
     for factors, strength in active:
         for f in factors:
             ops.append(f.bind(module, strength, tuple(prefix) if f.order_sensitive else ()))
@@ -349,7 +406,7 @@ def run_chain(chain: tuple[Op, ...], has_pre: bool, x: torch.Tensor, base: Calla
         if op.pre is not None:
             cur = op.pre(cur)
     y = base(cur)
-    for op, xi in zip(chain, reversed(inputs)):
+    for op, xi in zip(chain, reversed(inputs), strict=True):
         if op.post is not None:
             y = op.post(xi, y)
     return y
@@ -362,13 +419,21 @@ def _posts(chain: tuple[Op, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return y
 
 
-def _direct_capable(module: torch.nn.Module, prev) -> bool:
+def _direct_base(module: torch.nn.Module, prev: Callable | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     # The direct forward computes the base product itself with F.linear. Only for layers whose
     # forward is ComfyUI's (or torch's) plain Linear forward and nothing of another party's.
     if prev is not None or not isinstance(module, torch.nn.Linear):
-        return False
+        return None
     fwd = type(module).forward
-    return fwd is torch.nn.Linear.forward or fwd in _comfy_linear_forwards()
+    if not (fwd is torch.nn.Linear.forward or fwd in _comfy_linear_forwards()):
+        return None
+    linear = F.linear
+    every_op = _EVERY_OP
+
+    def direct_base(x: torch.Tensor) -> torch.Tensor:
+        every_op()
+        return linear(x, module.weight, module.bias)
+    return direct_base
 
 
 _COMFY_FORWARDS: tuple | None = None
@@ -397,29 +462,25 @@ def _comfy_linear_forwards() -> tuple:
 def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     prev = module.__dict__.get("forward")
     base = prev if prev is not None else type(module).forward.__get__(module)
-    direct = _direct_capable(module, prev)
-    linear = F.linear
-    every_op = _EVERY_OP
-
-    def direct_base(x):
-        every_op()
-        return linear(x, module.weight, module.bias)
+    direct_base = _direct_base(module, prev)
 
     def forward(x, *args, **kwargs):
         plan = slot.plan
         # Direct path: ComfyUI's Linear forward would only check the cast settings (fixed once
         # the model is loaded for sampling) and call F.linear; with the check done here, the
         # base product and the updates run without ComfyUI's Python frames.
-        use_direct = (direct and not args and not kwargs
+        direct = (direct_base
+                  if (direct_base is not None and not args and not kwargs
                       and not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
                                or getattr(module, "bias_function", None))
                       and x.dtype == module.weight.dtype)
+                  else None)
         if plan is not None:
             # Only low-rank factors: the updates go into the output in place, one `x @ down`
             # per adapter (shared by q/k/v slices) and one addmm_ per factor. The base product
             # is ComfyUI's own where the layer casts its weight per call (dynamic VRAM, lowvram,
             # a compute dtype), else computed here.
-            y = direct_base(x) if use_direct else base(x, *args, **kwargs)
+            y = direct(x) if direct is not None else base(x, *args, **kwargs)
             down0 = plan[0][0] if plan else None
             if (down0 is None or y.requires_grad or not y.is_contiguous() or x.dtype != down0.dtype
                     or y.dtype != down0.dtype or x.device != down0.device):
@@ -435,8 +496,8 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
                     else:
                         y2[:, start:start + length].addmm_(hh, up, alpha=alpha)
             return y
-        if use_direct:
-            return run_chain(slot.chain, slot.chain_pre, x, direct_base)
+        if direct is not None:
+            return run_chain(slot.chain, slot.chain_pre, x, direct)
         return run_chain(slot.chain, slot.chain_pre, x, lambda xi: base(xi, *args, **kwargs))
 
     slot.prev_forward = prev

@@ -15,9 +15,8 @@ The decision (decision.py) and the memory owner (memory.py) both read the load s
 """
 from __future__ import annotations
 
-import torch
-
 import comfy.model_management as mm
+import torch
 
 _MB = 1024 * 1024
 
@@ -90,7 +89,8 @@ def merged_problem(patcher) -> str | None:
         return None
     if patcher.backup and current is not None and current != patcher.patches_uuid:
         keys = sorted(patcher.backup)
-        return f"{len(keys)} layer weights are merged for another patcher (e.g. {keys[0]}); ComfyUI restores them at load"
+        return (f"{len(keys)} layer weights are merged for another patcher (e.g. {keys[0]}); "
+                "ComfyUI restores them at load")
     if model.lowvram_patch_counter:
         return f"{model.lowvram_patch_counter} layers carry lowvram patches"
     return None

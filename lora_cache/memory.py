@@ -20,12 +20,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
-
-import torch
+from typing import TypeGuard
 
 import comfy.model_management as mm
+import torch
 
 from . import layers, load_state
 from .budget import Budget, LRUPolicy
@@ -41,13 +41,16 @@ HOST = torch.device("cpu")
 CPU_AS_DEVICE = os.environ.get("LORA_CACHE_TEST_CPU_AS_DEVICE") == "1"
 
 
-def can_offload(home: torch.device | None) -> bool:
+def can_offload(home: torch.device | None) -> TypeGuard[torch.device]:
+    """Whether factors on `home` can move to host memory (so `home` is a device, not None)."""
     return home is not None and (torch.device(home).type != "cpu" or CPU_AS_DEVICE)
 
 
 def move_factors(entry: Entry, to_host: bool) -> None:
     """Moves every layer's factors of `entry` in place (layers.move_layer: the objects the layers
     hold stay the same, a shared down projection moves as one)."""
+    # Callers move only entries with factors (ensure_resident, offload), which have a home.
+    assert entry.home is not None, f"{entry.lora}: no factors to move"
     home = torch.device(entry.home)
     dest = HOST if to_host else home
     pin = to_host and home.type == "cuda" and torch.cuda.is_available()
@@ -69,7 +72,7 @@ class Memory:
 
     def __init__(self, store: AdapterStore):
         self.store = store
-        self.policy = LRUPolicy()
+        self.policy: LRUPolicy[Entry] = LRUPolicy()
         self.budget = Budget()
         self._pins: dict[int, list[Entry]] = {}  # base model id -> entries its sampling uses
         self._lock = threading.RLock()

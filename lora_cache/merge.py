@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .layers import LayerFactors, order_sensitive
+from .layers import LayerFactors, order_sensitive, weight_of
 
 
 def merged_items(stack_layers: list[dict], want: list[bool]) -> list[bool]:
@@ -128,8 +128,9 @@ class Merged:
         t0 = time.perf_counter()
         device = None
         for m, copy in self.backup.values():
-            m.weight.detach().copy_(copy, non_blocking=True)
-            device = m.weight.device
+            w = weight_of(m)
+            w.detach().copy_(copy, non_blocking=True)
+            device = w.device
         if device is not None:
             _sync(device)
         self.backup.clear()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TypedDict
 
 from . import events
 from .cost_model import COSTS
@@ -11,10 +12,24 @@ from .store import STORE
 log = logging.getLogger("lora_cache")
 
 
+class AdapterStats(TypedDict):
+    """One cached adapter in the stats (the web panel reads these keys)."""
+
+    name: str
+    bytes: int
+    device: str | None
+    resident: bool
+    dynamic: bool
+    reason: str | None
+    layers: int
+    model: str | None
+    sha256: str
+
+
 def stats() -> dict:
     """The cache as it is now. A read: it moves nothing and changes no generation (the web
     panel polls it after every event)."""
-    adapters = []
+    adapters: list[AdapterStats] = []
     for e in STORE.entries():
         model = e.model_ref()
         adapters.append({

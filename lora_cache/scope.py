@@ -18,6 +18,7 @@ sibling runs); only the owner's eject or cleanup deactivates.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import weakref
@@ -53,6 +54,9 @@ class _Activation:
     merged: merge.Merged | None = None  # weights merged for this run, restored on release
     timing: Timing | None = None
 
+    def owned_by(self, patcher) -> bool:
+        return self.owner() is patcher
+
 
 # base module tree id -> what we activated and for whom, so deactivation undoes exactly that.
 _active: dict[int, _Activation] = {}
@@ -72,7 +76,7 @@ class AdapterStack:
 
     items: tuple[StackItem, ...] = ()
 
-    def with_adapter(self, entry: Entry, strength: float, mode: str = "dynamic") -> "AdapterStack":
+    def with_adapter(self, entry: Entry, strength: float, mode: str = "dynamic") -> AdapterStack:
         return AdapterStack(self.items + (StackItem(entry, strength, mode),))
 
 
@@ -129,12 +133,12 @@ def _activate(patcher, forms: dict[str, str] | None = None, timing: Timing | Non
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
     items = [_current(item, patcher) for item in stack.items]
     MEMORY.pin(id(model), [e for e, _, _ in items])  # never evicted while active; moved back if needed
-    act = _Activation(weakref.ref(patcher, lambda ref, mid=id(model): _owner_gone(mid, ref)), [], timing=timing)
+    act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [], timing=timing)
     _active[id(model)] = act
     to_merge = []
     want = [(forms or {}).get(mode, "dynamic") == "merged" for _, _, mode in items]
     merged_flags = merge.merged_items([entry.layers for entry, _, _ in items], want)
-    for (entry, strength, mode), merged in zip(items, merged_flags):
+    for (entry, strength, _mode), merged in zip(items, merged_flags, strict=True):
         for _, module, factors in entry.modules():
             if merged:
                 to_merge.append((module, factors, strength))
@@ -236,7 +240,7 @@ def _on_pre_run(patcher) -> None:
 def _on_cleanup(patcher) -> None:
     act = _active.get(id(patcher.model))
     _release(patcher)
-    if act is not None and act.owner() is patcher and act.timing is not None:
+    if act is not None and act.owned_by(patcher) and act.timing is not None:
         t = act.timing
         seconds = _sync(patcher.load_device) - t.start
         COSTS.record(t.key, t.form, seconds)

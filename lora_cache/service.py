@@ -4,8 +4,9 @@ Node classes call `apply` / `apply_stack` and nothing else."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from . import adapters, build, capabilities, decision, files, load_state, scope
 from .decision import Decision, Facts
@@ -26,7 +27,7 @@ _last_run: dict[tuple[str, str], LastRun] = {}
 _PATH_WEIGHT = {"off": 0, "fast": 1, "build": 2, "full": 3}
 
 
-def fingerprint(lora_name: str, enabled: bool) -> str | float:
+def fingerprint(lora_name: str | None, enabled: bool) -> str | float:
     """The node's change fingerprint (IS_CHANGED): the file's identity and the cache generation,
     so a rewritten file, a purge or factors moved off the device make ComfyUI execute the node
     again."""
@@ -43,8 +44,8 @@ def fingerprint(lora_name: str, enabled: bool) -> str | float:
 class _Side:
     """The diffusion model or the text encoder: what the node patches and how."""
 
-    name: str  # "model" | "clip"
-    obj: object  # ModelPatcher, or comfy.sd.CLIP
+    name: Literal["model", "clip"]
+    obj: Any  # ModelPatcher, or comfy.sd.CLIP (ComfyUI's, untyped)
     strength: float
 
     @property
@@ -153,7 +154,8 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
             unet_p, clip_p = adapters.split_patches(sd, model if use_model else None, clip if use_clip else None,
                                                     lora_name)
             if not unet_p and not clip_p:
-                target = " or ".join(t for t, used in (("diffusion model", use_model), ("text encoder", use_clip)) if used)
+                target = " or ".join(t for t, used in (("diffusion model", use_model), ("text encoder", use_clip))
+                                     if used)
                 raise LoraCacheError(f"LoRA file '{lora_name}' has no LoRA keys for this {target} "
                                      f"({len(sd)} tensors, none match ComfyUI's key map)")
             read["split"] = (unet_p, clip_p)
@@ -169,6 +171,7 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
         clip_d, out_clip = _apply_side(_Side("clip", clip, strength_clip), lora_name, ident, mode,
                                        lambda: split()[1], key("clip"))
     if d is None:  # text encoder only: the event's path is the text encoder's
+        assert clip_d is not None  # the text encoder ran: a run with neither side returned above
         d = Decision(clip_d.path, f"text encoder: {clip_d.reason}")
     return out_model, out_clip, done(d, clip_d)
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
 from . import layers
 from .files import FileIdentity
+from .layers import LayerForm
 
 
 @dataclass(eq=False)
@@ -29,7 +30,7 @@ class Entry:
     planned: bool = False  # the factors (or the reason there are none) were worked out
     plan_reason: str | None = None  # why the cached path cannot serve; None if it can
     forms: str | None = None  # which forms types other than plain LoRA took (adapters.Plan.forms)
-    layers: dict[str, tuple[layers.LayerFactors, ...]] = field(default_factory=dict)
+    layers: dict[str, tuple[LayerForm, ...]] = field(default_factory=dict)
     live: bool = True
     last_strength: float | None = None  # for the reason string only
     # Where the factors are (memory.py writes these): `home` is the device they were built on.
@@ -51,7 +52,7 @@ class Entry:
             return str(fs[0].device)
         return None
 
-    def modules(self) -> Iterator[tuple[str, torch.nn.Module, tuple[layers.LayerFactors, ...]]]:
+    def modules(self) -> Iterator[tuple[str, torch.nn.Module, tuple[LayerForm, ...]]]:
         model = self.model_ref()
         if model is None:
             return
@@ -62,10 +63,13 @@ class Entry:
         # Kept per `layers` dict: planning the factors replaces it.
         cached = self.__dict__.get("_mods")
         if cached is None or cached[0] is not self.layers:
-            cached = self.__dict__["_mods"] = (self.layers, {p: weakref.ref(model.get_submodule(p)) for p in self.layers})
+            cached = self.__dict__["_mods"] = (self.layers,
+                                               {p: weakref.ref(model.get_submodule(p)) for p in self.layers})
         mods = cached[1]
         for path, factors in self.layers.items():
-            yield path, mods[path](), factors
+            module = mods[path]()
+            assert module is not None, "the model, alive here, holds its layers"
+            yield path, module, factors
 
     def attach(self) -> None:
         """Registers exactly these factors on every targeted layer (idempotent)."""
