@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -62,8 +61,6 @@ def main(argv=None) -> int:
         comfy_aimdo.control.init()
     host.boot(cpu=args.tiny)
 
-    import torch
-
     import comfy.memory_management
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -71,9 +68,9 @@ def main(argv=None) -> int:
     import comfy.sd
     import comfy.utils
     import folder_paths
-    from safetensors.torch import save_file
-
     import models  # benchmarks/models.py, beside this script
+    import torch
+    from safetensors.torch import save_file
 
     lc = host.load_package().lora_cache
     cuda = not args.tiny
@@ -162,10 +159,9 @@ def main(argv=None) -> int:
         return out.float().cpu()
 
     def loader_fn(loader, base):
-        if loader == "stock":
-            return lambda tag, s: base if tag is None else comfy.sd.load_lora_for_models(base, None, lora_sd[tag], s, 0)[0]
-        if loader == "bypass":
-            return lambda tag, s: base if tag is None else comfy.sd.load_bypass_lora_for_models(base, None, lora_sd[tag], s, 0)[0]
+        if loader in ("stock", "bypass"):
+            load = comfy.sd.load_lora_for_models if loader == "stock" else comfy.sd.load_bypass_lora_for_models
+            return lambda tag, s: base if tag is None else load(base, None, lora_sd[tag], s, 0)[0]
 
         # "ours-patch": mode merged, which under dynamic VRAM is ComfyUI's own patch path: our
         # fallback, which must cost what stock costs.
@@ -251,11 +247,12 @@ def main(argv=None) -> int:
             if kind == "dynamic":
                 steady = max(ours["base_streamed_bytes"])
                 worst = max(r["streamed_bytes"] for r in ours["events"][1:])
+                stock_worst = max(r["streamed_bytes"] for r in res["loaders"]["stock"]["events"][1:])
                 check(f"{config}: toggles keep patches_uuid", all(r["uuid_kept"] for r in ours["events"]),
                       "uuid unchanged on every event of ours")
                 check(f"{config}: nothing re-streamed by a toggle", worst <= steady + (64 << 20),
                       f"events 2-8 stream at most {worst / 2**20:.1f} MiB vs {steady / 2**20:.1f} MiB for a base image "
-                      f"(stock: up to {max(r['streamed_bytes'] for r in res['loaders']['stock']['events'][1:]) / 2**20:.1f} MiB)")
+                      f"(stock: up to {stock_worst / 2**20:.1f} MiB)")
             # memory over many events of ours (1 step each), where comfy-aimdo manages the card
             if args.soak and (kind == "dynamic" or args.tiny):
                 apply = loader_fn("ours", base)
@@ -268,10 +265,12 @@ def main(argv=None) -> int:
                 settled = mem[len(mem) // 10:]
                 res["soak"] = {"events": args.soak, "allocated_min": min(settled), "allocated_max": max(settled),
                                "cache_bytes": sum(e.nbytes for e in lc.STORE.entries())}
-                check(f"{config}: device memory flat over {args.soak} events", max(settled) - min(settled) <= (64 << 20),
-                      f"allocated {min(settled) / 2**20:.0f}-{max(settled) / 2**20:.0f} MiB after the first tenth")
+                check(f"{config}: device memory flat over {args.soak} events",
+                      max(settled) - min(settled) <= (64 << 20),
+                      f"allocated {min(settled) / 2**20:.0f}-{max(settled) / 2**20:.0f} MiB "
+                      "after the first tenth")
         report["configs"][config] = res
-        # written after every configuration, so a run stopped at its time limit keeps what it measured
+        # written after every configuration: a run stopped at its time limit keeps what it measured
         (out_dir / f"dynamic-{args.model}.json").write_text(json.dumps(report, indent=1))
         del base, filler
         mm.unload_all_models()

@@ -366,7 +366,8 @@ def model_bench(model, dev, gen, forms, deadline, log, host_rows=16):
         out["forms"][f] = {"eager_ms": time_eager(run, 5), "graph_ms": time_graph(run, 10),
                            f"host_ms_at_{host_rows}_rows": time_eager(run_small, 7)}
         log(f"  {model} sequence {f:12s} eager {out['forms'][f]['eager_ms']:8.2f} ms  graph "
-            f"{out['forms'][f]['graph_ms']:8.2f} ms  at {host_rows} rows {out['forms'][f][f'host_ms_at_{host_rows}_rows']:.2f} ms")
+            f"{out['forms'][f]['graph_ms']:8.2f} ms  at {host_rows} rows "
+            f"{out['forms'][f][f'host_ms_at_{host_rows}_rows']:.2f} ms")
     b = out["forms"].get("base")
     if b:
         for f, r in out["forms"].items():
@@ -437,7 +438,8 @@ def main(argv=None):
     dev = torch.device(DEVICE)
     gen = torch.Generator(device=dev).manual_seed(0)
     import triton
-    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
+    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+           "triton": triton.__version__,
            "rank": RANK, "configs": {"small": str(fused.CONFIG_SMALL), "large": str(fused.CONFIG_LARGE),
                                      "large_wide": str(fused.CONFIG_LARGE_WIDE), "small_m": fused.SMALL_M,
                                      "programs_per_sm": fused.PROGRAMS_PER_SM},

@@ -37,8 +37,8 @@ def tables(results: list[dict]) -> str:
             streamed = {loader: max(e["streamed_bytes"] for e in d["events"][1:]) / 2**30
                         for loader, d in res["loaders"].items()}
             base = {loader: d["base_streamed_bytes"][0] / 2**30 for loader, d in res["loaders"].items()}
-            out.append("Weights streamed per image, GiB (base image / most in events 2-8): "
-                       + ", ".join(f"{loader} {base[loader]:.1f} / {streamed[loader]:.1f}" for loader in streamed) + ".")
+            per_loader = ", ".join(f"{loader} {base[loader]:.1f} / {streamed[loader]:.1f}" for loader in streamed)
+            out.append(f"Weights streamed per image, GiB (base image / most in events 2-8): {per_loader}.")
             node = [e["node_ms"] for e in res["loaders"]["ours"]["events"] if e.get("path") == "fast"]
             if node:
                 out.append(f"Our node on a fast event: {min(node):.1f}-{max(node):.1f} ms.")

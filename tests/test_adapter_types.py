@@ -13,11 +13,10 @@ import shutil
 import pytest
 import torch
 
-from lora_cache_testkit import workflows as wf
 from lora_cache_testkit import tiny_models
-from lora_cache_testkit.spies import count_weight_work
-
+from lora_cache_testkit import workflows as wf
 from lora_cache_testkit.compare import close
+from lora_cache_testkit.spies import count_weight_work
 
 # name -> (kind, options): each a file for the SD model (attention Linears and resnet convs) and
 # one for the Flux model (q/k/v onto the fused weights with offsets)

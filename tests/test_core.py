@@ -285,7 +285,8 @@ def _weight_diffs(unet_sd) -> dict:
     """A file of ComfyUI "diff" patches (whole-weight differences, not a weight adapter)."""
     g = torch.Generator().manual_seed(31)
     keys = [k for k, w in unet_sd.items() if k.endswith(".weight") and w.ndim == 2 and ".attn1." in k][:4]
-    return {"lora_unet_" + k[: -len(".weight")].replace(".", "_") + ".diff": 0.02 * torch.randn(unet_sd[k].shape, generator=g)
+    return {"lora_unet_" + k[: -len(".weight")].replace(".", "_") + ".diff":
+            0.02 * torch.randn(unet_sd[k].shape, generator=g)
             for k in keys}
 
 

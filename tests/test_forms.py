@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import random
 
+import comfy.lora
+import comfy.sd
 import pytest
 import torch
 
-import comfy.lora
-import comfy.sd
 from lora_cache_testkit import tiny_models
 
 KINDS = tiny_models.ADAPTER_KINDS
@@ -156,7 +156,7 @@ def test_mixed_stack_in_any_order_equals_stock_chain(pkg, host, sd_patcher, flux
             built[case_id((kind, kw))] = (plan.layers, patches)
         names = list(built)
         rng = random.Random(7)
-        for trial in range(4):
+        for _ in range(4):
             order = names[:]
             rng.shuffle(order)
             chain = [(built[n][0], built[n][1], rng.choice([1.0, 0.7, -0.5, 1.4])) for n in order[:5]]

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_cache_testkit import workflows as wf
 from lora_cache_testkit import tiny_models
-
+from lora_cache_testkit import workflows as wf
 from lora_cache_testkit.compare import close
 
 
@@ -60,7 +59,8 @@ def test_adapter_follows_the_model_onto_a_reloaded_copy(fresh, reloaded):
     assert len(entries) == 2  # the node's entry and its twin on the copy
     a, b = entries
     assert a.model_ref() is not b.model_ref() and set(a.layers) == set(b.layers)
-    assert all(x.up.data_ptr() != y.up.data_ptr() for p in a.layers for x, y in zip(a.layers[p], b.layers[p]))
+    assert all(x.up.data_ptr() != y.up.data_ptr()
+               for p in a.layers for x, y in zip(a.layers[p], b.layers[p], strict=True))
     base = h.run(wf.sd([]))["out"]
     assert close(run["base"], base) and not close(base, stock)
     # the copy is gone with the prompt that made it, and its twin with it
