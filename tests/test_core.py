@@ -12,7 +12,6 @@ import torch
 from lora_cache_testkit import tiny_models
 from lora_cache_testkit import workflows as wf
 from lora_cache_testkit.compare import close
-from lora_cache_testkit.marks import CLIP_FORCE_CAST, known_failure_on
 from lora_cache_testkit.spies import count_weight_work
 
 
@@ -87,7 +86,6 @@ def test_conv_locon_matches_stock(fresh, loras):
     assert close(out, h.run(wf.sd([wf.stock(loras["conv"], 1.3)]))["out"])
 
 
-@known_failure_on("0.33.0", CLIP_FORCE_CAST)
 def test_clip_and_model_match_stock(fresh, loras, host):
     """LoraCacheLoader with model and CLIP: the sampled latent and the text conditioning equal
     the stock LoraLoader's; the text encoder takes the dynamic path too."""

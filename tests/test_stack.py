@@ -15,7 +15,6 @@ import torch
 from lora_cache_testkit import tiny_models
 from lora_cache_testkit import workflows as wf
 from lora_cache_testkit.compare import close
-from lora_cache_testkit.marks import CLIP_FORCE_CAST, known_failure_on
 from lora_cache_testkit.spies import count_weight_work
 
 
@@ -105,7 +104,6 @@ def test_switch_a_b_a_and_strength_sweep_are_fast_with_reasons(fresh, pool):
         assert dict(work) == {} and factor_ids(h) == ids
 
 
-@known_failure_on("0.33.0", CLIP_FORCE_CAST)
 def test_clip_strengths_dynamic_match_stock_and_base_clip_stays_exact(fresh, pool):
     """The text encoder takes the dynamic path: builds once, then every re-enable and strength
     change is fast with no weight work on the text encoder, the conditioning equals the stock
