@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import TypeGuard
@@ -75,7 +74,7 @@ class Memory:
         self.policy: LRUPolicy[Entry] = LRUPolicy()
         self.budget = Budget()
         self._pins: dict[int, list[Entry]] = {}  # base model id -> entries its sampling uses
-        self._lock = threading.RLock()
+        self._lock = store.lock
         store.on_drop.append(self._forget)
 
     # -- the cache map's events ---------------------------------------------------------------

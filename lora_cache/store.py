@@ -85,14 +85,16 @@ class Entry:
 class AdapterStore:
     def __init__(self):
         self._entries: dict[tuple[int, str], Entry] = {}
-        self._lock = threading.RLock()
+        # One lock for the map and for the memory owner's state over it (memory.py takes this
+        # one): the map calls the owner back on every drop, so two locks could deadlock.
+        self.lock = threading.RLock()
         # Bumped on purge and whenever entries move or leave, so ComfyUI re-executes nodes whose
         # cached outputs reference them (the node then reports what happened).
         self.generation = 0
         self.on_drop: list[Callable[[Entry], None]] = []
 
     def get(self, model: torch.nn.Module, path: str) -> Entry | None:
-        with self._lock:
+        with self.lock:
             entry = self._entries.get((id(model), path))
             if entry is not None and entry.model_ref() is not model:
                 self._drop(entry)  # id() reused by a new model
@@ -100,7 +102,7 @@ class AdapterStore:
             return entry
 
     def put(self, entry: Entry) -> None:
-        with self._lock:
+        with self.lock:
             old = self._entries.get(entry.key)
             if old is not None and old is not entry:
                 self._drop(old)
@@ -110,7 +112,7 @@ class AdapterStore:
             self._entries[entry.key] = entry
 
     def drop(self, entry: Entry) -> None:
-        with self._lock:
+        with self.lock:
             self._drop(entry)
 
     def _drop(self, entry: Entry) -> None:
@@ -121,7 +123,7 @@ class AdapterStore:
             listener(entry)
 
     def _forget_model(self, model_id: int) -> None:
-        with self._lock:
+        with self.lock:
             for key in [k for k in self._entries if k[0] == model_id]:
                 e = self._entries.pop(key)
                 e.live = False
@@ -129,14 +131,14 @@ class AdapterStore:
                     listener(e)
 
     def entries(self) -> list[Entry]:
-        with self._lock:
+        with self.lock:
             return list(self._entries.values())
 
     def bump(self) -> None:
         self.generation += 1
 
     def purge(self) -> int:
-        with self._lock:
+        with self.lock:
             n = len(self._entries)
             for e in list(self._entries.values()):
                 self._drop(e)

@@ -346,3 +346,33 @@ def test_out_of_memory_while_sampling_moves_unused_factors_first(mem, loras):
         assert close(out, stock)
     finally:
         h.nodes.NODE_CLASS_MAPPINGS.pop("LCTestFailOnce", None)
+
+
+def test_stats_read_while_the_map_drops_entries_never_deadlocks(mem, loras):
+    """The stats route reads on the server's thread while a sampling thread stores and drops
+    entries (a drop calls the memory owner back): both finish, neither waits on the other."""
+    import threading
+
+    h = mem
+    h.run(wf.sd([wf.ours(loras["m_a"], 0.9)]))
+    e = entry(h, loras["m_a"])
+    store, owner = h.lc.STORE, h.lc.MEMORY
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            owner.stats()
+
+    def writer():
+        for _ in range(3000):
+            store.put(e)
+            store.drop(e)
+
+    threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
+    for t in threads:
+        t.start()
+    threads[1].join(timeout=60)
+    stop.set()
+    threads[0].join(timeout=10)
+    assert not any(t.is_alive() for t in threads), "stats() and the map's drop wait on each other"
+    assert owner.stats()["pinned"] == 0 and e not in store.entries()
