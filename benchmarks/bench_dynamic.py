@@ -45,7 +45,9 @@ def parse(argv=None):
     p.add_argument("--configs", default="dynamic,dynamic@14,classic")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--soak", type=int, default=100, help="extra events of ours for the memory check")
-    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--adapter", default="lora", choices=("lora", "loha", "lokr"),
+                   help="the adapter type of both files (LoHa and LoKr as benchmarks/models.py draws them)")
+    p.add_argument("--rank", type=int, default=None, help="rank of the factors (default 32 for lora, 8 otherwise)")
     p.add_argument("--fallback", action="store_true",
                    help="under dynamic VRAM also run ours in merged mode, which takes ComfyUI's patch path there")
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU (classic only): a smoke run")
@@ -55,6 +57,7 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    rank = args.rank or (32 if args.adapter == "lora" else 8)
     if not args.tiny:
         # comfy-aimdo must hook the CUDA allocator before torch touches the GPU (ComfyUI's main.py).
         import comfy_aimdo.control
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
             aimdo = bool(comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()))
 
     out_dir = Path(args.out)
+    result_name = f"dynamic-{args.model}" + ("" if args.adapter == "lora" else f"-{args.adapter}") + ".json"
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lc_dyn_"))
     folder_paths.add_model_folder_path("loras", str(work), is_default=True)
@@ -114,6 +118,7 @@ def main(argv=None) -> int:
     spec = models.Spec(args.model, args.tiny, dtype)
     report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
               "comfyui": comfy_version, "aimdo": aimdo, "model": spec.label, "dtype": str(dtype),
+              "adapter": args.adapter, "rank": rank,
               "steps": args.steps, "events": [e[0] for e in EVENTS], "configs": {}, "checks": [],
               "command": "python3 benchmarks/bench_dynamic.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
@@ -131,14 +136,16 @@ def main(argv=None) -> int:
         unet_sd = tiny_models.sd_unet_state_dict(seed=0)
         save_file(unet_sd, str(model_path))
         for tag, seed in (("a", 1), ("b", 2)):
-            tiny_models.write_lora(work / names[tag], tiny_models.sd_lora_state_dict(unet_sd, seed=seed))
+            sd = (tiny_models.sd_lora_state_dict(unet_sd, seed=seed) if args.adapter == "lora" else
+                  tiny_models.adapter_state_dict(args.adapter, tiny_models.sd_targets(unet_sd), seed=seed))
+            tiny_models.write_lora(work / names[tag], sd)
         cond = [[torch.randn(1, 8, 1024, generator=torch.Generator().manual_seed(5)), {}]]
         latent, cfg = torch.zeros(1, 4, 8, 8), 1.5
     else:
         with torch.inference_mode():
             built = models.build(spec, seed=0)
             for tag, seed in (("a", 1), ("b", 2)):
-                models.write(work / names[tag], models.lora_state_dict(spec, built, rank=args.rank, seed=seed))
+                models.write(work / names[tag], models.adapter_state_dict(spec, built, args.adapter, rank, seed=seed))
             sd = {k: v.detach().to("cpu", copy=True) for k, v in built.model.diffusion_model.state_dict().items()}
         save_file(sd, str(model_path))
         del built, sd
@@ -271,7 +278,7 @@ def main(argv=None) -> int:
                       "after the first tenth")
         report["configs"][config] = res
         # written after every configuration: a run stopped at its time limit keeps what it measured
-        (out_dir / f"dynamic-{args.model}.json").write_text(json.dumps(report, indent=1))
+        (out_dir / result_name).write_text(json.dumps(report, indent=1))
         del base, filler
         mm.unload_all_models()
         lc.purge()
@@ -280,7 +287,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
 
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    (out_dir / f"dynamic-{args.model}.json").write_text(json.dumps(report, indent=1))
+    (out_dir / result_name).write_text(json.dumps(report, indent=1))
     print("checks failed: " + ", ".join(failed) if failed else "all checks passed", flush=True)
     return 1 if failed else 0
 

@@ -118,20 +118,18 @@ def block_linears(spec: Spec, model) -> list[str]:
     return out
 
 
-def lora_state_dict(spec: Spec, patcher, rank: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
-    """A rank-`rank` LoRA on every block Linear. SDXL in kohya naming (lora_unet_*); Flux in
-    diffusers naming (transformer.*), whose to_q/to_k/to_v (and single blocks' proj_mlp) ComfyUI
-    maps onto the fused qkv / linear1 weights with offsets. Factors are drawn on the model's
-    device and returned on the host for saving."""
+def _targets(spec: Spec, patcher) -> list[tuple[str, int, int]]:
+    """(adapter key prefix, out rows, in columns) for every block Linear, in the names ComfyUI's key
+    map accepts: SDXL in kohya naming (lora_unet_*); Flux in diffusers naming (transformer.*),
+    whose to_q/to_k/to_v (and single blocks' proj_mlp) map onto the fused qkv / linear1 weights
+    with offsets, so those prefixes cover a slice of the weight's rows."""
     model = patcher.model
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     by_weight: dict[str, list[tuple[str, object]]] = {}
     for name, target in key_map.items():
         key = target if isinstance(target, str) else target[0]
         by_weight.setdefault(key, []).append((name, target))
-    dev = patcher.load_device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
+    out = []
     for path in block_linears(spec, model):
         key = path + ".weight"
         w = model.get_submodule(path).weight
@@ -146,16 +144,54 @@ def lora_state_dict(spec: Spec, patcher, rank: int = 32, seed: int = 1) -> dict[
             raise RuntimeError(f"no LoRA key in ComfyUI's key map for {key}")
         for name, target in chosen:
             out_dim = target[1][2] if not isinstance(target, str) and target[1] is not None else w.shape[0]
-            in_dim = w.shape[1]
-            down = torch.randn(rank, in_dim, generator=g, device=dev) / math.sqrt(in_dim)
-            up = torch.randn(out_dim, rank, generator=g, device=dev) * (0.3 / math.sqrt(rank))
+            out.append((name, out_dim, w.shape[1]))
+    return out
+
+
+def lora_state_dict(spec: Spec, patcher, rank: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A rank-`rank` LoRA on every block Linear (see _targets for the names). Factors are drawn on
+    the model's device and returned on the host for saving."""
+    return adapter_state_dict(spec, patcher, "lora", rank, seed)
+
+
+def adapter_state_dict(spec: Spec, patcher, kind: str, rank: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """An adapter of `kind` on every block Linear: "lora" (rank `rank`), "loha" (two rank-`rank`
+    Hadamard factors) or "lokr" (kron of a small full w1 with w2 = w2_a @ w2_b of rank `rank`, the
+    dimensions split by ComfyUI's own factorization with factor 8, as LyCORIS' common presets do).
+    Each is drawn so that its update has about the LoRA's magnitude, 0.3 / sqrt(in) per element."""
+    from comfy.weight_adapter.base import factorization
+
+    dev = patcher.load_device
+    g = torch.Generator(device=dev).manual_seed(seed)
+
+    def rnd(*shape, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device=dev) * std).to(spec.dtype).cpu()
+
+    sd: dict[str, torch.Tensor] = {}
+    for name, out_dim, in_dim in _targets(spec, patcher):
+        target = 0.3 / math.sqrt(in_dim)  # the update's per-element magnitude
+        if kind == "lora":
+            down, up = rnd(rank, in_dim, std=1 / math.sqrt(in_dim)), rnd(out_dim, rank, std=0.3 / math.sqrt(rank))
             if spec.kind == "sdxl":
-                sd[name + ".lora_down.weight"] = down.to(spec.dtype).cpu()
-                sd[name + ".lora_up.weight"] = up.to(spec.dtype).cpu()
+                sd[name + ".lora_down.weight"], sd[name + ".lora_up.weight"] = down, up
             else:
-                sd[name + ".lora_A.weight"] = down.to(spec.dtype).cpu()
-                sd[name + ".lora_B.weight"] = up.to(spec.dtype).cpu()
-            sd[name + ".alpha"] = torch.tensor(float(rank))
+                sd[name + ".lora_A.weight"], sd[name + ".lora_B.weight"] = down, up
+        elif kind == "loha":
+            # each product (rank terms) about sqrt(target), so their Hadamard product about target
+            std = (math.sqrt(target) / math.sqrt(rank)) ** 0.5
+            for w in ("w1", "w2"):
+                sd[f"{name}.hada_{w}_a"] = rnd(out_dim, rank, std=std)
+                sd[f"{name}.hada_{w}_b"] = rnd(rank, in_dim, std=std)
+        elif kind == "lokr":
+            a, c = factorization(out_dim, 8)
+            b, d = factorization(in_dim, 8)
+            sd[name + ".lokr_w1"] = rnd(a, b, std=1.0)
+            std = (target / math.sqrt(rank)) ** 0.5
+            sd[name + ".lokr_w2_a"] = rnd(c, rank, std=std)
+            sd[name + ".lokr_w2_b"] = rnd(rank, d, std=std)
+        else:
+            raise ValueError(kind)
+        sd[name + ".alpha"] = torch.tensor(float(rank))
     return sd
 
 

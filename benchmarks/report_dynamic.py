@@ -18,12 +18,17 @@ CONFIGS = {"dynamic": "dynamic VRAM, whole card", "dynamic@14": "dynamic VRAM, 1
            "classic": "classic patcher"}
 
 
+ADAPTERS = {"loha": "LoHa", "lokr": "LoKr"}
+
+
 def tables(results: list[dict]) -> str:
     out = []
     for r in results:
         for config, res in r["configs"].items():
             events = r["events"]
-            out.append(f"#### {r['model']}, {CONFIGS.get(config, config)} ({res['patcher']}, {r['steps']} steps)\n")
+            kind = "" if r.get("adapter", "lora") == "lora" else f" {ADAPTERS[r['adapter']]} (rank {r['rank']})"
+            where = CONFIGS.get(config, config)
+            out.append(f"#### {r['model']}{kind}, {where} ({res['patcher']}, {r['steps']} steps)\n")
             out.append("| loader | base image s | " + " | ".join(events) + " | events 2-8 s |")
             out.append("|---" * (len(events) + 3) + "|")
             for loader, d in res["loaders"].items():
