@@ -44,7 +44,16 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return sum(f.nbytes for fs in self.layers.values() for f in fs)
+        # Summed over every factor of a 700-layer model this was most of the node's time on the
+        # fast path. The factors' own sizes are kept per `layers` dict (planning replaces it, a
+        # move keeps sizes); only forms that derive states as they run are asked each time.
+        cached = self.__dict__.get("_bytes")
+        if cached is None or cached[0] is not self.layers:
+            forms = [f for fs in self.layers.values() for f in fs]
+            fixed = sum(t.numel() * t.element_size() for f in forms for t in f.tensors())
+            cached = self.__dict__["_bytes"] = (self.layers, fixed, [f for f in forms if hasattr(f, "states")])
+        _, fixed, stateful = cached
+        return fixed + sum(f.states.nbytes for f in stateful)
 
     @property
     def device(self) -> str | None:

@@ -166,6 +166,37 @@ def test_fast_path_flags_only_while_sampling(fresh, loras):
     assert all(layers.holds(m, entry, f) for _, m, f in entry.modules())
 
 
+def test_fast_reenable_node_call_reads_no_layer(fresh, loras):
+    """The node call of a re-enable or strength change does entry-level work only: no layer's
+    factors are read, so its cost does not grow with the number of layers (700 on SDXL)."""
+    import comfy.sd
+
+    from lora_cache_loader.lora_cache import forms, layers
+
+    h = fresh
+    base = comfy.sd.load_diffusion_model(str(h.unets / "tiny_sd.safetensors"))
+    lc = h.lc
+    assert lc.apply(base, None, loras["a"], 1.0, 0.0, True, "auto", node_id="n")[2].path == "build"
+    reads = []
+    spied = [(cls, cls.tensors) for cls in (layers.LayerFactors, forms.Form)]
+    for cls, orig in spied:
+        def spy(self, _orig=orig):
+            reads.append(self)
+            return _orig(self)
+        cls.tensors = spy
+    try:
+        for enabled, strength in ((False, 1.0), (True, 1.0), (True, 0.6), (False, 0.6), (True, 0.6)):
+            ev = lc.apply(base, None, loras["a"], strength, 0.0, enabled, "auto", node_id="n")[2]
+            assert ev.path == ("fast" if enabled else "off"), ev
+    finally:
+        for cls, orig in spied:
+            cls.tensors = orig
+    assert reads == []
+    entry = entry_for(h, loras["a"])
+    assert entry.nbytes == sum(t.numel() * t.element_size() for fs in entry.layers.values()
+                               for f in fs for t in f.tensors())
+
+
 def test_merged_mode_and_partial_load_take_full_path(fresh, loras):
     h = fresh
     stock = h.run(wf.sd([wf.stock(loras["a"])]))["out"]
