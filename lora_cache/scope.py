@@ -22,6 +22,7 @@ import functools
 import logging
 import time
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -35,6 +36,9 @@ from .memory import MEMORY
 from .store import Entry
 
 KEY = "lora_cache"
+# On a sampling patcher: how many leading items of its stack ride in ComfyUI's own patches
+# (see _splice_late_patches).
+SPLICED = "lora_cache_spliced"
 log = logging.getLogger("lora_cache")
 
 
@@ -68,6 +72,10 @@ class StackItem(NamedTuple):
     entry: Entry
     strength: float
     mode: str  # auto, dynamic, merged
+    # ComfyUI patches per weight key on the patcher the node carried the adapter onto; more at
+    # sampling time means a later node patched the same layer.
+    seen: Mapping[str, int] = {}
+    node: str | None = None  # the node that carried it, for the badge
 
 
 @dataclass(frozen=True)
@@ -76,20 +84,26 @@ class AdapterStack:
 
     items: tuple[StackItem, ...] = ()
 
-    def with_adapter(self, entry: Entry, strength: float, mode: str = "dynamic") -> AdapterStack:
-        return AdapterStack(self.items + (StackItem(entry, strength, mode),))
+    def with_adapter(self, item: StackItem) -> AdapterStack:
+        return AdapterStack(self.items + (item,))
 
 
 def stack_of(patcher) -> AdapterStack:
     return patcher.get_attachment(KEY) or AdapterStack()
 
 
-def carry(patcher, entry: Entry, strength: float, mode: str = "auto"):
+def active_items(patcher) -> tuple[StackItem, ...]:
+    """The stack items that our layers run for `patcher` (those before are in its patches)."""
+    return stack_of(patcher).items[patcher.get_attachment(SPLICED) or 0:]
+
+
+def carry(patcher, entry: Entry, strength: float, mode: str = "auto", node: str | None = None):
     """A clone of the diffusion model's `patcher` that activates `entry` on top of what it
     carries: unmerged (dynamic), merged into the weights for each sampling (merged), or
     whichever the cost model measured faster for that sampling (auto)."""
     n = patcher.clone()
-    n.set_attachments(KEY, stack_of(patcher).with_adapter(entry, strength, mode))
+    seen = {k: len(v) for k, v in patcher.patches.items()}
+    n.set_attachments(KEY, stack_of(patcher).with_adapter(StackItem(entry, strength, mode, seen, node)))
     for call_type, fn in ((CallbacksMP.ON_PRE_RUN, _on_pre_run), (CallbacksMP.ON_CLEANUP, _on_cleanup),
                           (CallbacksMP.ON_DETACH, memory.on_detach)):
         n.remove_callbacks_with_key(call_type, KEY)
@@ -103,7 +117,7 @@ def carry_clip(clip, entry: Entry, strength: float):
     """A clone of `clip` (comfy.sd.CLIP) whose patcher activates `entry` while it is loaded."""
     n = clip.clone()
     p = n.patcher
-    p.set_attachments(KEY, stack_of(clip.patcher).with_adapter(entry, strength, "dynamic"))
+    p.set_attachments(KEY, stack_of(clip.patcher).with_adapter(StackItem(entry, strength, "dynamic")))
     p.set_injections(KEY, [PatcherInjection(inject=_activate, eject=_release)])
     return n
 
@@ -126,24 +140,24 @@ def _current(item: StackItem, patcher) -> StackItem:
 def _activate(patcher, forms: dict[str, str] | None = None, timing: Timing | None = None) -> None:
     """Activates the patcher's adapters on its model: each item unmerged, or merged into the
     weights where `forms` maps its mode to "merged"."""
-    stack = patcher.get_attachment(KEY)
-    if not stack or not stack.items:
+    stack = active_items(patcher)
+    if not stack:
         return
     model = patcher.model
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
-    items = [_current(item, patcher) for item in stack.items]
-    MEMORY.pin(id(model), [e for e, _, _ in items])  # never evicted while active; moved back if needed
+    items = [_current(item, patcher) for item in stack]
+    MEMORY.pin(id(model), [item.entry for item in items])  # never evicted while active; moved back if needed
     act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [], timing=timing)
     _active[id(model)] = act
     to_merge = []
-    want = [(forms or {}).get(mode, "dynamic") == "merged" for _, _, mode in items]
-    merged_flags = merge.merged_items([entry.layers for entry, _, _ in items], want)
-    for (entry, strength, _mode), merged in zip(items, merged_flags, strict=True):
-        for _, module, factors in entry.modules():
+    want = [(forms or {}).get(item.mode, "dynamic") == "merged" for item in items]
+    merged_flags = merge.merged_items([item.entry.layers for item in items], want)
+    for item, merged in zip(items, merged_flags, strict=True):
+        for _, module, factors in item.entry.modules():
             if merged:
-                to_merge.append((module, factors, strength))
+                to_merge.append((module, factors, item.strength))
             else:
-                layers.activate(module, factors, strength)
+                layers.activate(module, factors, item.strength)
                 act.modules.append(module)
     if to_merge:
         act.merged = merge.Merged(to_merge)
@@ -178,14 +192,16 @@ def _outer_sample(executor, *args, **kwargs):
     sampling runs once more."""
     patcher = executor.class_obj.model_patcher
     noise, sigmas = args[0], args[3]
-    items = stack_of(patcher).items
-    _planned[id(patcher.model)] = CostKey(tuple(id(e) for e, _, _ in items), tuple(noise.shape), len(sigmas) - 1)
+    _splice_late_patches(patcher)
+    items = active_items(patcher)
+    _planned[id(patcher.model)] = CostKey(tuple(id(item.entry) for item in items), tuple(noise.shape),
+                                          len(sigmas) - 1)
     try:
         try:
             return executor(*args, **kwargs)
         except torch.OutOfMemoryError:
             freed = MEMORY.give_way(patcher.load_device, "the device ran out of memory while sampling",
-                                    keep=[e for e, _, _ in items])
+                                    keep=[item.entry for item in items])
             if not freed:
                 raise
             log.warning("[LoRA Cache] out of memory while sampling: %d bytes of cached factors not used by "
@@ -195,16 +211,68 @@ def _outer_sample(executor, *args, **kwargs):
         _planned.pop(id(patcher.model), None)
 
 
+def _late_patched(patcher, items: tuple[StackItem, ...]) -> int:
+    """How many leading items must ride in ComfyUI's patches: up to the last one with a form
+    that reads the weight before it (DoRA, OFT, ...) on a layer that a node after it patched.
+    Our forms run on the weight as ComfyUI loads it, which would then hold that later patch
+    already; in the stock chain the later patch comes after."""
+    n = 0
+    for i, item in enumerate(items):
+        if not layers.order_sensitive(item.entry.layers):
+            continue
+        for path, factors in item.entry.layers.items():
+            key = path + ".weight"
+            if (any(f.order_sensitive for f in factors)
+                    and len(patcher.patches.get(key, ())) > item.seen.get(key, 0)):
+                n = i + 1
+                break
+    return n
+
+
+def _splice_late_patches(patcher) -> None:
+    """Before the model loads for a sampling: where a node after an order-dependent adapter of
+    ours patched the same layers, that adapter (and ours before it) goes into the sampling
+    patcher's own patches at its place in the chain, through ComfyUI's add_patches, and our
+    layers leave it alone. ComfyUI then patches the chain exactly as the stock loaders would.
+    The patcher is the later node's output, which ComfyUI reuses while nothing before it
+    changes: it keeps the splice and its patches_uuid, so a repeated run patches nothing again."""
+    stack = stack_of(patcher)
+    if patcher.get_attachment(SPLICED) is not None or not stack.items:
+        return
+    n = _late_patched(patcher, stack.items)
+    if not n:
+        return
+    inserted: dict[str, int] = {}
+    for item in stack.items[:n]:
+        before = {k: len(v) for k, v in patcher.patches.items()}
+        patcher.add_patches(item.entry.patches, item.strength)
+        for key, patches in patcher.patches.items():
+            added = len(patches) - before.get(key, 0)
+            if added:
+                new = patches[-added:]
+                del patches[-added:]
+                at = item.seen.get(key, 0) + inserted.get(key, 0)
+                patches[at:at] = new
+                inserted[key] = inserted.get(key, 0) + added
+    patcher.set_attachments(SPLICED, n)
+    last = stack.items[n - 1].entry.lora
+    for item in stack.items[:n]:
+        why = ("a node after it patches layers that its form reads the weight of" if item.entry.lora == last else
+               f"it comes before {last}, which a later node's patches send there")
+        events.record(events.Event(lora=item.entry.lora, path="full", node=item.node, ms=0.0,
+                                   reason=f"ComfyUI's patches for this sampling, in chain order: {why}"))
+
+
 def _sync(device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
 
-def _forms(patcher, stack: AdapterStack) -> tuple[dict[str, str], str | None]:
+def _forms(patcher, items: tuple[StackItem, ...]) -> tuple[dict[str, str], str | None]:
     """Which form each mode takes in this sampling, and why `auto` chose its form."""
     forms = {"dynamic": "dynamic", "merged": "merged", "auto": "dynamic"}
-    uses_auto = any(mode == "auto" for _, _, mode in stack.items)
+    uses_auto = any(item.mode == "auto" for item in items)
     if load_state.is_dynamic(patcher):
         # comfy-aimdo may evict a weight and fault it in again from the file at any cast: a
         # merge in place would be lost silently. The node sends merged mode to ComfyUI's patch
@@ -219,12 +287,12 @@ def _forms(patcher, stack: AdapterStack) -> tuple[dict[str, str], str | None]:
 
 
 def _on_pre_run(patcher) -> None:
-    stack = stack_of(patcher)
-    if not stack.items:
+    items = active_items(patcher)
+    if not items:
         return
     model = patcher.model
-    forms, why = _forms(patcher, stack)
-    if model.model_lowvram and any(forms[mode] == "merged" for _, _, mode in stack.items):
+    forms, why = _forms(patcher, items)
+    if model.model_lowvram and any(forms[item.mode] == "merged" for item in items):
         log.warning("[LoRA Cache] model was loaded partially for this sampling: merged adapters run "
                     "unmerged instead (weights not on the device cannot be merged in place)")
         forms = {m: "dynamic" for m in forms}
@@ -245,7 +313,7 @@ def _on_cleanup(patcher) -> None:
         seconds = _sync(patcher.load_device) - t.start
         COSTS.record(t.key, t.form, seconds)
         events.record_sampling({"form": t.form, "reason": t.why, "ms": seconds * 1000.0,
-                                "adapters": [e.lora for e, _, _ in stack_of(patcher).items]})
+                                "adapters": [item.entry.lora for item in active_items(patcher)]})
 
 
 def _deactivate(model_id: int) -> None:

@@ -57,9 +57,9 @@ class _Side:
         n.add_patches(patches, self.strength)
         return n
 
-    def cached(self, entry: Entry, mode: str):
+    def cached(self, entry: Entry, mode: str, node: str | None):
         if self.name == "model":
-            return scope.carry(self.obj, entry, self.strength, mode)
+            return scope.carry(self.obj, entry, self.strength, mode, node)
         return scope.carry_clip(self.obj, entry, self.strength)
 
 
@@ -115,7 +115,7 @@ def _apply_side(side: _Side, lora_name: str, ident, mode: str, patches_of: Calla
     entry.last_strength = side.strength
     if run_key is not None:
         _last_run[run_key] = LastRun(lora_name, side.strength)
-    return d, side.cached(entry, mode)
+    return d, side.cached(entry, mode, run_key[0] if run_key is not None else None)
 
 
 def apply(model, clip, lora_name: str, strength_model: float, strength_clip: float,

@@ -181,6 +181,44 @@ def test_order_dependent_type_after_stock_loader_matches_stock(fresh, typed):
         assert close(got, want), name
 
 
+def test_stock_loader_after_order_dependent_type_matches_stock_chain(fresh, typed):
+    """A stock LoraLoader after ours patches the same layers. In the stock chain that patch comes
+    after the DoRA / OFT update, which reads the weight before it; our layers would see it merged
+    already. So that adapter, and ours before it, go into the sampling patcher's patches at their
+    place in the chain: every output equals the stock chain, the badge says why, ours after the
+    stock loader stay cached, a repeated sampling patches nothing again, a base branch is exact."""
+    h = fresh
+    plain = "plain_after.safetensors"
+    tiny_models.write_lora(h.loras / plain, tiny_models.sd_lora_state_dict(h.unet_sd, seed=72))
+    lokr, loha = sd_file("lokr"), sd_file("loha")
+    base = {43: h.run(wf.sd([], seed=43))["out"]}
+    for name in ("dora", "oft"):
+        lora = sd_file(name)
+        chains = [
+            ([wf.ours(lora, 0.9), wf.stock(plain, 0.8)], {"l0": "full"}),
+            ([wf.ours(lokr, 0.7), wf.ours(lora, 0.9), wf.stock(plain, 0.8), wf.ours(loha, 1.1)],
+             {"l0": "full", "l1": "full", "l3": "fast"}),
+        ]
+        for nodes, paths in chains:
+            stock_nodes = [wf.stock(inputs["lora_name"], inputs["strength_model"]) for _, inputs in nodes]
+            want = {seed: h.run(wf.sd(stock_nodes, seed=seed))["out"] for seed in (42, 43)}
+            got, evs = run_events(h, wf.sd(nodes, seed=42))
+            assert close(got["out"], want[42]), (name, (got["out"] - want[42]).abs().max())
+            for n, path in paths.items():
+                if path == "full":
+                    assert evs[n]["path"] == "full", evs
+                    assert "ComfyUI's patches for this sampling, in chain order" in evs[n]["reason"], evs
+                else:
+                    assert evs[n]["path"] in ("build", "fast"), evs
+            # only the sampler runs again: ComfyUI reuses the spliced patcher as it was
+            with count_weight_work() as work:
+                got, evs = run_events(h, wf.sd(nodes, seed=43))
+            assert close(got["out"], want[43]) and evs == {}, evs
+            assert work.get("patch_weight", 0) == 0, dict(work)
+            got = h.run(wf.sd(nodes, seed=43, base_branch=True))
+            assert torch.equal(got["base"], base[43]) and close(got["out"], want[43])
+
+
 @pytest.mark.parametrize("name", ["loha", "lokr", "glora", "oft", "boft", "dora", "lokr_dora_in"])
 def test_flux_fused_qkv_every_type_matches_stock(fresh, typed, name):
     """On Flux, diffusers q/k/v of every type land on the fused qkv / linear1 weights as output

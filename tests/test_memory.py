@@ -145,7 +145,7 @@ def test_adapters_in_use_are_never_evicted(mem, loras):
         orig(patcher)
         items = scope.stack_of(patcher).items
         seen.append([(e.lora, e.resident, e in owner.pinned(),
-                      all(layers.is_installed(m) for _, m, _ in e.modules())) for e, _, _ in items])
+                      all(layers.is_installed(m) for _, m, _ in e.modules())) for e in (i.entry for i in items)])
 
     scope._on_pre_run = pre_run
     try:
