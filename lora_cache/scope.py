@@ -22,6 +22,7 @@ import functools
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -75,6 +76,7 @@ class StackItem(NamedTuple):
     # ComfyUI patches per weight key on the patcher the node carried the adapter onto; more at
     # sampling time means a later node patched the same layer.
     seen: Mapping[str, int] = {}
+    seen_spliced: int = 0  # how many items before it were in those patches already (SPLICED)
     node: str | None = None  # the node that carried it, for the badge
 
 
@@ -103,7 +105,8 @@ def carry(patcher, entry: Entry, strength: float, mode: str = "auto", node: str 
     whichever the cost model measured faster for that sampling (auto)."""
     n = patcher.clone()
     seen = {k: len(v) for k, v in patcher.patches.items()}
-    n.set_attachments(KEY, stack_of(patcher).with_adapter(StackItem(entry, strength, mode, seen, node)))
+    item = StackItem(entry, strength, mode, seen, patcher.get_attachment(SPLICED) or 0, node)
+    n.set_attachments(KEY, stack_of(patcher).with_adapter(item))
     for call_type, fn in ((CallbacksMP.ON_PRE_RUN, _on_pre_run), (CallbacksMP.ON_CLEANUP, _on_cleanup),
                           (CallbacksMP.ON_DETACH, memory.on_detach)):
         n.remove_callbacks_with_key(call_type, KEY)
@@ -229,34 +232,41 @@ def _late_patched(patcher, items: tuple[StackItem, ...]) -> int:
     return n
 
 
+def _patch_counts(entry: Entry) -> Counter[str]:
+    """How many patches ComfyUI's add_patches appends per weight key for `entry` (fused-weight
+    slices add one each)."""
+    return Counter(k if isinstance(k, str) else k[0] for k in entry.patches)
+
+
 def _splice_late_patches(patcher) -> None:
     """Before the model loads for a sampling: where a node after an order-dependent adapter of
     ours patched the same layers, that adapter (and ours before it) goes into the sampling
     patcher's own patches at its place in the chain, through ComfyUI's add_patches, and our
     layers leave it alone. ComfyUI then patches the chain exactly as the stock loaders would.
     The patcher is the later node's output, which ComfyUI reuses while nothing before it
-    changes: it keeps the splice and its patches_uuid, so a repeated run patches nothing again."""
-    stack = stack_of(patcher)
-    if patcher.get_attachment(SPLICED) is not None or not stack.items:
+    changes: it keeps the splice and its patches_uuid, so a repeated run patches nothing again.
+    Clones of it carry the splice on (SPLICED), and a later stock loader splices further."""
+    items = stack_of(patcher).items
+    done = patcher.get_attachment(SPLICED) or 0
+    n = _late_patched(patcher, items)
+    if n <= done:
         return
-    n = _late_patched(patcher, stack.items)
-    if not n:
-        return
-    inserted: dict[str, int] = {}
-    for item in stack.items[:n]:
-        before = {k: len(v) for k, v in patcher.patches.items()}
+    counts = [_patch_counts(item.entry) for item in items[:n]]
+    for j in range(done, n):
+        item = items[j]
         patcher.add_patches(item.entry.patches, item.strength)
-        for key, patches in patcher.patches.items():
-            added = len(patches) - before.get(key, 0)
-            if added:
-                new = patches[-added:]
-                del patches[-added:]
-                at = item.seen.get(key, 0) + inserted.get(key, 0)
-                patches[at:at] = new
-                inserted[key] = inserted.get(key, 0) + added
+        for key, added in counts[j].items():
+            patches = patcher.patches.get(key)
+            if not patches or len(patches) < added:
+                continue  # a key this model does not have: add_patches skipped it
+            new = patches[-added:]
+            del patches[-added:]
+            # after the ComfyUI patches the node saw, and ours before it that those did not hold
+            at = item.seen.get(key, 0) + sum(c[key] for c in counts[item.seen_spliced:j])
+            patches[at:at] = new
     patcher.set_attachments(SPLICED, n)
-    last = stack.items[n - 1].entry.lora
-    for item in stack.items[:n]:
+    last = items[n - 1].entry.lora
+    for item in items[done:n]:
         why = ("a node after it patches layers that its form reads the weight of" if item.entry.lora == last else
                f"it comes before {last}, which a later node's patches send there")
         events.record(events.Event(lora=item.entry.lora, path="full", node=item.node, ms=0.0,

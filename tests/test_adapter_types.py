@@ -217,6 +217,18 @@ def test_stock_loader_after_order_dependent_type_matches_stock_chain(fresh, type
             assert work.get("patch_weight", 0) == 0, dict(work)
             got = h.run(wf.sd(nodes, seed=43, base_branch=True))
             assert torch.equal(got["base"], base[43]) and close(got["out"], want[43])
+    # A chain grown after a splice: the spliced patcher is cloned on, and a stock loader after
+    # another order-dependent adapter of ours splices that one in at its place as well.
+    plain2 = "plain_after_2.safetensors"
+    tiny_models.write_lora(h.loras / plain2, tiny_models.sd_lora_state_dict(h.unet_sd, seed=73))
+    first = [wf.ours(sd_file("dora"), 0.9), wf.stock(plain, 0.8)]
+    grown = first + [wf.ours(sd_file("oft"), 1.0), wf.stock(plain2, 0.6)]
+    want = h.run(wf.sd([wf.stock(sd_file("dora"), 0.9), wf.stock(plain, 0.8), wf.stock(sd_file("oft"), 1.0),
+                        wf.stock(plain2, 0.6)]))["out"]
+    h.run(wf.sd(first))
+    got, evs = run_events(h, wf.sd(grown))
+    assert close(got["out"], want), (got["out"] - want).abs().max()
+    assert evs["l2"]["path"] == "full" and "l0" not in evs, evs
 
 
 @pytest.mark.parametrize("name", ["loha", "lokr", "glora", "oft", "boft", "dora", "lokr_dora_in"])
