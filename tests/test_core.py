@@ -166,33 +166,41 @@ def test_fast_path_flags_only_while_sampling(fresh, loras):
     assert all(layers.holds(m, entry, f) for _, m, f in entry.modules())
 
 
-def test_fast_reenable_node_call_reads_no_layer(fresh, loras):
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_fast_reenable_node_call_does_no_per_layer_work(fresh, loras, kind):
     """The node call of a re-enable or strength change does entry-level work only: no layer's
-    factors are read, so its cost does not grow with the number of layers (700 on SDXL)."""
+    factors or derived states are read (but the first layer's, for the device the reason names),
+    so its cost does not grow with the number of layers (700 on SDXL)."""
     import comfy.sd
 
     from lora_cache_loader.lora_cache import forms, layers
 
     h = fresh
+    lora = loras["a"]
+    if kind == "dora":
+        lora = "a_dora.safetensors"
+        tiny_models.write_lora(h.loras / lora, tiny_models.adapter_state_dict(
+            "lora", tiny_models.sd_targets(h.unet_sd), seed=9, dora="out"))
     base = comfy.sd.load_diffusion_model(str(h.unets / "tiny_sd.safetensors"))
     lc = h.lc
-    assert lc.apply(base, None, loras["a"], 1.0, 0.0, True, "auto", node_id="n")[2].path == "build"
+    assert lc.apply(base, None, lora, 1.0, 0.0, True, "auto", node_id="n")[2].path == "build"
     reads = []
-    spied = [(cls, cls.tensors) for cls in (layers.LayerFactors, forms.Form)]
-    for cls, orig in spied:
-        def spy(self, _orig=orig):
-            reads.append(self)
-            return _orig(self)
-        cls.tensors = spy
+    spied = [(cls, "tensors", cls.tensors) for cls in (layers.LayerFactors, forms.Form)]
+    spied.append((forms._States, "nbytes", forms._States.nbytes))
+    for cls, name, orig in spied:
+        if isinstance(orig, property):
+            setattr(cls, name, property(lambda self, _orig=orig: reads.append(self) or _orig.fget(self)))
+        else:
+            setattr(cls, name, lambda self, _orig=orig: reads.append(self) or _orig(self))
     try:
         for enabled, strength in ((False, 1.0), (True, 1.0), (True, 0.6), (False, 0.6), (True, 0.6)):
-            ev = lc.apply(base, None, loras["a"], strength, 0.0, enabled, "auto", node_id="n")[2]
+            ev = lc.apply(base, None, lora, strength, 0.0, enabled, "auto", node_id="n")[2]
             assert ev.path == ("fast" if enabled else "off"), ev
     finally:
-        for cls, orig in spied:
-            cls.tensors = orig
-    assert reads == []
-    entry = entry_for(h, loras["a"])
+        for cls, name, orig in spied:
+            setattr(cls, name, orig)
+    assert len(reads) <= 5, reads  # five calls, at most one form each
+    entry = entry_for(h, lora)
     assert entry.nbytes == sum(t.numel() * t.element_size() for fs in entry.layers.values()
                                for f in fs for t in f.tensors())
 
