@@ -116,11 +116,12 @@ def carry(patcher, entry: Entry, strength: float, mode: str = "auto", node: str 
     return n
 
 
-def carry_clip(clip, entry: Entry, strength: float):
+def carry_clip(clip, entry: Entry, strength: float, node: str | None = None):
     """A clone of `clip` (comfy.sd.CLIP) whose patcher activates `entry` while it is loaded."""
     n = clip.clone()
     p = n.patcher
-    p.set_attachments(KEY, stack_of(clip.patcher).with_adapter(StackItem(entry, strength, "dynamic")))
+    seen = {k: len(v) for k, v in clip.patcher.patches.items()}
+    p.set_attachments(KEY, stack_of(clip.patcher).with_adapter(StackItem(entry, strength, "dynamic", seen, 0, node)))
     p.set_injections(KEY, [PatcherInjection(inject=_activate, eject=_release)])
     return n
 
@@ -148,6 +149,13 @@ def _activate(patcher, forms: dict[str, str] | None = None, timing: Timing | Non
         return
     model = patcher.model
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
+    late = _late_patched(patcher, stack)
+    if late:
+        # The diffusion model's chain is spliced into its patches before it loads; the text
+        # encoder has no hook before its load, so the order is not kept there.
+        log.warning("[LoRA Cache] %s: a node after it adds patches to layers that its form reads the weight "
+                    "of (text encoder); the encoding differs from the stock chain. Place stock LoRA loaders "
+                    "before this node", stack[late - 1].entry.lora)
     items = [_current(item, patcher) for item in stack]
     MEMORY.pin(id(model), [item.entry for item in items])  # never evicted while active; moved back if needed
     act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [], timing=timing)

@@ -60,7 +60,7 @@ class _Side:
     def cached(self, entry: Entry, mode: str, node: str | None):
         if self.name == "model":
             return scope.carry(self.obj, entry, self.strength, mode, node)
-        return scope.carry_clip(self.obj, entry, self.strength)
+        return scope.carry_clip(self.obj, entry, self.strength, node)
 
 
 def _what_changed(key: tuple[str, str] | None, entry: Entry, lora: str, strength: float) -> str | None:

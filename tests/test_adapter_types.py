@@ -272,6 +272,39 @@ def test_text_encoder_types_match_stock(fresh, typed):
                 assert close(got["cond"][0], stock["cond"][0]), (kind, (got["cond"][0] - stock["cond"][0]).abs().max())
 
 
+def test_text_encoder_stock_loader_after_dora_is_named_in_the_log(fresh, typed, caplog):
+    """A stock loader after a DoRA text-encoder adapter of ours: the text encoder has no hook
+    before its load to keep that order (the diffusion model does), so the log says the encoding
+    differs from the stock chain and how to avoid it; with the stock loader first it is exact."""
+    h = fresh
+    targets = {f"lora_te_text_model_encoder_layers_{layer}_self_attn_{p}": (64, 64)
+               for layer in range(2) for p in ("q_proj", "v_proj")}
+    dora, plain = "te_order_dora.safetensors", "te_order_plain.safetensors"
+    tiny_models.write_lora(h.loras / dora, tiny_models.adapter_state_dict("lora", targets, seed=85, dora="out"))
+    tiny_models.write_lora(h.loras / plain, tiny_models.adapter_state_dict("lora", targets, seed=86))
+
+    def chain(first: tuple[str, str], second: tuple[str, str]) -> dict:
+        (cls0, lora0), (cls1, lora1) = first, second
+        extra = {"enabled": True, "mode": "auto"}
+        p = wf.clip(cls0, {"lora_name": lora0, "strength_model": 0.0, "strength_clip": 0.8,
+                           **(extra if cls0 == "LoraCacheLoader" else {})})
+        p["l1"] = {"class_type": cls1, "inputs": {"model": ["l0", 0], "clip": ["l0", 1], "lora_name": lora1,
+                                                  "strength_model": 0.0, "strength_clip": 0.7,
+                                                  **(extra if cls1 == "LoraCacheLoader" else {})}}
+        p["5"]["inputs"]["model"] = ["l1", 0]
+        p["t"]["inputs"]["clip"] = ["l1", 1]
+        return p
+
+    caplog.set_level("WARNING")
+    h.run(chain(("LoraCacheLoader", dora), ("LoraLoader", plain)))
+    assert any(dora in r.getMessage() and "Place stock LoRA loaders before this node" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    want = h.run(chain(("LoraLoader", plain), ("LoraLoader", dora)))["cond"][0]
+    got = h.run(chain(("LoraLoader", plain), ("LoraCacheLoader", dora)))["cond"][0]
+    assert close(got, want) and not any("Place stock" in r.getMessage() for r in caplog.records)
+
+
 def _malformed(unet_sd) -> dict[str, tuple[dict, str, str]]:
     """file -> (tensors, the key the error must name, the problem it must state)."""
     targets = tiny_models.sd_targets(unet_sd, kinds=("attn",))
