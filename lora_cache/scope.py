@@ -122,8 +122,21 @@ def carry_clip(clip, entry: Entry, strength: float, node: str | None = None):
     p = n.patcher
     seen = {k: len(v) for k, v in clip.patcher.patches.items()}
     p.set_attachments(KEY, stack_of(clip.patcher).with_adapter(StackItem(entry, strength, "dynamic", seen, 0, node)))
-    p.set_injections(KEY, [PatcherInjection(inject=_activate, eject=_release)])
+    p.set_injections(KEY, [PatcherInjection(inject=_activate_text_encoder, eject=_release)])
     return n
+
+
+def _activate_text_encoder(patcher) -> None:
+    # The diffusion model's chain is spliced into its patches before it loads
+    # (_splice_late_patches); the text encoder has no hook before its load, so the order is
+    # not kept there: the log says so.
+    items = stack_of(patcher).items
+    late = _late_patched(patcher, items, 0)
+    if late:
+        log.warning("[LoRA Cache] %s: a node after it adds patches to the same text encoder layers that, in "
+                    "the stock chain, apply to a weight holding it; the encoding differs from the stock chain. "
+                    "Place stock LoRA loaders before this node", items[late - 1].entry.lora)
+    _activate(patcher)
 
 
 def _current(item: StackItem, patcher) -> StackItem:
@@ -149,13 +162,6 @@ def _activate(patcher, forms: dict[str, str] | None = None, timing: Timing | Non
         return
     model = patcher.model
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
-    late = _late_patched(patcher, stack)
-    if late:
-        # The diffusion model's chain is spliced into its patches before it loads; the text
-        # encoder has no hook before its load, so the order is not kept there.
-        log.warning("[LoRA Cache] %s: a node after it adds patches to layers that its form reads the weight "
-                    "of (text encoder); the encoding differs from the stock chain. Place stock LoRA loaders "
-                    "before this node", stack[late - 1].entry.lora)
     items = [_current(item, patcher) for item in stack]
     MEMORY.pin(id(model), [item.entry for item in items])  # never evicted while active; moved back if needed
     act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [], timing=timing)
@@ -222,19 +228,46 @@ def _outer_sample(executor, *args, **kwargs):
         _planned.pop(id(patcher.model), None)
 
 
-def _late_patched(patcher, items: tuple[StackItem, ...]) -> int:
-    """How many leading items must ride in ComfyUI's patches: up to the last one with a form
-    that reads the weight before it (DoRA, OFT, ...) on a layer that a node after it patched.
-    Our forms run on the weight as ComfyUI loads it, which would then hold that later patch
-    already; in the stock chain the later patch comes after."""
-    n = 0
-    for i, item in enumerate(items):
-        if not layers.order_sensitive(item.entry.layers):
-            continue
+# Where each adapter class of comfy.weight_adapter keeps its DoRA scale in `weights` (and LoRA
+# its reshape): with either set, the update depends on the weight it is applied to.
+_DORA_AT = {"LoRAAdapter": 4, "LoHaAdapter": 7, "LoKrAdapter": 8}
+
+
+def _additive(patch: tuple) -> bool:
+    """Whether a ComfyUI patch entry (strength, adapter, strength_model, offset, function) adds
+    an update that does not depend on the weight it is applied to, so that ours before it may
+    stay in the layers' forward: LoRA, LoHa, LoKr without DoRA, or a `diff`, at model strength 1."""
+    _, adapter, strength_model, _offset, function = patch[:5]
+    if strength_model != 1.0 or function is not None:
+        return False
+    if isinstance(adapter, tuple):  # ComfyUI's tuple form: ("diff", (tensor,)), ("set", ...), ...
+        return bool(adapter) and adapter[0] == "diff"
+    at = _DORA_AT.get(type(adapter).__name__)
+    weights = getattr(adapter, "weights", None)
+    if at is None or weights is None or len(weights) <= at or weights[at] is not None:
+        return False
+    return type(adapter).__name__ != "LoRAAdapter" or len(weights) <= 5 or weights[5] is None
+
+
+def _late_patched(patcher, items: tuple[StackItem, ...], done: int) -> int:
+    """How many leading items must ride in ComfyUI's patches (at least `done`, those that do):
+    up to the last one on whose layer a node after it added a patch that, in the stock chain,
+    applies to a weight that holds ours. Our forms run on the weight as ComfyUI loads it, so
+    that is exact only where our form does not read the weight before it (DoRA, OFT, ...) and
+    the later patch is a plain addition."""
+    n = done
+    for i in range(done, len(items)):
+        item = items[i]
+        # ours before it that the patcher it was carried onto did not hold in its patches yet,
+        # but this one does now (spliced): they come before the later patches too
+        ours_since = [_patch_counts(items[j].entry) for j in range(item.seen_spliced, done)]
         for path, factors in item.entry.layers.items():
             key = path + ".weight"
-            if (any(f.order_sensitive for f in factors)
-                    and len(patcher.patches.get(key, ())) > item.seen.get(key, 0)):
+            patches = patcher.patches.get(key)
+            if not patches:
+                continue
+            later = patches[item.seen.get(key, 0) + sum(c[key] for c in ours_since):]
+            if later and (any(f.order_sensitive for f in factors) or not all(_additive(p) for p in later)):
                 n = i + 1
                 break
     return n
@@ -256,9 +289,21 @@ def _splice_late_patches(patcher) -> None:
     Clones of it carry the splice on (SPLICED), and a later stock loader splices further."""
     items = stack_of(patcher).items
     done = patcher.get_attachment(SPLICED) or 0
-    n = _late_patched(patcher, items)
+    n = _late_patched(patcher, items, done)
     if n <= done:
         return
+    if load_state.is_dynamic(patcher):
+        # comfy-aimdo applies patches while casting, so a form of ours that reads the weight
+        # before it would see the bare weight on a layer that now carries spliced patches
+        # (load_state.weight_patched_at_cast): those go into the patches too.
+        grown = True
+        while grown:
+            grown = False
+            keys = {k for item in items[:n] for k in _patch_counts(item.entry)}
+            for i in range(n, len(items)):
+                if any(path + ".weight" in keys and any(f.order_sensitive for f in fs)
+                       for path, fs in items[i].entry.layers.items()):
+                    n, grown = i + 1, True
     counts = [_patch_counts(item.entry) for item in items[:n]]
     for j in range(done, n):
         item = items[j]
@@ -275,7 +320,8 @@ def _splice_late_patches(patcher) -> None:
     patcher.set_attachments(SPLICED, n)
     last = items[n - 1].entry.lora
     for item in items[done:n]:
-        why = ("a node after it patches layers that its form reads the weight of" if item.entry.lora == last else
+        why = ("a later node's patches on its layers apply, in the stock chain, to a weight that holds it"
+               if item.entry.lora == last else
                f"it comes before {last}, which a later node's patches send there")
         events.record(events.Event(lora=item.entry.lora, path="full", node=item.node, ms=0.0,
                                    reason=f"ComfyUI's patches for this sampling, in chain order: {why}"))

@@ -186,7 +186,9 @@ def test_stock_loader_after_order_dependent_type_matches_stock_chain(fresh, type
     after the DoRA / OFT update, which reads the weight before it; our layers would see it merged
     already. So that adapter, and ours before it, go into the sampling patcher's patches at their
     place in the chain: every output equals the stock chain, the badge says why, ours after the
-    stock loader stay cached, a repeated sampling patches nothing again, a base branch is exact."""
+    stock loader stay cached, a repeated sampling patches nothing again, a base branch is exact.
+    The same holds for a plain adapter of ours before a stock loader of an order-dependent one,
+    and a stock loader of a plain one after a plain one of ours stays on the cached path."""
     h = fresh
     plain = "plain_after.safetensors"
     tiny_models.write_lora(h.loras / plain, tiny_models.sd_lora_state_dict(h.unet_sd, seed=72))
@@ -198,6 +200,11 @@ def test_stock_loader_after_order_dependent_type_matches_stock_chain(fresh, type
             ([wf.ours(lora, 0.9), wf.stock(plain, 0.8)], {"l0": "full"}),
             ([wf.ours(lokr, 0.7), wf.ours(lora, 0.9), wf.stock(plain, 0.8), wf.ours(loha, 1.1)],
              {"l0": "full", "l1": "full", "l3": "fast"}),
+            # an order-dependent one of ours after the stock loader stays cached, also on a repeat
+            ([wf.ours(lora, 0.9), wf.stock(plain, 0.8), wf.ours(sd_file("boft"), 0.6)],
+             {"l0": "full", "l2": "fast"}),
+            # a stock order-dependent adapter after a plain one of ours reads the weight with ours
+            ([wf.ours(lokr, 0.7), wf.stock(lora, 0.9)], {"l0": "full"}),
         ]
         for nodes, paths in chains:
             stock_nodes = [wf.stock(inputs["lora_name"], inputs["strength_model"]) for _, inputs in nodes]
@@ -217,6 +224,10 @@ def test_stock_loader_after_order_dependent_type_matches_stock_chain(fresh, type
             assert work.get("patch_weight", 0) == 0, dict(work)
             got = h.run(wf.sd(nodes, seed=43, base_branch=True))
             assert torch.equal(got["base"], base[43]) and close(got["out"], want[43])
+    got, evs = run_events(h, wf.sd([wf.ours(lokr, 0.7), wf.stock(plain, 0.8)]))
+    assert all(ev["path"] != "full" for ev in evs.values()), evs
+    assert close(got["out"], h.run(wf.sd([wf.stock(lokr, 0.7), wf.stock(plain, 0.8)]))["out"])
+
     # A chain grown after a splice: the spliced patcher is cloned on, and a stock loader after
     # another order-dependent adapter of ours splices that one in at its place as well.
     plain2 = "plain_after_2.safetensors"
