@@ -486,6 +486,19 @@ BUILDERS: dict[str, Callable[[BuildContext, Target], Built]] = {
 }
 
 
+# Where the LoRA, LoHa and LoKr layouts read above keep the DoRA scale (and LoRA its reshape):
+# with either set, the update depends on the weight it is applied to.
+_WEIGHT_READ_AT = {"lora": (4, 5), "loha": (7,), "lokr": (8,)}
+
+
+def plain_addition(adapter) -> bool:
+    """Whether a ComfyUI weight adapter adds an update that does not depend on the weight it is
+    applied to: LoRA, LoHa or LoKr without DoRA (or LoRA's reshape)."""
+    at = _WEIGHT_READ_AT.get(_name(adapter))
+    weights = tuple(getattr(adapter, "weights", ()))
+    return at is not None and len(weights) > max(at) and all(weights[i] is None for i in at)
+
+
 def forms_for(ctx: BuildContext, t: Target) -> Built:
     builder = BUILDERS.get(_name(t.adapter))
     if builder is None:  # a weight adapter this package has no form for: its own merge

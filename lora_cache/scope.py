@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
-from . import build, events, files, layers, load_state, memory, merge
+from . import adapter_forms, build, events, files, layers, load_state, memory, merge
 from .cost_model import COSTS, CostKey
 from .errors import LoraCacheError
 from .memory import MEMORY
@@ -228,11 +228,6 @@ def _outer_sample(executor, *args, **kwargs):
         _planned.pop(id(patcher.model), None)
 
 
-# Where each adapter class of comfy.weight_adapter keeps its DoRA scale in `weights` (and LoRA
-# its reshape): with either set, the update depends on the weight it is applied to.
-_DORA_AT = {"LoRAAdapter": 4, "LoHaAdapter": 7, "LoKrAdapter": 8}
-
-
 def _additive(patch: tuple) -> bool:
     """Whether a ComfyUI patch entry (strength, adapter, strength_model, offset, function) adds
     an update that does not depend on the weight it is applied to, so that ours before it may
@@ -242,11 +237,7 @@ def _additive(patch: tuple) -> bool:
         return False
     if isinstance(adapter, tuple):  # ComfyUI's tuple form: ("diff", (tensor,)), ("set", ...), ...
         return bool(adapter) and adapter[0] == "diff"
-    at = _DORA_AT.get(type(adapter).__name__)
-    weights = getattr(adapter, "weights", None)
-    if at is None or weights is None or len(weights) <= at or weights[at] is not None:
-        return False
-    return type(adapter).__name__ != "LoRAAdapter" or len(weights) <= 5 or weights[5] is None
+    return adapter_forms.plain_addition(adapter)
 
 
 def _late_patched(patcher, items: tuple[StackItem, ...], done: int) -> int:
@@ -256,6 +247,8 @@ def _late_patched(patcher, items: tuple[StackItem, ...], done: int) -> int:
     that is exact only where our form does not read the weight before it (DoRA, OFT, ...) and
     the later patch is a plain addition."""
     n = done
+    if not patcher.patches:  # nothing patched after ours (nor before): the usual case
+        return n
     for i in range(done, len(items)):
         item = items[i]
         # ours before it that the patcher it was carried onto did not hold in its patches yet,
