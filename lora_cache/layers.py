@@ -6,18 +6,29 @@ of our own is installed on the module only while something is active, so a layer
 active adapter runs ComfyUI's forward with no wrapper in the call path.
 
 A layer's forms are `LayerFactors` (low-rank, this module) or the forms of forms.py (LoKr,
-dense, DoRA, OFT, BOFT, GLoRA). When every active form is a low-rank Linear one, the direct
-forward runs `plan` (one `x @ down` per adapter, one addmm_ per factor). Otherwise the forward
-runs `chain`: each active form bound to its strength as an `Op`, in the order ComfyUI's chain
-of loaders would apply them, so forms that depend on the weight before them (DoRA, OFT, BOFT,
-GLoRA) see exactly that weight.
+dense, DoRA, OFT, BOFT, GLoRA). When every active form is a low-rank Linear one, the forward
+computes the update in one of two ways, chosen per call by which moves less memory:
+
+- output form: one `x @ down` per adapter and one addmm_ per factor into the output, which
+  reads the input again and reads and writes the output again;
+- weight form: a transient weight `W + alpha * up down` (one addmm per factor), used by the
+  layer's own product in place of W, which reads and writes the weight once. It wins wherever
+  the weight is smaller than the activations (SDXL's layers at 1024x1024, Flux's image-token
+  layers) and is one launch fewer per layer. The weight it reads is ComfyUI's: the layer's own
+  where the weight is resident and not cast, else the one ComfyUI casts or streams for this
+  call, through ComfyUI's per-call weight functions (the mechanism of its own lowvram patches).
+
+Otherwise the forward runs `chain`: each active form bound to its strength as an `Op`, in the
+order ComfyUI's chain of loaders would apply them, so forms that depend on the weight before
+them (DoRA, OFT, BOFT, GLoRA) see exactly that weight.
 """
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Protocol, TypeGuard, overload
+from itertools import pairwise
+from typing import Literal, NamedTuple, Protocol, TypeGuard, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -273,8 +284,67 @@ def order_sensitive(layers: dict[str, tuple[LayerForm, ...]]) -> bool:
     return any(f.order_sensitive for fs in layers.values() for f in fs)
 
 
+class WeightPlan(NamedTuple):
+    """The plan's updates as additions to the weight [out, in] (the weight form).
+
+    Each step is (up^T [length, r], down^T [r, in], alpha, start, stop): rows start:stop of the
+    weight get `alpha * up^T @ down^T`; start None: all rows. `tiles` steps come first and cover
+    every row exactly once between them (Flux's q/k/v/mlp slices of one fused weight); then
+    the transient weight is written by them, each from its rows of W, with no copy of W first.
+    `merge_numel`: the input size (rows x in) from which the weight form moves less memory
+    than the output form, where the weight is read in place; a weight that ComfyUI copies
+    before its weight functions costs twice that."""
+
+    tiles: int
+    steps: tuple[tuple[torch.Tensor, torch.Tensor, float, int | None, int | None], ...]
+    merge_numel: float
+
+
+def _weight_plan(plan: tuple, weight: torch.Tensor) -> WeightPlan | None:
+    if weight.ndim != 2 or not plan:
+        return None
+    out_f, in_f = weight.shape
+    steps = []
+    for down, parts in plan:
+        for lo, hi, up, alpha, start, length in parts:
+            d = down if lo is None else down[:, lo:hi]
+            steps.append((up.t(), d.t(), float(alpha), start, None if start is None else start + length))
+    first = plan[0][1]
+    covered = sorted((p[4], p[4] + p[5]) for p in first if p[4] is not None)
+    tiles = 0
+    if len(covered) == len(first) and covered and covered[0][0] == 0 and covered[-1][1] == out_f and all(
+            a[1] == b[0] for a, b in pairwise(covered)):
+        tiles = len(first)
+    # Output form: reads x [rows, in] again, reads and writes y [rows, out]; weight form: reads
+    # W and writes W' [out, in] (the low-rank product's own reads are smaller than either).
+    merge_rows = 2 * out_f * in_f / (in_f + 2 * out_f)
+    return WeightPlan(tiles, tuple(steps), merge_rows * in_f)
+
+
+def merged_weight(weight: torch.Tensor, wp: WeightPlan) -> torch.Tensor:
+    """A new tensor `weight + every step's update`; `weight` itself is left as it is (it is the
+    layer's parameter, or a tensor comfy-aimdo keeps resident)."""
+    steps = wp.steps
+    if wp.tiles:
+        out = torch.empty_like(weight)
+        for ut, dt, alpha, start, stop in steps[:wp.tiles]:
+            torch.addmm(weight[start:stop], ut, dt, alpha=alpha, out=out[start:stop])
+        rest = steps[wp.tiles:]
+    elif steps[0][3] is None:
+        ut, dt, alpha, _, _ = steps[0]
+        out = torch.addmm(weight, ut, dt, alpha=alpha)
+        rest = steps[1:]
+    else:
+        out = weight.clone()
+        rest = steps
+    for ut, dt, alpha, start, stop in rest:
+        (out if start is None else out[start:stop]).addmm_(ut, dt, alpha=alpha)
+    return out
+
+
 class LayerSlot:
-    __slots__ = ("adapters", "active", "installed", "prev_forward", "plan", "chain", "chain_pre")
+    __slots__ = ("adapters", "active", "installed", "prev_forward", "plan", "chain", "chain_pre", "weight_plan",
+                 "weight_fn")
 
     def __init__(self) -> None:
         self.adapters: dict[object, tuple[LayerForm, ...]] = {}
@@ -285,6 +355,10 @@ class LayerSlot:
         # (down [in, R], ((col_lo, col_hi, up, alpha, out_start, out_len), ...)).
         # None when some active form is not a low-rank Linear one.
         self.plan: tuple | None = None
+        # The same updates as additions to the weight (the weight form), and the weight
+        # function that ComfyUI's cast applies them through; None where `plan` is.
+        self.weight_plan: WeightPlan | None = None
+        self.weight_fn: Callable | None = None
         # Every active form as an Op, in chain order (see run_chain); chain_pre: some Op
         # changes the input side.
         self.chain: tuple[Op, ...] = ()
@@ -328,6 +402,8 @@ def activate(module: torch.nn.Module, factors: tuple[LayerForm, ...], strength: 
     slot = slot_of(module, create=True)
     slot.active.append((factors, strength))
     slot.plan = _plan(slot.active)
+    wp = slot.weight_plan = None if slot.plan is None else _weight_plan(slot.plan, weight_of(module))
+    slot.weight_fn = None if wp is None else (lambda w: merged_weight(w, wp))
     slot.chain = _chain(module, slot.active)
     slot.chain_pre = any(op.pre is not None for op in slot.chain)
     if slot.installed is None:
@@ -340,6 +416,8 @@ def deactivate(module: torch.nn.Module) -> None:
         return
     slot.active.clear()
     slot.plan = None
+    slot.weight_plan = None
+    slot.weight_fn = None
     slot.chain = ()
     slot.chain_pre = False
     if slot.installed is not None:
@@ -459,31 +537,62 @@ def _comfy_linear_forwards() -> tuple:
     return _COMFY_FORWARDS
 
 
+def _through_weight_function(module: torch.nn.Module, fn: Callable, base: Callable, x: torch.Tensor) -> torch.Tensor:
+    """ComfyUI's forward with `fn` after the layer's own weight functions for this one call: its
+    cast hands the weight it casts or streams to them in the compute dtype and uses what they
+    return (stock loaders' lowvram patches come first, as in the chain of loaders)."""
+    d = module.__dict__
+    had = "weight_function" in d
+    prev = cast(list, d["weight_function"] if had else module.weight_function)
+    ours = d["weight_function"] = [*prev, fn]
+    try:
+        return base(x)
+    finally:
+        if d.get("weight_function") is ours:
+            if had:
+                d["weight_function"] = prev
+            else:
+                del d["weight_function"]
+
+
 def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     prev = module.__dict__.get("forward")
     base = prev if prev is not None else type(module).forward.__get__(module)
     direct_base = _direct_base(module, prev)
+    linear, every_op = F.linear, _EVERY_OP
 
     def forward(x, *args, **kwargs):
         plan = slot.plan
         # Direct path: ComfyUI's Linear forward would only check the cast settings (fixed once
         # the model is loaded for sampling) and call F.linear; with the check done here, the
-        # base product and the updates run without ComfyUI's Python frames.
-        direct = (direct_base
-                  if (direct_base is not None and not args and not kwargs
-                      and not (getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+        # base product and the updates run without ComfyUI's Python frames. Where the layer
+        # casts its weight per call (dynamic VRAM, lowvram, a compute dtype), ComfyUI's own
+        # forward computes the base product.
+        plain = direct_base is not None and not args and not kwargs
+        casts = plain and bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
                                or getattr(module, "bias_function", None))
-                      and x.dtype == module.weight.dtype)
-                  else None)
+        direct = direct_base if plain and not casts and x.dtype == module.weight.dtype else None
         if plan is not None:
-            # Only low-rank factors: the updates go into the output in place, one `x @ down`
-            # per adapter (shared by q/k/v slices) and one addmm_ per factor. The base product
-            # is ComfyUI's own where the layer casts its weight per call (dynamic VRAM, lowvram,
-            # a compute dtype), else computed here.
-            y = direct(x) if direct is not None else base(x, *args, **kwargs)
             down0 = plan[0][0] if plan else None
-            if (down0 is None or y.requires_grad or not y.is_contiguous() or x.dtype != down0.dtype
-                    or y.dtype != down0.dtype or x.device != down0.device):
+            if down0 is None or x.dtype != down0.dtype or x.device != down0.device:
+                y = direct(x) if direct is not None else base(x, *args, **kwargs)
+                return _posts(slot.chain, x, y)
+            wp = slot.weight_plan
+            if wp is not None and not torch.is_grad_enabled():
+                n = x.numel()
+                if direct is not None and n >= wp.merge_numel:
+                    every_op()
+                    return linear(x, merged_weight(cast(torch.Tensor, module.weight), wp),
+                                  cast(torch.Tensor | None, module.bias))
+                # comfy-aimdo hands its resident weight to the weight functions as it is;
+                # ComfyUI's other casts copy it first
+                fn = slot.weight_fn
+                if casts and fn is not None and n >= wp.merge_numel * (1 if hasattr(module, "_v") else 2):
+                    return _through_weight_function(module, fn, base, x)
+            # Output form: the updates go into the output in place, one `x @ down` per adapter
+            # (shared by q/k/v slices) and one addmm_ per factor.
+            y = direct(x) if direct is not None else base(x, *args, **kwargs)
+            if y.requires_grad or not y.is_contiguous() or y.dtype != down0.dtype:
                 return _posts(slot.chain, x, y)
             x2 = x.reshape(-1, x.shape[-1])
             y2 = y.view(-1, y.shape[-1])

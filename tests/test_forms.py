@@ -67,10 +67,10 @@ def stock_weight(patches_chain, key: str, weight: torch.Tensor) -> torch.Tensor:
     return comfy.lora.calculate_weight(plist, weight.detach().float().clone(), key)
 
 
-def sample_input(module, seed: int = 0) -> torch.Tensor:
+def sample_input(module, seed: int = 0, rows: int = 6) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if isinstance(module, torch.nn.Linear):
-        return torch.randn(2, 3, module.in_features, generator=g)
+        return torch.randn(2, rows // 2, module.in_features, generator=g)
     return torch.randn(1, module.in_channels, 8, 8, generator=g)
 
 
@@ -80,9 +80,9 @@ def reference(module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return module._conv_forward(x, weight, module.bias)
 
 
-def check_layers(pkg, patcher, chain, layer_paths, rtol=1e-4, atol=1e-5):
+def check_layers(pkg, patcher, chain, layer_paths, rtol=1e-4, atol=1e-5, rows=6):
     """Activates `chain` [(plan layers, patches, strength)] on every layer, compares each layer's
-    forward with the stock merged weight's, then deactivates."""
+    forward (on `rows` input rows) with the stock merged weight's, then deactivates."""
     model = patcher.model
     for path in layer_paths:
         module = model.get_submodule(path)
@@ -90,7 +90,7 @@ def check_layers(pkg, patcher, chain, layer_paths, rtol=1e-4, atol=1e-5):
             if path in layers:
                 pkg.layers.activate(module, layers[path], s)
         try:
-            x = sample_input(module)
+            x = sample_input(module, rows=rows)
             with torch.no_grad():
                 got = module(x)
                 merged = stock_weight([(p, s) for _, p, s in chain], path + ".weight", module.weight)
@@ -162,6 +162,91 @@ def test_mixed_stack_in_any_order_equals_stock_chain(pkg, host, sd_patcher, flux
             chain = [(built[n][0], built[n][1], rng.choice([1.0, 0.7, -0.5, 1.4])) for n in order[:5]]
             paths = sorted(set().union(*(layers.keys() for layers, _, _ in chain)))
             check_layers(pkg, patcher, chain, paths, rtol=2e-4, atol=2e-5)
+
+
+def count_weight_form(pkg, monkeypatch) -> list:
+    """Wraps layers.merged_weight (this package's weight form) to count the layers it serves."""
+    calls: list = []
+    real = pkg.layers.merged_weight
+
+    def counted(weight, wp):
+        calls.append("tiles" if wp.tiles else "whole" if wp.steps[0][3] is None else "copy")
+        return real(weight, wp)
+    monkeypatch.setattr(pkg.layers, "merged_weight", counted)
+    return calls
+
+
+def lora_chain(pkg, patcher, targets, strengths, seed=40):
+    chain = []
+    for i, s in enumerate(strengths):
+        sd = tiny_models.adapter_state_dict("lora", targets, seed=seed + i)
+        patches, plan = build(pkg, patcher, sd)
+        assert plan.reason is None, plan.reason
+        chain.append((plan.layers, patches, s))
+    return chain
+
+
+@pytest.mark.parametrize("model", ["sd", "flux"])
+@pytest.mark.parametrize("rows", [6, 2048])
+def test_low_rank_update_in_the_weight_or_the_output_equals_stock(pkg, host, sd_patcher, flux_patcher, model,
+                                                                   rows, monkeypatch):
+    """Plain LoRA on Linear layers is added per call either into a transient weight (where the
+    weight is smaller than the activations: many rows) or into the output (few rows); both give
+    the stock chain's merged weight's output: one adapter, two stacked, strengths 0 and negative,
+    Flux's q/k/v(/mlp) slices covering a fused weight and covering part of it."""
+    patcher = sd_patcher if model == "sd" else flux_patcher
+    targets = targets_for(model, host, "lora", {})
+    partial = {k: v for k, v in targets.items() if not k.endswith(("to_v", "add_v_proj"))}
+    calls = count_weight_form(pkg, monkeypatch)
+    for tg, strengths in ((targets, [1.0]), (targets, [0.7, -1.3]), (partial, [0.0, 1.2])):
+        chain = lora_chain(pkg, patcher, tg, strengths)
+        paths = sorted(set().union(*(layers.keys() for layers, _, _ in chain)))
+        linear = [p for p in paths if isinstance(patcher.model.get_submodule(p), torch.nn.Linear)]
+        calls.clear()
+        check_layers(pkg, patcher, chain, paths, rows=rows)
+        # every Linear layer here is smaller than 2048 rows of activations, larger than 6
+        assert len(calls) == (len(linear) if rows > 6 else 0), (model, tg is partial, len(calls), len(linear))
+        if model == "flux" and rows > 6:  # how the transient weight is started on fused weights
+            assert ("copy" if tg is partial else "tiles") in calls, calls
+
+
+def test_weight_form_after_stock_lowvram_patch_through_comfy_cast(pkg, host, sd_patcher, monkeypatch):
+    """Where ComfyUI casts the layer's weight per call, the weight form goes in as one of the
+    layer's weight functions for that call, after ComfyUI's own lowvram patch of a stock loader
+    before ours: the output is the stock chain's, and the layer's weight functions are as they
+    were afterwards."""
+    import comfy.model_patcher
+    model = sd_patcher.model
+    targets = targets_for("sd", host, "lora", {})
+    stock_sd = tiny_models.adapter_state_dict("lora", targets, seed=50)
+    stock_patches, _ = pkg.adapters.split_patches(stock_sd, sd_patcher, None, "stock.safetensors")
+    chain = lora_chain(pkg, sd_patcher, targets, [0.9], seed=51)
+    layers_, ours, s = chain[0]
+    calls = count_weight_form(pkg, monkeypatch)
+    checked = 0
+    for path in layers_:
+        module = model.get_submodule(path)
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        key = path + ".weight"
+        stock = [(0.6, a, 1.0, None, None) for t, a in stock_patches.items() if t == key]
+        assert stock, key
+        monkeypatch.setattr(module, "comfy_cast_weights", True)
+        monkeypatch.setattr(module, "weight_function", [comfy.model_patcher.LowVramPatch(key, {key: stock})])
+        before = list(module.weight_function)
+        weight = module.weight.detach().clone()
+        pkg.layers.activate(module, layers_[path], s)
+        try:
+            x = sample_input(module, rows=2048)
+            with torch.no_grad():
+                got = module(x)
+            want = reference(module, stock_weight([(stock_patches, 0.6), (ours, s)], key, weight), x)
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (path, (got - want).abs().max().item())
+            assert module.weight_function == before and torch.equal(module.weight, weight), path
+        finally:
+            pkg.layers.deactivate(module)
+        checked += 1
+    assert checked and len(calls) == checked, (checked, len(calls))
 
 
 def test_merge_equals_stock_for_every_type(pkg, host, sd_patcher):
