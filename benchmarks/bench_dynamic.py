@@ -50,6 +50,8 @@ def parse(argv=None):
     p.add_argument("--rank", type=int, default=None, help="rank of the factors (default 32 for lora, 8 otherwise)")
     p.add_argument("--fallback", action="store_true",
                    help="under dynamic VRAM also run ours in merged mode, which takes ComfyUI's patch path there")
+    p.add_argument("--output-form", action="store_true",
+                   help="also run ours with the weight form off (every low-rank update added into the output)")
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU (classic only): a smoke run")
     p.add_argument("--out", default="benchmarks/out")
     return p.parse_args(argv)
@@ -170,6 +172,8 @@ def main(argv=None) -> int:
             load = comfy.sd.load_lora_for_models if loader == "stock" else comfy.sd.load_bypass_lora_for_models
             return lambda tag, s: base if tag is None else load(base, None, lora_sd[tag], s, 0)[0]
 
+        # "ours-output": the same node with the weight form off (layers._weight_plan returns
+        # nothing while its series runs), the per-call form the package had before it.
         # "ours-patch": mode merged, which under dynamic VRAM is ComfyUI's own patch path: our
         # fallback, which must cost what stock costs.
         mode = "merged" if loader == "ours-patch" else "auto"
@@ -206,8 +210,11 @@ def main(argv=None) -> int:
         print(f"== {spec.label} {config}: {res['patcher']}", flush=True)
         outs: dict[str, dict] = {}
         with torch.inference_mode():
-            loaders = LOADERS + (("ours-patch",) if kind == "dynamic" and args.fallback else ())
+            loaders = (LOADERS + (("ours-output",) if args.output_form else ())
+                       + (("ours-patch",) if kind == "dynamic" and args.fallback else ()))
+            weight_plan = lc.layers._weight_plan
             for loader in loaders:
+                lc.layers._weight_plan = (lambda plan, weight: None) if loader == "ours-output" else weight_plan
                 mm.unload_all_models()
                 lc.purge()
                 gc.collect()
@@ -240,13 +247,16 @@ def main(argv=None) -> int:
                           f"streamed {streamed[0] / 2**20:9.1f} MiB  {row.get('path', '')}", flush=True)
                 res["loaders"][loader] = {"base_s": base_times[1:], "base_streamed_bytes": base_stream[1:],
                                           "events": rows, "events_2_8_s": sum(r["event_s"] for r in rows[1:])}
+            lc.layers._weight_plan = weight_plan
             # parity: ours and bypass around stock, per state
             spread, ours_diff = 0.0, 0.0
             for state, ref in outs["stock"].items():
                 if state[0] is None:
                     continue
                 spread = max(spread, float((outs["bypass"][state] - ref).abs().max()))
-                ours_diff = max(ours_diff, float((outs["ours"][state] - ref).abs().max()))
+                for loader in ("ours", "ours-output"):
+                    if loader in outs:
+                        ours_diff = max(ours_diff, float((outs[loader][state] - ref).abs().max()))
             res["parity"] = {"max_abs_ours_vs_stock": ours_diff, "max_abs_bypass_vs_stock": spread}
             check(f"{config}: outputs within the bypass loader's spread", ours_diff <= max(1.5 * spread, 1e-3),
                   f"ours {ours_diff:.4g} vs bypass {spread:.4g} (max |latent - stock|)")

@@ -13,6 +13,10 @@ transformer blocks: SDXL 722 layers, batch 2 at 1024x1024, fp16; Flux 304 layers
 - gemm_fold:   the update folded into a Triton GEMM (h = x @ down from cuBLAS, read in the
                GEMM's epilogue; W and the factors read in place, nothing copied)
 - gemm_hcomp:  the same with h accumulated in the GEMM's own K loop (one launch per layer)
+- wmerge:      the update merged into a transient copy of the weight per call
+               (`W' = W + alpha * up^T down^T`, one addmm per factor), then F.linear(x, W', b)
+- pick:        per call, wmerge where the weight is smaller than the activations the torch
+               form reads and writes again (2*in*out < rows*(in + 2*out)), else torch
 
 then the whole model's layer sequence (each layer its own weights and factors) per form, and
 the host cost per layer (the sequence at 16 rows, where the GPU work is small and the host's
@@ -171,10 +175,35 @@ class Layer:
             self.gemms["gemm_hcomp" + f"[{label}]"] = fused.make_linear(self.W, self.b, self.plan, hcomp=True,
                                                                         cfg=cfg)
 
+    def merged_weight(self):
+        W = self.W
+        (down, parts), = self.plan
+        if parts[0][4] is None:
+            lo, hi, up, alpha, _, _ = parts[0]
+            return torch.addmm(W, up.t(), down.t(), alpha=alpha)
+        out = torch.empty_like(W)
+        for lo, hi, up, alpha, start, length in parts:
+            torch.addmm(W[start:start + length], up.t(), down[:, lo:hi].t(), alpha=alpha,
+                        out=out[start:start + length])
+        return out
+
     def form(self, name):
         W, b = self.W, self.b
         if name == "base":
             return lambda x: F.linear(x, W, b)
+        if name == "wmerge":
+            return lambda x: F.linear(x, self.merged_weight(), b)
+        if name == "pick":
+            add, weight_cost = self.torch_add, 2 * self.K * self.N
+            per_row = self.K + 2 * self.N
+
+            def picked(x):
+                if weight_cost < x.shape[0] * per_row:
+                    return F.linear(x, self.merged_weight(), b)
+                y = F.linear(x, W, b)
+                add(x, y)
+                return y
+            return picked
         if name == "torch":
             add = self.torch_add
         elif name in self.adders:
@@ -201,7 +230,7 @@ def direct_launch(add):
 
 
 def forms_of(layer):
-    return ["base", "torch", *layer.adders, *layer.gemms]
+    return ["base", "torch", "wmerge", "pick", *layer.adders, *layer.gemms]
 
 
 def tolerance(x, y_base, layer, dtype, with_base):
@@ -282,7 +311,7 @@ def shape_bench(model, spec, dev, gen, deadline, log):
         sync()
         first_s = time.perf_counter() - t0
         got = fn(x)
-        tol = tolerance(x, y_base, L, dtype, with_base=f.startswith("gemm"))
+        tol = tolerance(x, y_base, L, dtype, with_base=f.startswith("gemm") or f in ("wmerge", "pick"))
         if f.startswith("gemm_bare"):
             ratio = float(((got.double() - y_base.double()).abs() / tol).max())
         else:
@@ -425,6 +454,8 @@ def main(argv=None):
     p.add_argument("--warm-shards", type=int, default=1)
     p.add_argument("--no-sweep", action="store_true", help="time only the default adder per shape")
     p.add_argument("--sections", default="models,shapes", help="whole-model sequences, per-shape timings")
+    p.add_argument("--forms", default="base,torch,wmerge,pick,fused,auto,gemm_bare,gemm_fold,gemm_hcomp",
+                   help="forms of the whole-model sequences")
     args = p.parse_args(argv)
     models = args.models.split(",")
     if args.warm_shard is not None:
@@ -462,8 +493,7 @@ def main(argv=None):
     # The whole sequence first (the headline numbers), then the per-shape sweep.
     sections = args.sections.split(",")
     for model in models if "models" in sections else ():
-        res["models"][model] = model_bench(model, dev, gen, ["base", "torch", "fused", "auto", "gemm_bare",
-                                                            "gemm_fold", "gemm_hcomp"], deadline, log)
+        res["models"][model] = model_bench(model, dev, gen, args.forms.split(","), deadline, log)
         save()
     for model in models if "shapes" in sections else ():
         res["shapes"][model] = []

@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 LABELS = {"stock": "stock LoraLoaderModelOnly", "bypass": "LoraLoaderBypassModelOnly",
-          "ours": "LoRA Cache Loader (auto)", "ours-patch": "LoRA Cache Loader, merged mode (ComfyUI's patch path)"}
+          "ours": "LoRA Cache Loader (auto)",
+          "ours-output": "LoRA Cache Loader, weight form off (updates added into the output)",
+          "ours-patch": "LoRA Cache Loader, merged mode (ComfyUI's patch path)"}
 CONFIGS = {"dynamic": "dynamic VRAM, whole card", "dynamic@14": "dynamic VRAM, 14 GiB free",
            "classic": "classic patcher"}
 
