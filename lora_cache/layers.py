@@ -497,10 +497,16 @@ def _posts(chain: tuple[Op, ...], x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return y
 
 
+def own_forward(module: torch.nn.Module, fwd: Callable | None) -> bool:
+    """Whether an instance-level `forward` is only the module's own class forward, bound to it:
+    what ComfyUI's bypass loader leaves on every layer it injected into once it ejects."""
+    return getattr(fwd, "__self__", None) is module and getattr(fwd, "__func__", None) is type(module).forward
+
+
 def _direct_base(module: torch.nn.Module, prev: Callable | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     # The direct forward computes the base product itself with F.linear. Only for layers whose
     # forward is ComfyUI's (or torch's) plain Linear forward and nothing of another party's.
-    if prev is not None or not isinstance(module, torch.nn.Linear):
+    if (prev is not None and not own_forward(module, prev)) or not isinstance(module, torch.nn.Linear):
         return None
     fwd = type(module).forward
     if not (fwd is torch.nn.Linear.forward or fwd in _comfy_linear_forwards()):

@@ -166,6 +166,45 @@ def test_fast_path_flags_only_while_sampling(fresh, loras):
     assert all(layers.holds(m, entry, f) for _, m, f in entry.modules())
 
 
+def test_forward_after_comfy_bypass_loader_is_the_direct_one(fresh, loras, monkeypatch):
+    """ComfyUI's bypass loader leaves each layer it injected into with its own class forward
+    bound on the instance once it ejects; ours takes that for no forward of another party's:
+    the sampling serves its layers with the weight form (tiny SD: every adapted Linear's weight
+    is smaller than its activations) and matches stock, before and after the bypass loader."""
+    import nodes
+
+    from lora_cache_loader.lora_cache import layers
+
+    h = fresh
+    if "LoraLoaderBypassModelOnly" not in nodes.NODE_CLASS_MAPPINGS:
+        pytest.skip("this ComfyUI has no bypass loader (0.3.75)")
+    lora = loras["a"]
+    served = []
+    real = layers.merged_weight
+    monkeypatch.setattr(layers, "merged_weight", lambda w, wp: served.append(w.shape) or real(w, wp))
+
+    def prompt(loader):  # 256x256: more rows of activations than the tiny layers' weights have
+        p = wf.sd([loader])
+        p["3"]["inputs"].update(width=256, height=256)
+        return p
+    stock = h.run(prompt(wf.stock(lora, 0.8)))["out"]
+    counts = []
+    for before in (None, "LoraLoaderBypassModelOnly"):
+        if before is not None:
+            bypass = h.run(prompt((before, {"lora_name": lora, "strength_model": 0.8})))["out"]
+            assert close(bypass, stock)
+        served.clear()
+        out = h.run(prompt(wf.ours(lora, 0.8)))["out"]
+        assert h.last_event()["path"] in ("build", "fast")
+        assert close(out, stock), (out - stock).abs().max()
+        counts.append(len(served))
+    entry = entry_for(h, lora)
+    linear = [m for _, m, _ in entry.modules() if isinstance(m, torch.nn.Linear)]
+    left = [m for m in linear if "forward" in m.__dict__]
+    assert left and all(layers.own_forward(m, m.__dict__["forward"]) for m in left)  # the bypass loader's leftover
+    assert counts[0] > 0 and counts[1] == counts[0], counts
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_fast_reenable_node_call_does_no_per_layer_work(fresh, loras, kind):
     """The node call of a re-enable or strength change does entry-level work only: no layer's
