@@ -313,3 +313,63 @@ def test_build_reasons_name_the_forms(pkg, host, sd_patcher):
     sd = tiny_models.adapter_state_dict("lora", tiny_models.sd_targets(host.unet_sd), seed=3)
     _, plan = build(pkg, sd_patcher, sd)
     assert plan.forms is None
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine runs it)")])]
+EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(64, 64, None), (48, 144, 3), (96, 32, None)], ids=["square", "qkv", "narrow"])
+def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, shape, monkeypatch):
+    """The two per-call forms of a plain LoRA on a ComfyUI Linear in the model's own half
+    precision, the weight form against the output form, within the rounding of the dtype:
+    strengths 1, 0 and negative, two stacked adapters, one factor per output slice of a fused
+    weight, batch sizes around the form's threshold."""
+    import comfy.ops
+    g = torch.Generator().manual_seed(sum(shape[:2]))
+    K, N, slices = shape
+    lin = comfy.ops.disable_weight_init.Linear(K, N, bias=True, device=device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_((torch.randn(N, K, generator=g) * K ** -0.5).to(dtype))
+        lin.bias.copy_((torch.randn(N, generator=g) * 0.1).to(dtype))
+
+    def adapter(seed):
+        gg = torch.Generator().manual_seed(seed)
+        parts = [(0, N)] if slices is None else [(i * N // slices, N // slices) for i in range(slices)]
+        fs = []
+        for start, length in parts:
+            down = (torch.randn(K, 8, generator=gg) * K ** -0.5).to(device, dtype)
+            up = (torch.randn(8, length, generator=gg) * 8 ** -0.5).to(device, dtype)
+            fs.append(pkg.layers.LayerFactors("linear", down, up, 0.75,
+                                              out_slice=None if slices is None else (start, length)))
+        return tuple(fs)
+    stacks = [[(adapter(1), 1.0)], [(adapter(2), 0.0)], [(adapter(3), -1.4), (adapter(4), 0.6)]]
+    calls = count_weight_form(pkg, monkeypatch)
+    real_plan = pkg.layers._weight_plan
+    for stack in stacks:
+        for rows in (1, 7, 300, 1031):
+            x = torch.randn(rows, K, generator=g).to(device, dtype)
+            outs = {}
+            for form in ("weight", "output"):
+                monkeypatch.setattr(pkg.layers, "_weight_plan", real_plan if form == "weight" else (lambda p, w: None))
+                for factors, s in stack:
+                    pkg.layers.activate(lin, factors, s)
+                try:
+                    with torch.no_grad():
+                        outs[form] = lin(x).double()
+                finally:
+                    pkg.layers.deactivate(lin)
+            bound = x.double().abs() @ lin.weight.double().abs().t() + lin.bias.double().abs()
+            for factors, s in stack:
+                for f in factors:
+                    d = abs(s * f.scale) * (x.double().abs() @ f.down.double().abs() @ f.up.double().abs())
+                    if f.out_slice is None:
+                        bound += d
+                    else:
+                        bound[:, f.out_slice[0]:sum(f.out_slice)] += d
+            err = (outs["weight"] - outs["output"]).abs()
+            assert bool((err <= 4 * EPS[dtype] * bound + 1e-6).all()), (rows, float((err / bound).max()))
+    assert calls and any(c == ("tiles" if slices else "whole") for c in calls), calls
