@@ -22,9 +22,15 @@ def pkg(host):
 
 @pytest.fixture
 def fresh(host):
-    """A fresh executor (no node outputs cached) and an empty adapter cache."""
+    """A fresh executor (no node outputs cached), an empty adapter cache, and no model loaded.
+
+    The harness keeps its tiny CLIP and Flux for the session, so a clone of one that a test
+    loaded can outlive the patchers it came from; ComfyUI then counts that loaded model as
+    leaked and runs a full garbage collection on every later load (0.2 s each here)."""
+    import comfy.model_management
     host.new_executor()
     host.lc.purge()
+    comfy.model_management.unload_all_models()
     yield host
     host.lc.purge()
 
