@@ -31,10 +31,9 @@ rm -rf "$REPORTS" && mkdir -p "$REPORTS"
 # Lint every Python file of the repository; type-check lora_cache/ (settings in pyproject.toml).
 step "ruff" "$OLD_PY" -m ruff check __init__.py lora_cache nodes tests scripts benchmarks testkit
 step "mypy lora_cache/" "$OLD_PY" -m mypy
-# The whole suite on both hosts: about a minute and a half of tests on 0.3.75 on an idle 2-core
-# machine, 0.33.0 slower (up to about 2.5x, measured side by side on a loaded machine); with the
-# setup that fits CI's 15 minutes. Were it to stop fitting, `-m "not slow"` on 0.33.0 keeps its
-# node, server, e2e and decision tests.
+# The whole suite on both hosts: about two minutes of tests per host on an idle 2-core machine;
+# with the setup that fits CI's 15 minutes. Were it to stop fitting, `-m "not slow"` on 0.33.0
+# keeps its node, server, e2e and decision tests.
 step "pytest on ComfyUI 0.3.75" env COMFYUI_DIR="$ROOT/.host/ComfyUI" \
   "$OLD_PY" -m pytest -q -rsxX --junitxml="$REPORTS/0.3.75.xml" "$@"
 step "pytest on ComfyUI 0.33.0" env COMFYUI_DIR="$ROOT/.host-current/ComfyUI" \
