@@ -1,17 +1,20 @@
 """Merging cached factors into the layers' weights in place, and restoring them exactly.
 
 For merged mode without ComfyUI's reload: the factors already sit on the model's device, so
-the merge is one small GEMM per layer on the GPU. Before a layer's weight is changed, a copy
-of it is kept (on the same device when the memory allows, else in pinned host memory), and
-`restore` copies it back: bit-exact, unlike subtracting the delta again, which drifts in
-fp16 / bf16. Only the touched weights are copied.
+the merge is one small GEMM per layer on the GPU. The original weights must come back bit-exact
+after the sampling (subtracting the delta again drifts in fp16 / bf16), in one of two ways:
 
-A layer whose forms are all low-rank Linear factors is merged with one in-place
-`W.addmm_(up, down, alpha)` per factor on the weight (or its output slice): the GEMM accumulates
-W + alpha * up @ down in fp32 and rounds once to the weight's dtype, as ComfyUI's
-`calculate_weight` (fp32, then cast) does, without an fp32 copy of W. Any other layer (LoCon,
-LoHa, LoKr, DoRA, OFT, BOFT, GLoRA) is merged as ComfyUI merges it: an fp32 copy of the weight,
-every form's `merge_into` in the stack's order, one rounding back.
+- where the device has room for the merged weights: each touched layer gets a new weight
+  parameter holding the merged values, and `restore` puts the layer's original parameter back.
+  The original is never written, so nothing is copied and the restore moves no data;
+- else the original is copied to pinned host memory, merged in place, and copied back.
+
+A layer whose forms are all low-rank Linear factors is merged with one `addmm` per factor on the
+weight (or its output slice, `layers.merged_weight`): the GEMM accumulates W + alpha * up @ down
+in fp32 and rounds once to the weight's dtype, as ComfyUI's `calculate_weight` (fp32, then cast)
+does, without an fp32 copy of W. Any other layer (LoCon, LoHa, LoKr, DoRA, OFT, BOFT, GLoRA) is
+merged as ComfyUI merges it: an fp32 copy of the weight, every form's `merge_into` in the stack's
+order, one rounding back.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import time
 
 import torch
 
-from .layers import LayerFactors, order_sensitive, weight_of
+from .layers import LayerFactors, WeightPlan, merged_weight, order_sensitive, weight_of
 
 
 def merged_items(stack_layers: list[dict], want: list[bool]) -> list[bool]:
@@ -52,7 +55,9 @@ class Merged:
 
     def __init__(self, items, keep_on_device: bool | None = None, headroom: int = 1 << 30):
         self.items = [(m, tuple(fs), float(s)) for m, fs, s in items]
-        self.backup: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}
+        # per touched module: (module, its original weight, whether the original is the module's
+        # own parameter, swapped back on restore; else a host copy to copy back)
+        self.backup: dict[int, tuple[torch.nn.Module, torch.Tensor, bool]] = {}
         self.keep_on_device = keep_on_device
         self.headroom = headroom
         self.where: str | None = None
@@ -84,37 +89,38 @@ class Merged:
 
     @torch.no_grad()
     def merge(self) -> float:
-        """Merges in place; returns the time taken in ms (device work included)."""
+        """Merges; returns the time taken in ms (device work included)."""
         if self.merged:
             raise RuntimeError("already merged")
         on_device = self._choose()
         t0 = time.perf_counter()
         device = None
         for m in self._modules():
-            w = m.weight
+            w = weight_of(m)
             device = w.device
-            if id(m) not in self.backup:
-                if on_device or w.device.type != "cuda":
-                    copy = w.detach().clone()
-                else:
-                    copy = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
-                    copy.copy_(w.detach(), non_blocking=True)
-                self.backup[id(m)] = (m, copy)
-                self.backup_bytes += copy.numel() * copy.element_size()
-            wd = w.detach()
             items = self._per_module[id(m)]
-            if _addmm_ready(items, wd):
+            if (on_device or w.device.type != "cuda") and isinstance(w, torch.nn.Parameter):
+                # A new parameter with the merged values; the original stays as it is.
+                new = self._merged(w.detach(), items)
+                self.backup[id(m)] = (m, w, True)
+                self.backup_bytes += new.numel() * new.element_size()
+                m.weight = torch.nn.Parameter(new, requires_grad=False)
+                continue
+            if w.device.type == "cuda":
+                copy = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
+                copy.copy_(w.detach(), non_blocking=True)
+            else:
+                copy = w.detach().clone()
+            self.backup[id(m)] = (m, copy, False)
+            self.backup_bytes += copy.numel() * copy.element_size()
+            wd = w.detach()
+            if _addmm_ready(items, wd):  # in place: no transient copy of the weight
                 for factors, strength in items:
                     for f in factors:
                         target = wd if f.out_slice is None else wd.narrow(0, *f.out_slice)
-                        # down [in, r], up [r, out]: W[out, in] += alpha * up^T @ down^T
                         target.addmm_(f.up.t(), f.down.t(), alpha=float(strength) * f.scale)
             else:
-                w32 = wd.float()
-                for factors, strength in items:
-                    for f in factors:
-                        f.merge_into(w32, strength)
-                wd.copy_(w32)
+                wd.copy_(self._merged(wd, items))
         if device is not None:
             _sync(device)
         self.where = "device" if on_device else "pinned host"
@@ -122,14 +128,32 @@ class Merged:
         self.merged = True
         return (time.perf_counter() - t0) * 1000.0
 
+    @staticmethod
+    def _merged(w: torch.Tensor, items) -> torch.Tensor:
+        """A new tensor: `w` with every item's forms merged in, in stack order."""
+        if _addmm_ready(items, w):
+            # down [in, r], up [r, out]: W[out, in] + alpha * up^T @ down^T, per factor
+            steps = tuple((f.up.t(), f.down.t(), float(strength) * f.scale, *(
+                (None, None) if f.out_slice is None else (f.out_slice[0], sum(f.out_slice))))
+                for factors, strength in items for f in factors)
+            return merged_weight(w, WeightPlan(0, steps, 0.0))
+        w32 = w.to(torch.float32, copy=True)  # `w` may be the original, which stays untouched
+        for factors, strength in items:
+            for f in factors:
+                f.merge_into(w32, strength)
+        return w32.to(w.dtype)
+
     @torch.no_grad()
     def restore(self) -> float:
-        """Copies the saved weights back (bit-exact) and frees the copies; returns ms."""
+        """Puts the original weights back (bit-exact) and frees the merged ones; returns ms."""
         t0 = time.perf_counter()
         device = None
-        for m, copy in self.backup.values():
+        for m, original, swapped in self.backup.values():
+            if swapped:
+                m.weight = original
+                continue
             w = weight_of(m)
-            w.detach().copy_(copy, non_blocking=True)
+            w.detach().copy_(original, non_blocking=True)
             device = w.device
         if device is not None:
             _sync(device)

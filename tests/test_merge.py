@@ -1,4 +1,5 @@
-"""lora_cache.merge (weights merged from cached factors in place, restored from a copy) and the
+"""lora_cache.merge (weights merged from cached factors into new parameters and the originals put
+back, or merged in place and restored from a host copy) and the
 direct dynamic forward of lora_cache.layers, on ComfyUI's Flux class with a tiny config:
 its fused qkv / linear1 weights take diffusers q/k/v LoRAs as output slices."""
 from __future__ import annotations
@@ -62,6 +63,27 @@ def test_merge_restores_bit_exactly_over_50_toggles(pkg, dtype):
         for k, v in original.items():
             assert torch.equal(now[k], v), f"toggle {i}: {k} not restored bit for bit"
     assert merged.backup == {} and merged.backup_bytes == 0
+
+
+def test_merge_never_writes_the_original_weights_and_puts_them_back(pkg):
+    """Where the merged weights fit beside the originals, the layers get new parameters for the
+    sampling: the original parameters are not written at all (fp32 and bf16), and restore puts
+    the very same objects back."""
+    merge = pkg.merge
+    for dtype in (torch.float32, torch.bfloat16):
+        patcher, _, plan_layers = flux_with_factors(pkg, dtype)
+        model = patcher.model
+        mods = {p: model.get_submodule(p) for p in plan_layers}
+        params = {p: m.weight for p, m in mods.items()}
+        values = {p: w.detach().clone() for p, w in params.items()}
+        versions = {p: w._version for p, w in params.items()}
+        m = merge.Merged([(mods[p], fs, -0.7) for p, fs in plan_layers.items()], keep_on_device=True)
+        m.merge()
+        assert all(mods[p].weight is not params[p] for p in mods)
+        assert all(torch.equal(params[p], values[p]) and params[p]._version == versions[p] for p in mods)
+        m.restore()
+        assert all(mods[p].weight is params[p] for p in mods)
+        assert all(torch.equal(params[p], values[p]) for p in mods)
 
 
 def test_merge_keeps_copies_in_host_memory_when_asked(pkg):
