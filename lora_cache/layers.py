@@ -292,8 +292,8 @@ class WeightPlan(NamedTuple):
     every row exactly once between them (Flux's q/k/v/mlp slices of one fused weight); then
     the transient weight is written by them, each from its rows of W, with no copy of W first.
     `merge_numel`: the input size (rows x in) from which the weight form moves less memory
-    than the output form, where the weight is read in place; a weight that ComfyUI copies
-    before its weight functions costs twice that."""
+    than the output form, where the weight is read in place (slices and stacked adapters
+    counted); a weight that ComfyUI copies before its weight functions costs twice that."""
 
     tiles: int
     steps: tuple[tuple[torch.Tensor, torch.Tensor, float, int | None, int | None], ...]
@@ -315,10 +315,15 @@ def _weight_plan(plan: tuple, weight: torch.Tensor) -> WeightPlan | None:
     if len(covered) == len(first) and covered and covered[0][0] == 0 and covered[-1][1] == out_f and all(
             a[1] == b[0] for a, b in pairwise(covered)):
         tiles = len(first)
-    # Output form: reads x [rows, in] again, reads and writes y [rows, out]; weight form: reads
-    # W and writes W' [out, in] (the low-rank product's own reads are smaller than either).
-    merge_rows = 2 * out_f * in_f / (in_f + 2 * out_f)
-    return WeightPlan(tiles, tuple(steps), merge_rows * in_f)
+    # Memory each form moves per call. Output form: x [rows, in] read again per adapter, each
+    # factor's output columns read and written. Weight form: W read and the new weight written
+    # once, plus a read and write of its rows for every step after the first pass (all steps
+    # where W is copied first).
+    lengths = [out_f if start is None else stop - start for _, _, _, start, stop in steps]
+    per_row = len(plan) * in_f + 2 * sum(lengths)
+    first_pass = tiles or (1 if steps[0][3] is None else 0)
+    weight_cost = 2 * out_f * in_f + 2 * in_f * sum(lengths[first_pass:])
+    return WeightPlan(tiles, tuple(steps), weight_cost / per_row * in_f)
 
 
 def merged_weight(weight: torch.Tensor, wp: WeightPlan) -> torch.Tensor:
@@ -532,6 +537,14 @@ def _no_op() -> None:
 _EVERY_OP: Callable = _no_op
 
 
+def _comfy_cast_forwards() -> tuple:
+    try:
+        import comfy.ops
+        return (comfy.ops.disable_weight_init.Linear.forward_comfy_cast_weights,)
+    except Exception:  # outside ComfyUI
+        return ()
+
+
 def _comfy_linear_forwards() -> tuple:
     global _COMFY_FORWARDS, _EVERY_OP
     if _COMFY_FORWARDS is None:
@@ -568,6 +581,10 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     base = prev if prev is not None else type(module).forward.__get__(module)
     direct_base = _direct_base(module, prev)
     linear, every_op = F.linear, _EVERY_OP
+    # The weight form goes through ComfyUI's weight functions only where its cast is the stock
+    # one: other ops classes (scaled fp8, fp8 matmul) hand them a weight in another scale or
+    # dtype, or skip their fast path when any is set.
+    stock_cast = getattr(type(module), "forward_comfy_cast_weights", None) in _comfy_cast_forwards()
 
     def forward(x, *args, **kwargs):
         plan = slot.plan
@@ -595,7 +612,8 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
                 # comfy-aimdo hands its resident weight to the weight functions as it is;
                 # ComfyUI's other casts copy it first
                 fn = slot.weight_fn
-                if casts and fn is not None and n >= wp.merge_numel * (1 if hasattr(module, "_v") else 2):
+                if (casts and fn is not None and stock_cast and module.weight.dtype == x.dtype
+                        and n >= wp.merge_numel * (1 if hasattr(module, "_v") else 2)):
                     return _through_weight_function(module, fn, base, x)
             # Output form: the updates go into the output in place, one `x @ down` per adapter
             # (shared by q/k/v slices) and one addmm_ per factor.

@@ -131,6 +131,8 @@ class Merged:
     @staticmethod
     def _merged(w: torch.Tensor, items) -> torch.Tensor:
         """A new tensor: `w` with every item's forms merged in, in stack order."""
+        if not any(factors for factors, _ in items):
+            return w.clone()
         if _addmm_ready(items, w):
             # down [in, r], up [r, out]: W[out, in] + alpha * up^T @ down^T, per factor
             steps = tuple((f.up.t(), f.down.t(), float(strength) * f.scale, *(

@@ -373,3 +373,35 @@ def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, sha
             err = (outs["weight"] - outs["output"]).abs()
             assert bool((err <= 4 * EPS[dtype] * bound + 1e-6).all()), (rows, float((err / bound).max()))
     assert calls and any(c == ("tiles" if slices else "whole") for c in calls), calls
+
+
+def test_weight_form_only_through_comfy_stock_cast(pkg, monkeypatch):
+    """ComfyUI ops classes with their own cast (scaled fp8, fp8 matmul) hand weight functions a
+    weight in another scale or dtype, so the weight form stays off there: such a layer adds the
+    update to its output, and its result is the one ComfyUI's own forward plus the update gives."""
+    import comfy.ops
+
+    class OwnCast(comfy.ops.manual_cast.Linear):
+        def forward_comfy_cast_weights(self, input):  # another cast: the stored weight is W / 2
+            weight, bias = comfy.ops.cast_bias_weight(self, input)
+            return torch.nn.functional.linear(input, weight * 2, bias)
+
+    g = torch.Generator().manual_seed(3)
+    calls = count_weight_form(pkg, monkeypatch)
+    for cls, scale in ((comfy.ops.manual_cast.Linear, 1.0), (OwnCast, 2.0)):
+        lin = cls(32, 32, bias=True)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(32, 32, generator=g) / 8)
+            lin.bias.copy_(torch.randn(32, generator=g) / 8)
+        down, up = torch.randn(32, 4, generator=g) / 6, torch.randn(4, 32, generator=g) / 2
+        pkg.layers.activate(lin, (pkg.layers.LayerFactors("linear", down, up, 0.5),), 0.8)
+        try:
+            x = torch.randn(512, 32, generator=g)
+            calls.clear()
+            with torch.no_grad():
+                got = lin(x)
+        finally:
+            pkg.layers.deactivate(lin)
+        want = torch.nn.functional.linear(x, lin.weight * scale, lin.bias) + 0.4 * (x @ down @ up)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (cls.__name__, (got - want).abs().max())
+        assert len(calls) == (1 if cls is comfy.ops.manual_cast.Linear else 0), (cls.__name__, calls)
