@@ -42,6 +42,9 @@ def test_merged_toggles_restore_weights_bit_exactly(fresh, merge_loras):
     h.run(wf.sd([wf.ours(a, 0.9, mode="merged"), wf.ours(b, -0.6, mode="merged")]))
     model = entry_of(h, a).model_ref()
     original = weights(model)
+    # the snapshot is the file's weights: the merged run before it left them untouched
+    unet = {k.removeprefix("diffusion_model."): v for k, v in original.items()}
+    assert all(torch.equal(unet[k], v.to(unet[k].dtype)) for k, v in h.unet_sd.items())
     for i in range(50):
         on = i % 2 == 0
         rows = [wf.ours(a, 0.9, enabled=on, mode="merged"), wf.ours(b, -0.6, enabled=on, mode="merged")]
