@@ -342,9 +342,21 @@ def merged_weight(weight: torch.Tensor, wp: WeightPlan) -> torch.Tensor:
     else:
         out = weight.clone()
         rest = steps
-    for ut, dt, alpha, start, stop in rest:
-        (out if start is None else out[start:stop]).addmm_(ut, dt, alpha=alpha)
+    add_steps(out, rest)
     return out
+
+
+def add_steps(weight: torch.Tensor, steps) -> None:
+    """Adds each step's update to `weight` (or its rows) in place."""
+    for ut, dt, alpha, start, stop in steps:
+        (weight if start is None else weight[start:stop]).addmm_(ut, dt, alpha=alpha)
+
+
+def weight_plan(active: list[tuple[tuple[LayerForm, ...], float]], weight: torch.Tensor) -> WeightPlan | None:
+    """The weight form of (factors, strength) pairs on a layer with this weight; None where some
+    form is not a low-rank Linear one."""
+    plan = _plan(active)
+    return None if plan is None else _weight_plan(plan, weight)
 
 
 class LayerSlot:
@@ -528,6 +540,7 @@ def _direct_base(module: torch.nn.Module, prev: Callable | None) -> Callable[[to
 
 
 _COMFY_FORWARDS: tuple | None = None
+_COMFY_CAST_FORWARDS: tuple = ()
 
 
 def _no_op() -> None:
@@ -538,19 +551,18 @@ _EVERY_OP: Callable = _no_op
 
 
 def _comfy_cast_forwards() -> tuple:
-    try:
-        import comfy.ops
-        return (comfy.ops.disable_weight_init.Linear.forward_comfy_cast_weights,)
-    except Exception:  # outside ComfyUI
-        return ()
+    _comfy_linear_forwards()
+    return _COMFY_CAST_FORWARDS
 
 
 def _comfy_linear_forwards() -> tuple:
-    global _COMFY_FORWARDS, _EVERY_OP
+    global _COMFY_FORWARDS, _COMFY_CAST_FORWARDS, _EVERY_OP
     if _COMFY_FORWARDS is None:
         try:
             import comfy.ops
-            _COMFY_FORWARDS = (comfy.ops.disable_weight_init.Linear.forward,)
+            linear = comfy.ops.disable_weight_init.Linear
+            _COMFY_FORWARDS = (linear.forward,)
+            _COMFY_CAST_FORWARDS = (linear.forward_comfy_cast_weights,)
             # ComfyUI's Linear forward checks for an interrupt on every call; so does ours.
             _EVERY_OP = getattr(comfy.ops, "run_every_op", _no_op)
         except Exception:  # outside ComfyUI (a bare torch module in a test)

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .layers import LayerFactors, WeightPlan, merged_weight, order_sensitive, weight_of
+from .layers import LayerFactors, add_steps, merged_weight, order_sensitive, weight_of, weight_plan
 
 
 def merged_items(stack_layers: list[dict], want: list[bool]) -> list[bool]:
@@ -114,11 +114,9 @@ class Merged:
             self.backup[id(m)] = (m, copy, False)
             self.backup_bytes += copy.numel() * copy.element_size()
             wd = w.detach()
-            if _addmm_ready(items, wd):  # in place: no transient copy of the weight
-                for factors, strength in items:
-                    for f in factors:
-                        target = wd if f.out_slice is None else wd.narrow(0, *f.out_slice)
-                        target.addmm_(f.up.t(), f.down.t(), alpha=float(strength) * f.scale)
+            wp = weight_plan(items, wd) if _addmm_ready(items, wd) else None
+            if wp is not None:  # in place: no transient copy of the weight
+                add_steps(wd, wp.steps)
             else:
                 wd.copy_(self._merged(wd, items))
         if device is not None:
@@ -133,12 +131,9 @@ class Merged:
         """A new tensor: `w` with every item's forms merged in, in stack order."""
         if not any(factors for factors, _ in items):
             return w.clone()
-        if _addmm_ready(items, w):
-            # down [in, r], up [r, out]: W[out, in] + alpha * up^T @ down^T, per factor
-            steps = tuple((f.up.t(), f.down.t(), float(strength) * f.scale, *(
-                (None, None) if f.out_slice is None else (f.out_slice[0], sum(f.out_slice))))
-                for factors, strength in items for f in factors)
-            return merged_weight(w, WeightPlan(0, steps, 0.0))
+        wp = weight_plan(items, w) if _addmm_ready(items, w) else None
+        if wp is not None:  # W + alpha * up^T @ down^T per factor, as the weight form computes it
+            return merged_weight(w, wp)
         w32 = w.to(torch.float32, copy=True)  # `w` may be the original, which stays untouched
         for factors, strength in items:
             for f in factors:
