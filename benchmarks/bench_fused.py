@@ -13,10 +13,9 @@ transformer blocks: SDXL 722 layers, batch 2 at 1024x1024, fp16; Flux 304 layers
 - gemm_fold:   the update folded into a Triton GEMM (h = x @ down from cuBLAS, read in the
                GEMM's epilogue; W and the factors read in place, nothing copied)
 - gemm_hcomp:  the same with h accumulated in the GEMM's own K loop (one launch per layer)
-- wmerge:      the update merged into a transient copy of the weight per call
-               (`W' = W + alpha * up^T down^T`, one addmm per factor), then F.linear(x, W', b)
-- pick:        per call, wmerge where the weight is smaller than the activations the torch
-               form reads and writes again (2*in*out < rows*(in + 2*out)), else torch
+- wmerge:      the package's weight form (lora_cache/layers.py `merged_weight`): the update
+               in a transient copy of the weight per call, then F.linear(x, W', b)
+- pick:        per call, wmerge or torch by the package's own rule (`WeightPlan.merge_numel`)
 
 then the whole model's layer sequence (each layer its own weights and factors) per form, and
 the host cost per layer (the sequence at 16 rows, where the GPU work is small and the host's
@@ -25,7 +24,7 @@ launches decide). Outputs are compared with the torch form within the dtype's ro
     python3 benchmarks/bench_fused.py --out DIR [--models sdxl,flux] [--budget SECONDS]
 
 Needs torch and Triton on a CUDA GPU, not ComfyUI; fused_kernel.py is taken from next to this
-file. Writes DIR/fused_bench.json.
+file, lora_cache/layers.py from the repository. Writes DIR/fused_bench.json.
 """
 from __future__ import annotations
 
@@ -44,18 +43,25 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 
 
+def load_file(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def load_fused():
-    for path in (HERE / "fused_kernel.py",):
-        if path.exists():
-            spec = importlib.util.spec_from_file_location("lora_cache_fused_bench", path)
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = mod
-            spec.loader.exec_module(mod)
-            return mod
-    raise FileNotFoundError("fused_kernel.py")
+    path = HERE / "fused_kernel.py"
+    if not path.exists():
+        raise FileNotFoundError("fused_kernel.py")
+    return load_file("lora_cache_fused_bench", path)
 
 
 fused = load_fused()
+# The package's layer forms, from their file (they import only torch): the weight form and its
+# per-call rule are the shipped ones.
+layer_forms = load_file("lora_cache_layers_bench", HERE.parent / "lora_cache" / "layers.py")
 
 RANK = 32
 DEVICE = "cuda"
@@ -175,31 +181,19 @@ class Layer:
             self.gemms["gemm_hcomp" + f"[{label}]"] = fused.make_linear(self.W, self.b, self.plan, hcomp=True,
                                                                         cfg=cfg)
 
-    def merged_weight(self):
-        W = self.W
-        (down, parts), = self.plan
-        if parts[0][4] is None:
-            lo, hi, up, alpha, _, _ = parts[0]
-            return torch.addmm(W, up.t(), down.t(), alpha=alpha)
-        out = torch.empty_like(W)
-        for lo, hi, up, alpha, start, length in parts:
-            torch.addmm(W[start:start + length], up.t(), down[:, lo:hi].t(), alpha=alpha,
-                        out=out[start:start + length])
-        return out
-
     def form(self, name):
         W, b = self.W, self.b
         if name == "base":
             return lambda x: F.linear(x, W, b)
+        wp = layer_forms._weight_plan(self.plan, W)
         if name == "wmerge":
-            return lambda x: F.linear(x, self.merged_weight(), b)
+            return lambda x: F.linear(x, layer_forms.merged_weight(W, wp), b)
         if name == "pick":
-            add, weight_cost = self.torch_add, 2 * self.K * self.N
-            per_row = self.K + 2 * self.N
+            add = self.torch_add
 
             def picked(x):
-                if weight_cost < x.shape[0] * per_row:
-                    return F.linear(x, self.merged_weight(), b)
+                if x.numel() >= wp.merge_numel:
+                    return F.linear(x, layer_forms.merged_weight(W, wp), b)
                 y = F.linear(x, W, b)
                 add(x, y)
                 return y
