@@ -10,10 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from lora_cache_testkit import compare
 
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
+
+# fp32 on the CPU: the relative error within one worst-case rounding of the longest sum
+# (compare.close's rule; the benchmark's tiny models sum over at most 2816 < K_MAX terms), and
+# each form's adapter far above it.
+REL_TOL = compare.relative_tolerance(torch.float32)
 
 
 def test_benchmark_tiny_run_and_report(tmp_path):
@@ -45,7 +53,7 @@ def test_benchmark_tiny_run_and_report(tmp_path):
             if row["op"] == "off":
                 assert row["bit_equal_stock"]
             else:
-                assert row["rel_err_vs_stock"] < 1e-4, row  # fp32 on the CPU
+                assert row["rel_err_vs_stock"] <= REL_TOL, row
         assert len(m["cache"]["entries"]) == 2 and all(e["layers"] == n for e in m["cache"]["entries"])
         # per step: no wrapper in the call path when off; one per layer when on
         per = m["per_step"]
@@ -62,7 +70,7 @@ def test_benchmark_tiny_run_and_report(tmp_path):
         for name, row in f["rows"].items():
             assert row["finite"]
             if not name.startswith("base") and name != "noop":
-                assert row["rel_err_vs_merged"] < 1e-5, (kind, name, row)
+                assert row["rel_err_vs_merged"] <= REL_TOL < row["rel_err_base_vs_merged"], (kind, name, row)
 
     report = ROOT / "benchmarks" / "report.py"
     md, png = tmp_path / "RESULTS.md", tmp_path / "chart.png"
