@@ -11,6 +11,9 @@ Limits, in MB: the environment variables LORA_CACHE_GPU_BUDGET_MB (device tier, 
 and LORA_CACHE_CPU_BUDGET_MB (host tier) win; else the ComfyUI setting "LoraCache.GpuBudgetMB"
 (Settings dialog, read from the default user's comfy.settings.json); else 10% of the device's
 total memory and 10% of system RAM.
+
+Merged copies (copies.py) take what the device has free beside the model's weights and the
+sampling; LORA_CACHE_COPY_BUDGET_MB caps them per device (none by default).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ DEFAULT_FRACTION = 0.10
 SETTING_ID = "LoraCache.GpuBudgetMB"
 ENV_DEVICE = "LORA_CACHE_GPU_BUDGET_MB"
 ENV_HOST = "LORA_CACHE_CPU_BUDGET_MB"
+ENV_COPIES = "LORA_CACHE_COPY_BUDGET_MB"
 
 
 Key = TypeVar("Key", bound=Hashable)
@@ -113,6 +117,7 @@ class Budget:
     def __init__(self) -> None:
         self.overrides: dict[str, int] = {}
         self.host_override: int | None = None
+        self.copy_overrides: dict[str, int] = {}
 
     def device_limit(self, device: torch.device | str) -> tuple[int, str]:
         """(bytes, where the number comes from)."""
@@ -134,3 +139,13 @@ class Budget:
         if env is not None:
             return int(env * _MB), f"{ENV_HOST}"
         return int(_total(torch.device("cpu")) * DEFAULT_FRACTION), f"default: {DEFAULT_FRACTION:.0%} of system RAM"
+
+    def copy_limit(self, device: torch.device | str) -> tuple[int | None, str]:
+        """The cap on merged copies per device (None: only free memory limits them)."""
+        d = str(torch.device(device))
+        if d in self.copy_overrides:
+            return self.copy_overrides[d], "set by the caller"
+        env = _env_mb(ENV_COPIES)
+        if env is not None:
+            return int(env * _MB), ENV_COPIES
+        return None, "free memory"

@@ -1,77 +1,109 @@
-"""`auto`: per sampling, the unmerged forward or weights merged for the sampling, whichever
-measured faster for this adapter set, latent shape and step count.
+"""Which adapted layers get a merged copy for a sampling, from costs known before it starts.
 
-Neither form wins everywhere (measured on an H100: unmerged costs SDXL about 30 ms a step
-but Flux under 20 ms; a merge plus exact restore costs 50-500 ms once). The costs depend on the
-GPU, the model, the adapter's layers and the latent, so they are measured, not guessed: a
-sampling's time from ON_PRE_RUN to the end of ON_CLEANUP (merge and restore included), with
-the device synchronised at both ends. The first sampling of a key only warms up kernels and
-is not counted; then each form is measured once, and the faster one serves from then on,
-its time kept as a moving average.
+A merged copy (copies.py) makes an adapted layer's forward its own product on another tensor:
+nothing per step, at the price of the layer's weight in device memory. The unmerged forms cost
+per call a launch or two plus a read and write of the weight or of the output (benchmarks/
+RESULTS.md section 3). So where every copy fits, every layer gets one; where not, copies go
+first where they save the most time per byte.
+
+A layer's saving per call is worked out from its shape and two numbers of its device, measured
+once per device and kept: the time of one small kernel launch and the memory bandwidth. No
+sampling of the user's is spent trying forms.
 """
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+import time
+from collections.abc import Iterable
 from typing import NamedTuple
 
-FORMS = ("dynamic", "merged")
+import torch
 
 
-class CostKey(NamedTuple):
-    """What a sampling's cost depends on: the adapter set (entry ids), latent shape, step count."""
+class DeviceCosts(NamedTuple):
+    """What one launch and one byte moved cost on a device, measured once."""
 
-    adapters: tuple[int, ...]
-    shape: tuple[int, ...]
-    steps: int
-
-
-class Choice(NamedTuple):
-    form: str
-    why: str
-_KEYS_KEPT = 256
+    launch_s: float
+    bytes_per_s: float
 
 
-class CostModel:
-    def __init__(self):
-        self._seen: OrderedDict[tuple, dict[str, float]] = OrderedDict()
-        self._warm: set[tuple] = set()
-        self._lock = threading.Lock()
+class LayerCost(NamedTuple):
+    """One adapted layer's case for a merged copy."""
 
-    def choose(self, key: CostKey) -> Choice:
-        """The form for the next sampling of `key`, and why."""
-        with self._lock:
-            if key not in self._warm:
-                return Choice("dynamic", "auto: first sampling of this adapter set and shape (warm-up, not measured)")
-            seen = self._seen.get(key, {})
-            for form in FORMS:
-                if form not in seen:
-                    return Choice(form, f"auto: measuring {form}")
-            best = min(FORMS, key=seen.__getitem__)
-            return Choice(best, f"auto: {best} measured faster ({seen['dynamic'] * 1000:.1f} ms dynamic vs "
-                          f"{seen['merged'] * 1000:.1f} ms merged per sampling)")
-
-    def record(self, key: CostKey, form: str, seconds: float) -> None:
-        with self._lock:
-            if key not in self._warm:
-                self._warm.add(key)
-                return
-            seen = self._seen.setdefault(key, {})
-            seen[form] = seconds if form not in seen else 0.7 * seen[form] + 0.3 * seconds
-            self._seen.move_to_end(key)
-            while len(self._seen) > _KEYS_KEPT:
-                old, _ = self._seen.popitem(last=False)
-                self._warm.discard(old)
-
-    def measured(self) -> list[dict]:
-        with self._lock:
-            return [{"key": repr(k), **{f"{f}_ms": v * 1000 for f, v in seen.items()}}
-                    for k, seen in self._seen.items()]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._seen.clear()
-            self._warm.clear()
+    key: object  # whatever the caller names the layer by
+    copy_bytes: int
+    saving_s: float  # per call: the unmerged form's time over the layer's own product
+    required: bool = False  # merged mode: a copy wherever one fits, whatever it saves
 
 
-COSTS = CostModel()
+_measured: dict[str, DeviceCosts] = {}
+_lock = threading.Lock()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(device: torch.device, fn, repeat: int) -> float:
+    fn()  # kernels loaded, buffers allocated
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / repeat
+
+
+@torch.no_grad()
+def device_costs(device: torch.device | str) -> DeviceCosts:
+    """The launch time and bandwidth of `device`, measured on first use (a few milliseconds)."""
+    device = torch.device(device)
+    name = str(device)
+    with _lock:
+        if name not in _measured:
+            small = torch.zeros(16, device=device)
+            launch = _timed(device, lambda: small.add_(1.0), 64)
+            n = (64 << 20) if device.type == "cuda" else (8 << 20)
+            src = torch.empty(n, dtype=torch.uint8, device=device)
+            dst = torch.empty_like(src)
+            copy_s = _timed(device, lambda: dst.copy_(src), 4)
+            _measured[name] = DeviceCosts(launch, 2 * n / max(copy_s, 1e-9))
+        return _measured[name]
+
+
+def unmerged_saving(out_f: int, in_f: int, rows: int | None, steps: int, adapters: int, covered: int,
+                    element_size: int, costs: DeviceCosts) -> float:
+    """Seconds per call that a copy saves over the cheaper of the two unmerged forms of a
+    Linear's low-rank update (layers.py): the weight form reads the weight and writes a new one
+    (a launch per factor step); the output form reads the input again per adapter and reads and
+    writes the output columns each step covers (a launch per adapter and per step). `covered`:
+    the output rows the steps cover together; `rows`: the input rows of this layer's last call,
+    None where not known yet (then the weight form's cost, its bound)."""
+    weight_form = 2 * out_f * in_f * element_size / costs.bytes_per_s + steps * costs.launch_s
+    if rows is None:
+        return weight_form
+    output_form = (rows * (adapters * in_f + 2 * covered) * element_size / costs.bytes_per_s
+                   + (adapters + steps) * costs.launch_s)
+    return min(weight_form, output_form)
+
+
+def chain_saving(weight_bytes: int, forms: int, costs: DeviceCosts) -> float:
+    """Seconds per call a copy saves on a layer whose forms run one by one (LoKr, LoHa, DoRA,
+    OFT, ...): at least a launch and a read and write of the output per form; taken as one
+    pass over the weight per form, which is what the cheapest of them costs on a large input."""
+    return forms * (costs.launch_s + 2 * weight_bytes / costs.bytes_per_s)
+
+
+def choose(layers: Iterable[LayerCost], budget: int) -> tuple[set, int]:
+    """The layers that get a copy within `budget` bytes, and the bytes they take: required
+    ones first, then by saving per byte. A layer that does not fit is passed over for smaller
+    ones after it."""
+    chosen: set = set()
+    used = 0
+    order = sorted(layers, key=lambda c: (not c.required, -c.saving_s / max(c.copy_bytes, 1)))
+    for c in order:
+        if used + c.copy_bytes <= budget:
+            chosen.add(c.key)
+            used += c.copy_bytes
+    return chosen, used

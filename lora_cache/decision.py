@@ -42,7 +42,6 @@ class Facts:
     mode: str
     found: str  # "cached", "first use", "file changed on disk (...)"
     has_patches: bool = True  # the file has LoRA keys for this side
-    dynamic_vram: bool = False  # ComfyUI's dynamic VRAM (comfy-aimdo) streams the model's weights
     adapter_problem: str | None = None  # the adapter's type or layers rule out the cache
     host_problem: str | None = None  # this ComfyUI / this patcher cannot run the cached path
     placement_problem: str | None = None  # ComfyUI would not hold the whole model on its device
@@ -59,26 +58,23 @@ def decide(f: Facts) -> Decision:
     target = "diffusion model" if f.side == "model" else "text encoder"
     if not f.has_patches:
         return Decision("off", f"no LoRA keys for the {target}", via="none")
-    # The text encoder's merged mode is ComfyUI's own: it has no sampling that brackets a merge.
+    # The text encoder's merged mode is ComfyUI's own: it has no sampling to build copies for.
     if f.mode == "merged" and f.side == "clip":
         return Decision("full", "mode merged; ComfyUI patch path", via="comfy")
-    # comfy-aimdo may evict a weight and fault it in again from the file at any cast, so a merge
-    # in place could be lost; ComfyUI's own patch path is the merged form that is safe there.
-    if f.mode == "merged" and f.dynamic_vram:
-        return Decision("full", "mode merged under dynamic VRAM (weights are streamed, so they are not "
-                                "merged in place); ComfyUI patch path", via="comfy")
     for problem in (f.adapter_problem, f.host_problem, f.placement_problem):
         if problem is not None:
             return Decision("full", f"{problem}; ComfyUI patch path", via="comfy")
-    if f.mode == "merged":
-        built = "cached factors" if f.found == "cached" else f"factors built now ({f.found})"
-        return Decision("full", f"mode merged: {f.layers} layers merged in place from {built} on "
-                                f"{f.device} for each sampling, restored exactly after; no reload")
+    # What the sampling (or encoding) does with the adapter: the node only carries it on a clone
+    # of the model; its layers are activated when that clone runs.
+    when = "at encoding" if f.side == "clip" else "at sampling"
+    how = (f"{when}: merged copies wherever they fit" if f.mode == "merged" else
+           f"{when}: merged copies where they fit, the rest unmerged" if f.mode == "auto" and f.side == "model"
+           else f"{when}: unmerged")
     if f.found != "cached":
         forms = f"; {f.forms}" if f.forms else ""
-        return Decision("build", f"{f.found}: {f.layers} layers, {f.nbytes / 1024:.0f} KiB on {f.device}{forms}")
+        return Decision("build", f"{f.found}: {f.layers} layers, {f.nbytes / 1024:.0f} KiB on {f.device}{forms}; {how}")
     suffix = f"; {f.change}" if f.change else ""
     for problem in (f.attach_problem, f.merged_problem):
         if problem is not None:
             return Decision("build", f"cached factors reused, but {problem}{suffix}", reattach=True)
-    return Decision("fast", f"cached adapter, layers flagged only{suffix}")
+    return Decision("fast", f"cached adapter, nothing built or moved; {how}{suffix}")

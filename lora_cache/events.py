@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 log = logging.getLogger("lora_cache")
 
 _recent: deque[Event] = deque(maxlen=200)
-# What `auto` chose per sampling and what the sampling cost (time from ON_PRE_RUN to cleanup).
+# What each sampling ran merged and unmerged, and what building its copies took.
 _samplings: deque[dict] = deque(maxlen=50)
 
 
@@ -45,10 +45,14 @@ def recent(limit: int = 50) -> list[dict]:
 
 
 def record_sampling(info: dict) -> None:
+    """A sampling's start: which layers run merged copies, what was built and why the rest run
+    unmerged. The badges of the nodes whose adapters it runs show it under their own event."""
     info = {**info, "time": time.time()}
     _samplings.append(info)
-    log.info("[LoRA Cache] sampling with %s: %s form (%s), %.1f ms", ", ".join(info["adapters"]),
-             info["form"], info["reason"], info["ms"])
+    log.info("[LoRA Cache] sampling with %s: %s", ", ".join(info["adapters"]), info["reason"])
+    instance = _server()
+    if instance is not None and info.get("nodes"):
+        instance.send_sync("lora_cache.sampling", info)
 
 
 def samplings() -> list[dict]:
@@ -60,11 +64,15 @@ def clear() -> None:
     _samplings.clear()
 
 
-def _notify_ui(event: Event) -> None:
-    # The badge must update on every execution, so the node pushes its event itself.
+def _server():
     # Only a server that is already imported can have an instance; importing it here would
     # be retried (and fail slowly) on every execution where ComfyUI runs without a server.
     server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    return getattr(getattr(server, "PromptServer", None), "instance", None)
+
+
+def _notify_ui(event: Event) -> None:
+    # The badge must update on every execution, so the node pushes its event itself.
+    instance = _server()
     if instance is not None and event.node is not None:
         instance.send_sync("lora_cache.event", event.as_dict())

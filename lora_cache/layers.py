@@ -28,11 +28,14 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Literal, NamedTuple, Protocol, TypeGuard, cast, overload
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, TypeGuard, cast, overload
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
+
+if TYPE_CHECKING:
+    from .copies import MergedCopy
 
 SLOT_ATTR = "lora_cache_slot"
 
@@ -76,6 +79,8 @@ class LayerForm(Protocol):
 
 # The forms before one on its layer, in chain order, with their strengths.
 Prefix = tuple[tuple[LayerForm, float], ...]
+# A layer's active adapters in chain order: each adapter's forms on the layer and its strength.
+Chain = tuple[tuple[tuple[LayerForm, ...], float], ...]
 
 
 def weight_of(module: torch.nn.Module) -> torch.Tensor:
@@ -352,23 +357,23 @@ def add_steps(weight: torch.Tensor, steps) -> None:
         (weight if start is None else weight[start:stop]).addmm_(ut, dt, alpha=alpha)
 
 
-def weight_plan(active: list[tuple[tuple[LayerForm, ...], float]], weight: torch.Tensor) -> WeightPlan | None:
+def weight_plan(active: Chain | list, weight: torch.Tensor) -> WeightPlan | None:
     """The weight form of (factors, strength) pairs on a layer with this weight; None where some
     form is not a low-rank Linear one."""
-    plan = _plan(active)
+    plan = _plan(tuple(active))
     return None if plan is None else _weight_plan(plan, weight)
 
 
 class LayerSlot:
     __slots__ = ("adapters", "active", "installed", "prev_forward", "plan", "chain", "chain_pre", "weight_plan",
-                 "weight_fn")
+                 "weight_fn", "copy", "merged", "rows")
 
     def __init__(self) -> None:
         self.adapters: dict[object, tuple[LayerForm, ...]] = {}
-        self.active: list[tuple[tuple[LayerForm, ...], float]] = []
+        self.active: Chain = ()
         self.installed: Callable | None = None
         self.prev_forward: Callable | None = None
-        # What the direct forward computes, rebuilt on activate: per active adapter
+        # What the direct forward computes, built on activate: per active adapter
         # (down [in, R], ((col_lo, col_hi, up, alpha, out_start, out_len), ...)).
         # None when some active form is not a low-rank Linear one.
         self.plan: tuple | None = None
@@ -380,6 +385,12 @@ class LayerSlot:
         # changes the input side.
         self.chain: tuple[Op, ...] = ()
         self.chain_pre = False
+        # The merged copy kept for this layer (copies.py owns it), and the one the running
+        # sampling multiplies by (None: the active chain runs unmerged).
+        self.copy: MergedCopy | None = None
+        self.merged: MergedCopy | None = None
+        # Input rows of the last unmerged call (the cost model's estimate of what a copy saves).
+        self.rows: int | None = None
 
 
 @overload
@@ -415,25 +426,33 @@ def holds(module: torch.nn.Module, key: object, factors: tuple[LayerForm, ...]) 
     return slot is not None and slot.adapters.get(key) is factors
 
 
-def activate(module: torch.nn.Module, factors: tuple[LayerForm, ...], strength: float) -> None:
+def activate(module: torch.nn.Module, chain: Chain | list, merged: MergedCopy | None = None) -> None:
+    """Activates `chain` (every adapter on the layer, in chain order) for one sampling or text
+    encoding: the forward multiplies by `merged` (a copies.MergedCopy of this layer's weight with
+    the chain merged in), or else runs the chain unmerged. What the forward needs is worked out
+    here, once: ComfyUI's load for the sampling has set how the layer casts its weight."""
     slot = slot_of(module, create=True)
-    slot.active.append((factors, strength))
-    slot.plan = _plan(slot.active)
-    weight = getattr(module, "weight", None)
-    wp = slot.weight_plan = (_weight_plan(slot.plan, weight)
-                             if slot.plan is not None and isinstance(weight, torch.Tensor) else None)
-    slot.weight_fn = None if wp is None else (lambda w: merged_weight(w, wp))
-    slot.chain = _chain(module, slot.active)
-    slot.chain_pre = any(op.pre is not None for op in slot.chain)
-    if slot.installed is None:
-        _install(module, slot)
+    if slot.installed is not None:
+        deactivate(module)
+    slot.active = tuple(chain)
+    slot.merged = merged
+    if merged is None:
+        slot.plan = _plan(slot.active)
+        weight = getattr(module, "weight", None)
+        wp = slot.weight_plan = (_weight_plan(slot.plan, weight)
+                                 if slot.plan is not None and isinstance(weight, torch.Tensor) else None)
+        slot.weight_fn = None if wp is None else (lambda w: merged_weight(w, wp))
+        slot.chain = _chain(module, slot.active)
+        slot.chain_pre = any(op.pre is not None for op in slot.chain)
+    _install(module, slot)
 
 
 def deactivate(module: torch.nn.Module) -> None:
     slot = slot_of(module)
     if slot is None:
         return
-    slot.active.clear()
+    slot.active = ()
+    slot.merged = None
     slot.plan = None
     slot.weight_plan = None
     slot.weight_fn = None
@@ -455,25 +474,25 @@ def is_installed(module: torch.nn.Module) -> bool:
     return slot is not None and slot.installed is not None
 
 
-def _plan(active) -> tuple | None:
+def _plan(active: Chain) -> tuple | None:
     """The direct forward's work for the active adapters, or None if some factor is not a
     Linear one (then `chain` serves the layer)."""
-    plan = []
+    plan: list[tuple] = []
     for factors, strength in active:
-        if any(not isinstance(f, LayerFactors) or f.kind != "linear" for f in factors):
+        if not _all_linear(factors):
             return None
         shared = share_down(factors)
         if shared is None:
             for f in factors:
                 plan.append((f.down, ((None, None, f.up, strength * f.scale) + (f.out_slice or (None, None)),)))
         else:
-            parts = tuple(f.shared_cols + (f.up, strength * f.scale) + (f.out_slice or (None, None))
+            parts = tuple(cast(tuple, f.shared_cols) + (f.up, strength * f.scale) + (f.out_slice or (None, None))
                           for f in factors)
             plan.append((shared, parts))
     return tuple(plan)
 
 
-def _chain(module: torch.nn.Module, active: list[tuple[tuple[LayerForm, ...], float]]) -> tuple[Op, ...]:
+def _chain(module: torch.nn.Module, active: Chain) -> tuple[Op, ...]:
     """Every active form bound to its strength, in chain order. A form that depends on the
     weight before it gets the forms before it on this layer (`prefix`) to compute that weight
     from (forms.py caches what it derives, per weight and prefix)."""
@@ -522,25 +541,35 @@ def own_forward(module: torch.nn.Module, fwd: Callable | None) -> bool:
     return getattr(fwd, "__self__", None) is module and getattr(fwd, "__func__", None) is type(module).forward
 
 
-def _direct_base(module: torch.nn.Module, prev: Callable | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    # The direct forward computes the base product itself with F.linear. Only for layers whose
-    # forward is ComfyUI's (or torch's) plain Linear forward and nothing of another party's.
-    if (prev is not None and not own_forward(module, prev)) or not isinstance(module, torch.nn.Linear):
-        return None
+def _stock_forward(module: torch.nn.Module) -> bool:
+    """Whether the layer computes with ComfyUI's (or torch's) own Linear or convolution forward
+    and nothing of another party's: its output is then its weight's product, which the direct
+    forward and a merged copy compute themselves."""
+    prev = module.__dict__.get("forward")
+    slot = slot_of(module)
+    ours = slot is not None and prev is slot.installed
+    if prev is not None and not ours and not own_forward(module, prev):
+        return False
     fwd = type(module).forward
-    if not (fwd is torch.nn.Linear.forward or fwd in _comfy_linear_forwards()):
-        return None
-    linear = F.linear
-    every_op = _EVERY_OP
-
-    def direct_base(x: torch.Tensor) -> torch.Tensor:
-        every_op()
-        return linear(x, module.weight, module.bias)
-    return direct_base
+    return fwd in _TORCH_FORWARDS or fwd in _comfy_forwards()[0]
 
 
-_COMFY_FORWARDS: tuple | None = None
-_COMFY_CAST_FORWARDS: tuple = ()
+def copyable(module: torch.nn.Module) -> bool:
+    """Whether a merged copy can serve the layer: its forward is the stock one and its cast is
+    ComfyUI's stock cast (other ops classes, scaled fp8 or fp8 matmul, hand their cast weight
+    over in another scale or dtype), and its weight is a plain tensor."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    if not isinstance(module, (torch.nn.Linear, _ConvNd)) or not _stock_forward(module):
+        return False
+    cast = getattr(type(module), "forward_comfy_cast_weights", None)
+    return cast is None or cast in _comfy_forwards()[1]
+
+
+_TORCH_FORWARDS = (torch.nn.Linear.forward, torch.nn.Conv1d.forward, torch.nn.Conv2d.forward,
+                   torch.nn.Conv3d.forward)
+_COMFY_FORWARDS: tuple[tuple, tuple] | None = None
 
 
 def _no_op() -> None:
@@ -550,27 +579,24 @@ def _no_op() -> None:
 _EVERY_OP: Callable = _no_op
 
 
-def _comfy_cast_forwards() -> tuple:
-    _comfy_linear_forwards()
-    return _COMFY_CAST_FORWARDS
-
-
-def _comfy_linear_forwards() -> tuple:
-    global _COMFY_FORWARDS, _COMFY_CAST_FORWARDS, _EVERY_OP
+def _comfy_forwards() -> tuple[tuple, tuple]:
+    """ComfyUI's stock layer forwards and cast forwards (Linear and convolutions)."""
+    global _COMFY_FORWARDS, _EVERY_OP
     if _COMFY_FORWARDS is None:
         try:
             import comfy.ops
-            linear = comfy.ops.disable_weight_init.Linear
-            _COMFY_FORWARDS = (linear.forward,)
-            _COMFY_CAST_FORWARDS = (linear.forward_comfy_cast_weights,)
-            # ComfyUI's Linear forward checks for an interrupt on every call; so does ours.
+            ops = comfy.ops.disable_weight_init
+            classes = [ops.Linear, ops.Conv1d, ops.Conv2d, ops.Conv3d]
+            _COMFY_FORWARDS = (tuple(c.forward for c in classes), tuple(c.forward_comfy_cast_weights for c in classes))
+            # ComfyUI's layer forward checks for an interrupt on every call; so does ours.
             _EVERY_OP = getattr(comfy.ops, "run_every_op", _no_op)
         except Exception:  # outside ComfyUI (a bare torch module in a test)
-            _COMFY_FORWARDS = ()
+            _COMFY_FORWARDS = ((), ())
     return _COMFY_FORWARDS
 
 
-def _through_weight_function(module: torch.nn.Module, fn: Callable, base: Callable, x: torch.Tensor) -> torch.Tensor:
+def _through_weight_function(module: torch.nn.Module, fn: Callable, base: Callable, x: torch.Tensor,
+                             *args, **kwargs) -> torch.Tensor:
     """ComfyUI's forward with `fn` after the layer's own weight functions for this one call: its
     cast hands the weight it casts or streams to them in the compute dtype and uses what they
     return (stock loaders' lowvram patches come first, as in the chain of loaders)."""
@@ -579,7 +605,7 @@ def _through_weight_function(module: torch.nn.Module, fn: Callable, base: Callab
     prev = cast(list, d["weight_function"] if had else module.weight_function)
     ours = d["weight_function"] = [*prev, fn]
     try:
-        return base(x)
+        return base(x, *args, **kwargs)
     finally:
         if d.get("weight_function") is ours:
             if had:
@@ -591,45 +617,80 @@ def _through_weight_function(module: torch.nn.Module, fn: Callable, base: Callab
 def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     prev = module.__dict__.get("forward")
     base = prev if prev is not None else type(module).forward.__get__(module)
-    direct_base = _direct_base(module, prev)
+    every_op = _EVERY_OP
+    stock = _stock_forward(module)
+    # Fixed for the sampling once ComfyUI loaded the model: whether the layer casts its weight per
+    # call (dynamic VRAM, lowvram, a compute dtype other than the stored one) and how.
+    casts = bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                 or getattr(module, "bias_function", None))
+    unmerged = _unmerged_forward(module, slot, base, stock, casts)
+    copy = slot.merged
+    if copy is None:
+        forward = unmerged
+    else:
+        w, b = copy.weight, copy.bias
+        run = F.linear if isinstance(module, torch.nn.Linear) else cast(_ConvNd, module)._conv_forward
+
+        def swap(weight: torch.Tensor) -> torch.Tensor:
+            return _to(w, weight)
+
+        def forward(x, *args, **kwargs):
+            # The adapted layer is its own product on the merged copy: nothing else per call.
+            if args or kwargs:
+                # arguments only ComfyUI's forward knows: its forward, handed the copy as weight
+                return _through_weight_function(module, swap, base, x, *args, **kwargs)
+            every_op()
+            if x.dtype != w.dtype or x.device != w.device:
+                return run(x, _to(w, x), None if b is None else _to(b, x))
+            return run(x, w, b)
+    slot.prev_forward = prev
+    slot.installed = forward
+    module.__dict__["forward"] = forward
+
+
+def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, stock: bool,
+                      casts: bool) -> Callable:
     linear, every_op = F.linear, _EVERY_OP
+    # The direct path: ComfyUI's Linear forward would only check the cast settings and call
+    # F.linear; with the check done here, the base product and the updates run without
+    # ComfyUI's Python frames. Where the layer casts its weight per call, ComfyUI's own forward
+    # computes the base product.
+    direct_ok = stock and isinstance(module, torch.nn.Linear) and not casts
     # The weight form goes through ComfyUI's weight functions only where its cast is the stock
     # one: other ops classes (scaled fp8, fp8 matmul) hand them a weight in another scale or
-    # dtype, or skip their fast path when any is set.
-    stock_cast = getattr(type(module), "forward_comfy_cast_weights", None) in _comfy_cast_forwards()
+    # dtype, or skip their fast path when any is set. comfy-aimdo hands its resident weight to
+    # them as it is; ComfyUI's other casts copy it first.
+    through_fn = casts and copyable(module)
+    fn_numel_factor = 1 if hasattr(module, "_v") else 2
+
+    def direct(x):
+        every_op()
+        return linear(x, cast(torch.Tensor, module.weight), cast(torch.Tensor | None, module.bias))
 
     def forward(x, *args, **kwargs):
         plan = slot.plan
-        # Direct path: ComfyUI's Linear forward would only check the cast settings (fixed once
-        # the model is loaded for sampling) and call F.linear; with the check done here, the
-        # base product and the updates run without ComfyUI's Python frames. Where the layer
-        # casts its weight per call (dynamic VRAM, lowvram, a compute dtype), ComfyUI's own
-        # forward computes the base product.
-        plain = direct_base is not None and not args and not kwargs
-        casts = plain and bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
-                               or getattr(module, "bias_function", None))
-        direct = direct_base if plain and not casts and x.dtype == module.weight.dtype else None
+        plain = not args and not kwargs
+        use_direct = direct_ok and plain and x.dtype == module.weight.dtype
         if plan is not None:
             down0 = plan[0][0] if plan else None
             if down0 is None or x.dtype != down0.dtype or x.device != down0.device:
-                y = direct(x) if direct is not None else base(x, *args, **kwargs)
+                y = direct(x) if use_direct else base(x, *args, **kwargs)
                 return _posts(slot.chain, x, y)
+            n = x.numel()
+            slot.rows = n // x.shape[-1]
             wp = slot.weight_plan
             if wp is not None and not torch.is_grad_enabled():
-                n = x.numel()
-                if direct is not None and n >= wp.merge_numel:
+                if use_direct and n >= wp.merge_numel:
                     every_op()
                     return linear(x, merged_weight(cast(torch.Tensor, module.weight), wp),
                                   cast(torch.Tensor | None, module.bias))
-                # comfy-aimdo hands its resident weight to the weight functions as it is;
-                # ComfyUI's other casts copy it first
                 fn = slot.weight_fn
-                if (casts and fn is not None and stock_cast and module.weight.dtype == x.dtype
-                        and n >= wp.merge_numel * (1 if hasattr(module, "_v") else 2)):
+                if (through_fn and plain and fn is not None and module.weight.dtype == x.dtype
+                        and n >= wp.merge_numel * fn_numel_factor):
                     return _through_weight_function(module, fn, base, x)
             # Output form: the updates go into the output in place, one `x @ down` per adapter
             # (shared by q/k/v slices) and one addmm_ per factor.
-            y = direct(x) if direct is not None else base(x, *args, **kwargs)
+            y = direct(x) if use_direct else base(x, *args, **kwargs)
             if y.requires_grad or not y.is_contiguous() or y.dtype != down0.dtype:
                 return _posts(slot.chain, x, y)
             x2 = x.reshape(-1, x.shape[-1])
@@ -643,10 +704,7 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
                     else:
                         y2[:, start:start + length].addmm_(hh, up, alpha=alpha)
             return y
-        if direct is not None:
+        if use_direct:
             return run_chain(slot.chain, slot.chain_pre, x, direct)
         return run_chain(slot.chain, slot.chain_pre, x, lambda xi: base(xi, *args, **kwargs))
-
-    slot.prev_forward = prev
-    slot.installed = forward
-    module.__dict__["forward"] = forward
+    return forward

@@ -13,20 +13,27 @@ entries pinned by the sampling now running, and follows ComfyUI's unloads:
   stock LoRA clone, the loader's own) was the model's last load, ComfyUI's unload calls nobody
   of ours, so the node also sweeps at each execution (`sweep_unloaded`).
 
+Merged copies (copies.py) are counted here too: a sampling may build them only in memory the
+device has free (read as ComfyUI reads it) beside the model's weights and what the sampling
+needs (`copy_budget`), and they are the first to give way: before a sampling that lacks its
+minimum memory, on an out-of-memory error, when ComfyUI unloads their model, when their adapter
+leaves the cache. Under dynamic VRAM comfy-aimdo would evict the model's resident weights for
+any allocation beyond that, so copies never take what the weights use.
+
 Reading (`stats`) never moves anything.
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
 from typing import TypeGuard
 
 import comfy.model_management as mm
 import torch
 
-from . import layers, load_state
+from . import copies, layers, load_state
 from .budget import Budget, LRUPolicy
 from .store import STORE, AdapterStore, Entry
 
@@ -74,6 +81,8 @@ class Memory:
         self.policy: LRUPolicy[Entry] = LRUPolicy()
         self.budget = Budget()
         self._pins: dict[int, list[Entry]] = {}  # base model id -> entries its sampling uses
+        # device -> bytes merged copies may take there since a sampling ran out of memory
+        self.copy_caps: dict[str, int] = {}
         self._lock = store.lock
         store.on_drop.append(self._forget)
 
@@ -85,6 +94,7 @@ class Memory:
             for pinned in self._pins.values():
                 if entry in pinned:
                     pinned.remove(entry)
+            copies.REGISTRY.drop_where(lambda held: entry.uid in held.entries)
 
     def admit(self, entry: Entry) -> None:
         """A new entry was stored with its factors on their home: it is the most recently used,
@@ -139,8 +149,11 @@ class Memory:
             return True
 
     def sweep_unloaded(self) -> int:
-        """Moves off the device the factors of models ComfyUI no longer holds there."""
+        """Moves off the device the factors of models ComfyUI no longer holds there, and drops
+        their merged copies."""
         with self._lock:
+            copies.REGISTRY.drop_models(lambda model, device: model is None
+                                        or not load_state.holds(model, torch.device(device)))
             pinned = self.pinned()
             gone = [e for e in self.store.entries()
                     if e.resident and e not in pinned and can_offload(e.home)
@@ -165,34 +178,88 @@ class Memory:
                     self._evict(victim, reason)
             return freed
 
-    def leave_room(self, patcher, shape: tuple[int, ...] | None) -> None:
+    @staticmethod
+    def _sampling_need(patcher, shape: tuple[int, ...] | None) -> int:
+        """The least memory a sampling of `shape` needs: ComfyUI's estimate for the latent plus
+        its inference reserve."""
+        need = mm.minimum_inference_memory()
+        if shape is not None:
+            need += int(patcher.model.memory_required([shape[0], *shape[1:]]))
+        return need
+
+    @staticmethod
+    def _weights_missing(patcher) -> int:
+        """Bytes of the model's weights not on its device now, which its sampling will want
+        there: under dynamic VRAM what comfy-aimdo has not made resident, on a partial load
+        what ComfyUI left offloaded."""
+        if load_state.is_dynamic(patcher):
+            return max(0, patcher.model_size() - patcher.loaded_size())
+        model = patcher.model
+        return max(0, patcher.model_size() - model.model_loaded_weight_memory) if model.model_lowvram else 0
+
+    def leave_room(self, patcher, shape: tuple[int, ...] | None, keep: Collection[int] = ()) -> None:
         """Before a sampling, after ComfyUI loaded the model: the least memory the sampling needs
-        (ComfyUI's own estimate for the latent, plus its inference reserve) comes before cached
-        factors that it does not use. Under dynamic VRAM comfy-aimdo evicts weights for new
-        allocations but never our factors, so ours give way first: where the model's weights
-        stream (they do not all fit), unused factors leave the device."""
+        comes before merged copies it does not use (other models', and this model's on layers
+        other than `keep`, module ids), then before cached factors that it does not use. Under
+        dynamic VRAM comfy-aimdo evicts weights for new allocations but never our tensors, so
+        ours give way first: where the model's weights stream (they do not all fit), unused
+        copies and factors leave the device."""
         device = patcher.load_device
-        if shape is None or not can_offload(device) or torch.device(device).type == "cpu":
+        if shape is None or torch.device(device).type == "cpu":
             return
-        need = mm.minimum_inference_memory() + int(patcher.model.memory_required([shape[0], *shape[1:]]))
+        need = self._sampling_need(patcher, shape)
+        short = need + self._weights_missing(patcher) - mm.get_free_memory(device)
+        if short <= 0:
+            return
+        freed = copies.REGISTRY.drop_where(lambda held: held.device == str(torch.device(device))
+                                           and held.module_id not in keep)
+        if freed:
+            log.info("[LoRA Cache] %d bytes of merged copies this sampling does not use dropped on %s: it needs "
+                     "the room", freed, device)
+        if freed >= short or not can_offload(device):
+            return
         if load_state.is_dynamic(patcher):
             # Weights that do not fit beside the sampling stream in at every step: there each byte
             # of factors this sampling does not use costs a byte of weights streamed per step.
-            missing = patcher.model_size() - patcher.loaded_size()
-            free = mm.get_free_memory(device)
-            if missing + need > free:
-                moved = self.give_way(device, f"the model streams its weights on {device} (dynamic VRAM)")
-                if moved:
-                    log.info("[LoRA Cache] %d bytes of unused cached factors moved off %s: the model streams "
-                             "its weights there", moved, device)
-            return
-        free = mm.get_free_memory(device)
-        if free >= need:
-            return
-        moved = self.give_way(device, f"sampling needs {need / _MB:.0f} MB on {device}, {free / _MB:.0f} MB free",
-                              need - free)
+            moved = self.give_way(device, f"the model streams its weights on {device} (dynamic VRAM)")
+        else:
+            moved = self.give_way(device, f"sampling needs {need / _MB:.0f} MB on {device}", short - freed)
         if moved:
-            log.info("[LoRA Cache] %d bytes of cached factors moved off %s to leave room for sampling", moved, device)
+            log.info("[LoRA Cache] %d bytes of cached factors not used by this sampling moved off %s to leave "
+                     "room for it", moved, device)
+
+    def copy_budget(self, patcher, shape: tuple[int, ...] | None, held: int) -> tuple[int, str]:
+        """Bytes of merged copies the sampling of `patcher` may hold on its device, and what
+        limits them (the reason shown where not every copy fits): the memory free now, as
+        ComfyUI reads it, and what the copies on the sampling's layers hold already (`held`:
+        kept or replaced), less the model's weights not yet on the device and what the sampling
+        needs."""
+        device = patcher.load_device
+        with self._lock:
+            room = mm.get_free_memory(device) + held - self._sampling_need(patcher, shape) \
+                - self._weights_missing(patcher)
+            budget, why = max(0, room), (f"the rest do not fit in the memory free on {device} beside the model's "
+                                         f"weights and the sampling")
+            limit, source = self.budget.copy_limit(device)
+            if limit is not None and limit < budget:
+                budget, why = limit, f"copies are capped at {limit / _MB:.0f} MB on {device} ({source})"
+            cap = self.copy_caps.get(str(device))
+            if cap is not None and cap < budget:
+                budget, why = cap, (f"copies are held to {cap / _MB:.0f} MB on {device} since a sampling ran out "
+                                    f"of memory there")
+            return budget, why
+
+    def shed_copies(self, device, reason: str) -> int:
+        """Drops every merged copy on `device` (out of memory while sampling) and holds later
+        samplings there to half of what they held. Returns the bytes."""
+        with self._lock:
+            held = copies.REGISTRY.bytes(device)
+            freed = copies.REGISTRY.drop_where(lambda h: h.device == str(torch.device(device)))
+            if held:
+                self.copy_caps[str(torch.device(device))] = held // 2
+                log.warning("[LoRA Cache] %s: %d bytes of merged copies dropped on %s; later samplings there "
+                            "hold at most half of that", reason, freed, device)
+            return freed
 
     # -- the budget -----------------------------------------------------------------------
 
@@ -245,6 +312,8 @@ class Memory:
             limit, source = self.budget.host_limit()
             return {"device": {d: asdict(u) for d, u in devices.items()},
                     "moved_to_cpu": {"bytes": self.host_bytes(), "limit": limit, "source": source},
+                    "copies": {d: {"bytes": copies.REGISTRY.bytes(d), "layers": copies.REGISTRY.count(d)}
+                               for d in sorted(copies.REGISTRY.devices())},
                     "counters": dict(self.policy.counters), "pinned": len(self.pinned())}
 
 

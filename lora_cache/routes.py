@@ -5,7 +5,6 @@ import logging
 from typing import TypedDict
 
 from . import events
-from .cost_model import COSTS
 from .memory import MEMORY
 from .store import STORE
 
@@ -48,13 +47,12 @@ def stats() -> dict:
         if a["device"] is not None:
             by_device[a["device"]] = by_device.get(a["device"], 0) + a["bytes"]
     return {"adapters": adapters, "bytes_by_device": by_device, "memory": MEMORY.stats(),
-            "generation": STORE.generation, "events": events.recent(), "samplings": events.samplings(),
-            "auto_costs": COSTS.measured()}
+            "generation": STORE.generation, "events": events.recent(), "samplings": events.samplings()}
 
 
 def purge() -> dict:
     n = STORE.purge()
-    COSTS.clear()
+    MEMORY.copy_caps.clear()
     log.info("[LoRA Cache] purged %d cached adapters", n)
     return {"purged": n}
 

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 import weakref
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
-from . import adapter_forms, build, events, files, layers, load_state, memory, merge
-from .cost_model import COSTS, CostKey
+from . import adapter_forms, build, copies, events, files, layers, load_state, memory
 from .errors import LoraCacheError
 from .memory import MEMORY
 from .store import Entry
@@ -43,21 +41,10 @@ SPLICED = "lora_cache_spliced"
 log = logging.getLogger("lora_cache")
 
 
-class Timing(NamedTuple):
-    """A sampling measured for `auto`: its cost key, the form it ran, why, and when it began."""
-
-    key: CostKey
-    form: str
-    why: str
-    start: float
-
-
 @dataclass
 class _Activation:
     owner: weakref.ref
-    modules: list  # modules whose forward carries factors
-    merged: merge.Merged | None = None  # weights merged for this run, restored on release
-    timing: Timing | None = None
+    modules: list  # modules whose forward carries the adapters
 
     def owned_by(self, patcher) -> bool:
         return self.owner() is patcher
@@ -65,8 +52,10 @@ class _Activation:
 
 # base module tree id -> what we activated and for whom, so deactivation undoes exactly that.
 _active: dict[int, _Activation] = {}
-# base model id -> cost key of the sampling about to start (set around it by OUTER_SAMPLE)
-_planned: dict[int, CostKey] = {}
+# base model id -> the latent shape of the sampling about to start (set around it by OUTER_SAMPLE)
+_shapes: dict[int, tuple[int, ...]] = {}
+# Modes whose adapters a merged copy may serve (the text encoder runs unmerged).
+_COPY_MODES = {"auto": False, "merged": True}  # mode -> whether it asks for a copy whatever it saves
 
 
 class StackItem(NamedTuple):
@@ -101,8 +90,8 @@ def active_items(patcher) -> tuple[StackItem, ...]:
 
 def carry(patcher, entry: Entry, strength: float, mode: str = "auto", node: str | None = None):
     """A clone of the diffusion model's `patcher` that activates `entry` on top of what it
-    carries: unmerged (dynamic), merged into the weights for each sampling (merged), or
-    whichever the cost model measured faster for that sampling (auto)."""
+    carries for each sampling: unmerged (dynamic), in merged copies of its layers wherever they
+    fit (merged), or in merged copies where the cost model finds they save time (auto)."""
     n = patcher.clone()
     seen = {k: len(v) for k, v in patcher.patches.items()}
     item = StackItem(entry, strength, mode, seen, patcher.get_attachment(SPLICED) or 0, node)
@@ -154,9 +143,31 @@ def _current(item: StackItem, patcher) -> StackItem:
     return item._replace(entry=build.twin(entry, patcher))
 
 
-def _activate(patcher, forms: dict[str, str] | None = None, timing: Timing | None = None) -> None:
-    """Activates the patcher's adapters on its model: each item unmerged, or merged into the
-    weights where `forms` maps its mode to "merged"."""
+@dataclass
+class _LayerChain:
+    path: str
+    module: torch.nn.Module
+    chain: list = field(default_factory=list)  # (forms, strength) in stack order
+    entries: list = field(default_factory=list)
+    modes: list = field(default_factory=list)
+
+
+def _chains(items: list[StackItem]) -> list[_LayerChain]:
+    """Each targeted layer once, with every adapter on it in stack order."""
+    per_module: dict[int, _LayerChain] = {}
+    for item in items:
+        for path, module, factors in item.entry.modules():
+            lc = per_module.setdefault(id(module), _LayerChain(path, module))
+            lc.chain.append((factors, item.strength))
+            lc.entries.append(item.entry.uid)
+            lc.modes.append(item.mode)
+    return list(per_module.values())
+
+
+def _activate(patcher, sampling: bool = False) -> None:
+    """Activates the patcher's adapters on its model. For a sampling, layers get merged copies
+    where their modes allow them and memory and the cost model say so (copies.py); every other
+    layer runs its chain unmerged."""
     stack = active_items(patcher)
     if not stack:
         return
@@ -164,25 +175,47 @@ def _activate(patcher, forms: dict[str, str] | None = None, timing: Timing | Non
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
     items = [_current(item, patcher) for item in stack]
     MEMORY.pin(id(model), [item.entry for item in items])  # never evicted while active; moved back if needed
-    act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [], timing=timing)
+    act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [])
     _active[id(model)] = act
-    to_merge = []
-    want = [(forms or {}).get(item.mode, "dynamic") == "merged" for item in items]
-    merged_flags = merge.merged_items([item.entry.layers for item in items], want)
-    for item, merged in zip(items, merged_flags, strict=True):
-        for _, module, factors in item.entry.modules():
-            if merged:
-                to_merge.append((module, factors, item.strength))
-            else:
-                layers.activate(module, factors, item.strength)
-                act.modules.append(module)
-    if to_merge:
-        act.merged = merge.Merged(to_merge)
-        try:
-            act.merged.merge()
-        except BaseException:
-            act.merged.restore()  # the weights touched so far
-            raise
+    chains = _chains(items)
+    if sampling:
+        # What the sampling needs comes before cached factors and copies it does not use.
+        MEMORY.leave_room(patcher, _shapes.get(id(model)), keep={id(lc.module) for lc in chains})
+    merged = _copies(patcher, chains, items) if sampling else {}
+    for lc in chains:
+        layers.activate(lc.module, lc.chain, merged.get(id(lc.module)))
+        act.modules.append(lc.module)
+
+
+def _copies(patcher, chains: list[_LayerChain], items: list[StackItem]) -> dict[int, copies.MergedCopy]:
+    """The merged copies this sampling runs (module id -> copy), and the sampling's event."""
+    candidates = []
+    choice = None
+    if any(item.mode in _COPY_MODES for item in items):
+        device, dtype = build.device_dtype(patcher)
+        device = torch.device(device)
+        for lc in chains:
+            if not all(m in _COPY_MODES for m in lc.modes) or not layers.copyable(lc.module):
+                continue
+            key = copies.CopyKey(tuple(zip(lc.entries, (s for _, s in lc.chain), strict=True)),
+                                 copies.base_key(patcher, lc.module, dtype))
+            candidates.append(copies.Layer(lc.module, tuple(lc.chain), key,
+                                           any(_COPY_MODES[m] for m in lc.modes)))
+        held = sum(c.nbytes for ly in candidates if (c := layers.slot_of(ly.module, create=True).copy) is not None)
+        budget, why = MEMORY.copy_budget(patcher, _shapes.get(id(patcher.model)), held)
+        choice = copies.choose(candidates, budget, device, dtype, patcher.model, why)
+    if choice is None:
+        reason = f"unmerged: {len(chains)} layers (mode dynamic)"
+    else:
+        unmerged_only = len(chains) - len(candidates)
+        reason = choice.describe() + (f"; {unmerged_only} layers unmerged by their mode or layer type"
+                                      if unmerged_only else "")
+    events.record_sampling({"adapters": [item.entry.lora for item in items],
+                            "nodes": [item.node for item in items if item.node is not None],
+                            "copies": len(choice.copies) if choice else 0, "layers": len(chains),
+                            "bytes": choice.bytes if choice else 0, "built": choice.built if choice else 0,
+                            "build_ms": choice.build_ms if choice else 0.0, "reason": reason})
+    return choice.copies if choice is not None else {}
 
 
 def _release(patcher) -> None:
@@ -203,29 +236,29 @@ def _owner_gone(model_id: int, ref: weakref.ref) -> None:
 
 
 def _outer_sample(executor, *args, **kwargs):
-    """Around one sampling: tells ON_PRE_RUN the latent shape and step count, which `auto`
-    keys its measured costs on (ON_PRE_RUN itself gets only the patcher). When the device runs
-    out of memory, cached factors that this sampling does not use leave it first, and the
-    sampling runs once more."""
+    """Around one sampling: tells ON_PRE_RUN the latent shape, which the memory the sampling
+    needs depends on (ON_PRE_RUN itself gets only the patcher). When the device runs out of
+    memory, merged copies give way first (the sampling runs with fewer), then cached factors that
+    this sampling does not use, and the sampling runs once more."""
     patcher = executor.class_obj.model_patcher
-    noise, sigmas = args[0], args[3]
+    noise = args[0]
     _splice_late_patches(patcher)
     items = active_items(patcher)
-    _planned[id(patcher.model)] = CostKey(tuple(id(item.entry) for item in items), tuple(noise.shape),
-                                          len(sigmas) - 1)
+    _shapes[id(patcher.model)] = tuple(noise.shape)
     try:
         try:
             return executor(*args, **kwargs)
         except torch.OutOfMemoryError:
-            freed = MEMORY.give_way(patcher.load_device, "the device ran out of memory while sampling",
-                                    keep=[item.entry for item in items])
+            why = "the device ran out of memory while sampling"
+            freed = MEMORY.shed_copies(patcher.load_device, why)
+            freed += MEMORY.give_way(patcher.load_device, why, keep=[item.entry for item in items])
             if not freed:
                 raise
-            log.warning("[LoRA Cache] out of memory while sampling: %d bytes of cached factors not used by "
-                        "this sampling moved off %s; sampling again", freed, patcher.load_device)
+            log.warning("[LoRA Cache] out of memory while sampling: %d bytes of merged copies and unused cached "
+                        "factors freed on %s; sampling again", freed, patcher.load_device)
             return executor(*args, **kwargs)
     finally:
-        _planned.pop(id(patcher.model), None)
+        _shapes.pop(id(patcher.model), None)
 
 
 def _additive(patch: tuple) -> bool:
@@ -320,57 +353,17 @@ def _splice_late_patches(patcher) -> None:
                                    reason=f"ComfyUI's patches for this sampling, in chain order: {why}"))
 
 
-def _sync(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def _forms(patcher, items: tuple[StackItem, ...]) -> tuple[dict[str, str], str | None]:
-    """Which form each mode takes in this sampling, and why `auto` chose its form."""
-    forms = {"dynamic": "dynamic", "merged": "merged", "auto": "dynamic"}
-    uses_auto = any(item.mode == "auto" for item in items)
-    if load_state.is_dynamic(patcher):
-        # comfy-aimdo may evict a weight and fault it in again from the file at any cast: a
-        # merge in place would be lost silently. The node sends merged mode to ComfyUI's patch
-        # path there; whatever still asks for it runs unmerged.
-        return {m: "dynamic" for m in forms}, ("auto: dynamic VRAM streams the weights; unmerged is the one "
-                                               "cached form that keeps them untouched" if uses_auto else None)
-    key = _planned.get(id(patcher.model))
-    if key is None or not uses_auto:
-        return forms, None
-    forms["auto"], why = COSTS.choose(key)
-    return forms, why
-
-
 def _on_pre_run(patcher) -> None:
-    items = active_items(patcher)
-    if not items:
+    if not active_items(patcher):
         return
-    model = patcher.model
-    forms, why = _forms(patcher, items)
-    if model.model_lowvram and any(forms[item.mode] == "merged" for item in items):
-        log.warning("[LoRA Cache] model was loaded partially for this sampling: merged adapters run "
-                    "unmerged instead (weights not on the device cannot be merged in place)")
-        forms = {m: "dynamic" for m in forms}
-    key = _planned.get(id(model))
-    timing = Timing(key, forms["auto"], why, _sync(patcher.load_device)) if key is not None and why else None
-    _activate(patcher, forms, timing)
-    MEMORY.leave_room(patcher, key.shape if key is not None else None)
-    if model.model_lowvram:
-        log.warning("[LoRA Cache] model was loaded partially for this sampling; the adapter runs "
-                    "unmerged on top of ComfyUI's lowvram weights (correct, but slower)")
+    _activate(patcher, sampling=True)
+    if patcher.model.model_lowvram:
+        log.warning("[LoRA Cache] model was loaded partially for this sampling; layers without a merged copy "
+                    "run the adapter unmerged on top of ComfyUI's lowvram weights (correct, but slower)")
 
 
 def _on_cleanup(patcher) -> None:
-    act = _active.get(id(patcher.model))
     _release(patcher)
-    if act is not None and act.owned_by(patcher) and act.timing is not None:
-        t = act.timing
-        seconds = _sync(patcher.load_device) - t.start
-        COSTS.record(t.key, t.form, seconds)
-        events.record_sampling({"form": t.form, "reason": t.why, "ms": seconds * 1000.0,
-                                "adapters": [item.entry.lora for item in active_items(patcher)]})
 
 
 def _deactivate(model_id: int) -> None:
@@ -378,8 +371,5 @@ def _deactivate(model_id: int) -> None:
     if act is None:
         return
     MEMORY.unpin(model_id)
-    if act.merged is not None:
-        act.merged.restore()
     for module in act.modules:
         layers.deactivate(module)
-

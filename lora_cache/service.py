@@ -81,7 +81,6 @@ def _facts(side: _Side, found: build.Found, mode: str, run_key: tuple[str, str] 
     cached = found.how == "cached"
     return Facts(
         side=side.name, mode=mode, found=found.how, has_patches=bool(entry.patches),
-        dynamic_vram=load_state.is_dynamic(patcher),
         adapter_problem=entry.plan_reason,
         host_problem=capabilities.dynamic_path_problem(patcher) or load_state.weight_patched_at_cast(patcher, entry),
         placement_problem=load_state.placement_problem(patcher, extra_bytes=0 if cached else entry.nbytes),

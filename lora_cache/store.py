@@ -8,6 +8,7 @@ owner's business (memory.py); it hears of every entry that leaves through `on_dr
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -18,6 +19,8 @@ import torch
 from . import layers
 from .files import FileIdentity
 from .layers import LayerForm
+
+_uids = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -37,6 +40,8 @@ class Entry:
     home: torch.device | None = None
     resident: bool = True  # on `home` (False: moved to host memory)
     offload_reason: str | None = None
+    # Names the entry in what merged copies hold (copies.CopyKey): never reused, unlike id().
+    uid: int = field(default_factory=lambda: next(_uids))
 
     @property
     def key(self) -> tuple[int, str]:

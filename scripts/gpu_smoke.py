@@ -43,7 +43,7 @@ def main() -> int:
     ref_base = sample(base)
     for label, enabled, mode in [("on", True, "auto"), ("off", False, "auto"), ("on again", True, "auto"),
                                  ("off", False, "auto"), ("on again", True, "auto"), ("merged", True, "merged"),
-                                 ("dynamic after merged", True, "auto")]:
+                                 ("unmerged", True, "dynamic")]:
         with count_weight_work() as counts:
             m, _, ev = lc.apply(base, None, "a.safetensors", 1.0, 0.0, enabled, mode)
             out = sample(m)

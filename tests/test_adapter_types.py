@@ -1,7 +1,7 @@
 """Every weight adapter type ComfyUI loads (LoRA, LoHa, LoKr, GLoRA, OFT, BOFT, and DoRA on top)
 through the LoRA Cache nodes on the real host: the cached path with its form named in the
 reason, parity with the stock loader in every path and history (build, off, fast re-enable,
-strength changes, switches between types, stacks mixing types in any order, merged mode), the
+strength changes, switches between types, stacks mixing types in any order, merged copies), the
 fast path doing no ComfyUI weight work, Flux's fused qkv, the text encoder, and bad input.
 
 Stock references for SD come from the same prompt (wf.paired: a stock chain on `tiny_sd_ref`),
@@ -68,18 +68,19 @@ def forms_of(h, lora: str) -> set[str]:
     return {f.kind for e in h.lc.STORE.entries() if e.lora == lora for fs in e.layers.values() for f in fs}
 
 
+@pytest.mark.parametrize("mode", ["auto", "dynamic"])
 @pytest.mark.parametrize("name", list(TYPES))
-def test_type_history_matches_stock_and_reenable_is_fast(fresh, typed, name):
-    """build, off, on again, a strength change (negative): each output equals the stock loader's
-    with the same seed; the re-enable and the strength change are fast and make ComfyUI do no
-    weight work on our model."""
+def test_type_history_matches_stock_and_reenable_is_fast(fresh, typed, name, mode):
+    """build, off, on again, a strength change (negative), in merged copies (auto) and unmerged
+    (dynamic): each output equals the stock loader's with the same seed; the re-enable and the
+    strength change are fast and make ComfyUI do no weight work on our model."""
     h = fresh
     lora = sd_file(name)
     history = [(0.8, True, "build"), (0.8, False, "off"), (0.8, True, "fast"), (-0.6, True, "fast")]
     model = None
     for step, (s, on, expected) in enumerate(history):
         with count_weight_work(only=model) as work:
-            got, evs = run_events(h, wf.paired([(lora, s, on)]))
+            got, evs = run_events(h, wf.paired([(lora, s, on)], mode=mode))
         ev = evs["l0"]
         assert ev["path"] == expected, (step, ev)
         assert close(got["out"], got["ref"]), (step, (got["out"] - got["ref"]).abs().max())
@@ -104,11 +105,12 @@ def test_switching_between_cached_types_is_fast_and_matches_stock(fresh, typed):
         assert dict(work) == {}, (name, dict(work))
 
 
-def test_stacks_mixing_types_in_any_order_match_stock_chain(fresh, typed):
+@pytest.mark.parametrize("mode", ["auto", "dynamic"])
+def test_stacks_mixing_types_in_any_order_match_stock_chain(fresh, typed, mode):
     """Chains of three LoRA Cache nodes of different types on the same layers, in different
-    orders, toggled and re-weighted: each equals the same chain of stock loaders. Once each file
-    is cached every change is fast, also when an order-dependent type (DoRA, OFT, GLoRA, BOFT)
-    gets another adapter before it."""
+    orders, toggled and re-weighted, in merged copies (auto) and unmerged (dynamic): each equals
+    the same chain of stock loaders. Once each file is cached every change is fast, also when an
+    order-dependent type (DoRA, OFT, GLoRA, BOFT) gets another adapter before it."""
     h = fresh
     f = {n: sd_file(n) for n in typed}
     history = [
@@ -124,7 +126,7 @@ def test_stacks_mixing_types_in_any_order_match_stock_chain(fresh, typed):
     model = None
     for step, rows in enumerate(history):
         with count_weight_work(only=model) as work:
-            got, evs = run_events(h, wf.paired(rows))
+            got, evs = run_events(h, wf.paired(rows, mode=mode))
         assert close(got["out"], got["ref"]), (step, (got["out"] - got["ref"]).abs().max())
         for i, (lora, _, on) in enumerate(rows):
             ev = evs.get(f"l{i}")
@@ -153,17 +155,18 @@ def test_stack_node_with_mixed_types_equals_stock_chain(fresh, typed):
 
 @pytest.mark.parametrize("name", ["lokr", "dora", "oft", "glora"])
 def test_merged_mode_matches_stock(fresh, typed, name):
-    """Merged mode merges every form into the weights for the sampling (as ComfyUI merges it,
-    fp32 then one rounding) and restores them exactly: the output equals stock, a base branch
-    in the same prompt is exactly the base."""
+    """Merged mode runs every layer on a merged copy of its weight (every form merged as ComfyUI
+    merges it, fp32 then one rounding): the output equals stock, the base model afterwards is
+    exactly the base."""
     h = fresh
     lora = sd_file(name)
     stock = h.run(wf.sd([wf.stock(lora, 0.7)]))["out"]
     base = h.run(wf.sd([], seed=5))["out"]
-    for _ in range(2):
-        got = h.run(wf.sd([wf.ours(lora, 0.7, mode="merged")]))
-        assert h.last_event()["path"] == "full" and "merged in place" in h.last_event()["reason"]
-        assert close(got["out"], stock)
+    got = h.run(wf.sd([wf.ours(lora, 0.7, mode="merged")]))
+    ev, s = h.last_event(), h.lc.stats()["samplings"][-1]
+    assert ev["path"] == "build" and ev["reason"].endswith("at sampling: merged copies wherever they fit"), ev
+    assert s["copies"] == s["layers"] > 0 and s["built"] == s["copies"], s
+    assert close(got["out"], stock)
     assert torch.equal(h.run(wf.sd([], seed=5))["out"], base)
 
 
@@ -242,16 +245,17 @@ def test_stock_loader_after_order_dependent_type_matches_stock_chain(fresh, type
     assert evs["l2"]["path"] == "full" and "l0" not in evs, evs
 
 
+@pytest.mark.parametrize("mode", ["auto", "dynamic"])
 @pytest.mark.parametrize("name", ["loha", "lokr", "glora", "oft", "boft", "dora", "lokr_dora_in"])
-def test_flux_fused_qkv_every_type_matches_stock(fresh, typed, name):
+def test_flux_fused_qkv_every_type_matches_stock(fresh, typed, name, mode):
     """On Flux, diffusers q/k/v of every type land on the fused qkv / linear1 weights as output
-    slices; build, off, fast and a strength change equal stock."""
+    slices; build, off, fast and a strength change equal stock, in merged copies and unmerged."""
     h = fresh
     lora = flux_file(name)
     refs = {s: h.run(wf.sd([wf.stock(lora, s)], model="flux"))["out"] for s in (0.8, -0.6)}
     base = h.run(wf.sd([], model="flux"))["out"]  # base weights back in place
     for s, on, expected in ((0.8, True, "build"), (0.8, False, "off"), (0.8, True, "fast"), (-0.6, True, "fast")):
-        out = h.run(wf.sd([wf.ours(lora, s, enabled=on)], model="flux"))["out"]
+        out = h.run(wf.sd([wf.ours(lora, s, enabled=on, mode=mode)], model="flux"))["out"]
         ev = h.last_event()
         assert ev["path"] == expected, ev
         if on:

@@ -20,14 +20,18 @@ def facts(d, **kw):
 def test_cached_and_ready_is_fast(d):
     out = d.decide(facts(d))
     assert (out.path, out.via, out.reattach) == ("fast", "cache", False)
-    assert out.reason == "cached adapter, layers flagged only"
+    auto = "at sampling: merged copies where they fit, the rest unmerged"
+    assert out.reason == f"cached adapter, nothing built or moved; {auto}"
     assert d.decide(facts(d, change="strength 1->0.6")).reason.endswith("; strength 1->0.6")
+    assert d.decide(facts(d, mode="dynamic")).reason == "cached adapter, nothing built or moved; at sampling: unmerged"
+    assert d.decide(facts(d, side="clip")).reason == "cached adapter, nothing built or moved; at encoding: unmerged"
 
 
 def test_new_entry_is_a_build_that_says_why(d):
     out = d.decide(facts(d, found="first use"))
     assert (out.path, out.via) == ("build", "cache")
-    assert out.reason == "first use: 30 layers, 4 KiB on cuda:0"
+    assert out.reason == "first use: 30 layers, 4 KiB on cuda:0; at sampling: merged copies where they fit, the rest " \
+                         "unmerged"
 
 
 @pytest.mark.parametrize("problem", ["attach_problem", "merged_problem"])
@@ -53,20 +57,16 @@ def test_first_problem_wins_in_a_fixed_order(d):
 
 
 def test_merged_mode(d):
+    """Merged mode is the cached path, under dynamic VRAM too: each sampling runs merged copies of
+    the layers (copies.py) and nothing is merged into ComfyUI's weights; the text encoder's is
+    ComfyUI's patch path."""
     out = d.decide(facts(d, mode="merged"))
-    assert (out.path, out.via) == ("full", "cache")
-    assert "merged in place from cached factors" in out.reason and out.reason.endswith("no reload")
-    assert "factors built now (first use)" in d.decide(facts(d, mode="merged", found="first use")).reason
+    assert (out.path, out.via) == ("fast", "cache")
+    assert out.reason == "cached adapter, nothing built or moved; at sampling: merged copies wherever they fit"
+    built = d.decide(facts(d, mode="merged", found="first use"))
+    assert built.path == "build" and built.reason.endswith("; at sampling: merged copies wherever they fit")
     clip = d.decide(facts(d, side="clip", mode="merged"))
     assert (clip.path, clip.via, clip.reason) == ("full", "comfy", "mode merged; ComfyUI patch path")
-
-
-def test_merged_mode_under_dynamic_vram_is_comfyuis_patch_path(d):
-    out = d.decide(facts(d, mode="merged", dynamic_vram=True))
-    assert (out.path, out.via) == ("full", "comfy")
-    assert "dynamic VRAM" in out.reason and out.reason.endswith("ComfyUI patch path")
-    for mode in ("auto", "dynamic"):  # the unmerged form serves there
-        assert d.decide(facts(d, mode=mode, dynamic_vram=True)).path == "fast"
 
 
 def test_no_keys_for_a_side_is_off(d):

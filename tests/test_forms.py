@@ -1,8 +1,8 @@
 """The cached form of every weight adapter type ComfyUI loads (lora_cache.adapter_forms / forms),
 layer by layer on the tiny SD and Flux models: each targeted layer's forward with the forms
 active equals the layer with ComfyUI's own merged weight (comfy.lora.calculate_weight, the
-stock patch path), for every type, strength, stack order and fused-qkv slice; merged mode's
-weights equal ComfyUI's merge; moving a layer's forms moves every tensor they hold. Equal: within
+stock patch path), for every type, strength, stack order and fused-qkv slice; merged copies
+equal ComfyUI's merge; moving a layer's forms moves every tensor they hold. Equal: within
 the rounding of sums of the layer's length (compare.tolerance), against a float64 reference."""
 from __future__ import annotations
 
@@ -132,9 +132,7 @@ def check_layers(pkg, patcher, chain, layer_paths, rows=6):
     model = patcher.model
     for path in layer_paths:
         module = model.get_submodule(path)
-        for layers, _, s in chain:
-            if path in layers:
-                pkg.layers.activate(module, layers[path], s)
+        pkg.layers.activate(module, [(layers[path], s) for layers, _, s in chain if path in layers])
         try:
             x = sample_input(module, rows=rows)
             with torch.no_grad():
@@ -279,7 +277,7 @@ def test_weight_form_after_stock_lowvram_patch_through_comfy_cast(pkg, host, sd_
         monkeypatch.setattr(module, "weight_function", [comfy.model_patcher.LowVramPatch(key, {key: stock})])
         before = list(module.weight_function)
         weight = module.weight.detach().clone()
-        pkg.layers.activate(module, layers_[path], s)
+        pkg.layers.activate(module, [(layers_[path], s)])
         try:
             x = sample_input(module, rows=2048)
             with torch.no_grad():
@@ -292,9 +290,9 @@ def test_weight_form_after_stock_lowvram_patch_through_comfy_cast(pkg, host, sd_
     assert checked and len(calls) == checked, (checked, len(calls))
 
 
-def test_merge_equals_stock_for_every_type(pkg, host, sd_patcher):
-    """Merged mode (merge.Merged) gives ComfyUI's merged weights for each type and a mixed
-    stack, and restores them bit-exactly."""
+def test_copy_equals_stock_merge_for_every_type(pkg, host, sd_patcher):
+    """A merged copy (copies.build) of a mixed stack of every type is ComfyUI's merged weight,
+    and the layers' own weights are left as they were."""
     patcher = sd_patcher
     model = patcher.model
     chain = []
@@ -305,21 +303,19 @@ def test_merge_equals_stock_for_every_type(pkg, host, sd_patcher):
         chain.append((plan.layers, patches, 0.8 - 0.3 * i))
     paths = sorted(set().union(*(layers.keys() for layers, _, _ in chain)))
     original = {p: model.get_submodule(p).weight.detach().clone() for p in paths}
-    items = [(model.get_submodule(p), layers[p], s) for layers, _, s in chain for p in paths if p in layers]
-    merged = pkg.merge.Merged(items)
-    merged.merge()
-    try:
-        for p in paths:
-            # each merged entry sums at most a row of the weight per adapter (DoRA's norm, GLoRA's
-            # W a1; LoRA, LoHa and LoKr products and OFT's rotation blocks are shorter), and the
-            # chain's differences; magnitude: the weight and each adapter's difference
-            terms = stock_terms([(pt, s) for _, pt, s in chain], p + ".weight", original[p])
-            tol = compare.tolerance(sum(t.abs() for t in terms), compare.reduction_length(original[p]) + len(terms),
-                                    original[p].dtype)
-            ratio = compare.error_ratio(model.get_submodule(p).weight, sum(terms), tol)
-            assert ratio <= 1, (p, ratio)
-    finally:
-        merged.restore()
+    for p in paths:
+        module = model.get_submodule(p)
+        layer_chain = tuple((layers[p], s) for layers, _, s in chain if p in layers)
+        copy = pkg.copies.build(module, layer_chain, pkg.copies.CopyKey((), ()), module.weight.dtype,
+                                module.weight.device)
+        # each merged entry sums at most a row of the weight per adapter (DoRA's norm, GLoRA's
+        # W a1; LoRA, LoHa and LoKr products and OFT's rotation blocks are shorter), and the
+        # chain's differences; magnitude: the weight and each adapter's difference
+        terms = stock_terms([(pt, s) for _, pt, s in chain], p + ".weight", original[p])
+        tol = compare.tolerance(sum(t.abs() for t in terms), compare.reduction_length(original[p]) + len(terms),
+                                original[p].dtype)
+        ratio = compare.error_ratio(copy.weight, sum(terms), tol)
+        assert ratio <= 1, (p, ratio)
     for p in paths:
         assert torch.equal(model.get_submodule(p).weight, original[p])
 
@@ -414,8 +410,7 @@ def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, sha
             outs = {}
             for form in ("weight", "output"):
                 monkeypatch.setattr(pkg.layers, "_weight_plan", real_plan if form == "weight" else (lambda p, w: None))
-                for factors, s in stack:
-                    pkg.layers.activate(lin, factors, s)
+                pkg.layers.activate(lin, stack)
                 try:
                     with torch.no_grad():
                         outs[form] = lin(x).double()
@@ -457,7 +452,7 @@ def test_weight_form_only_through_comfy_stock_cast(pkg, monkeypatch):
             lin.weight.copy_(torch.randn(32, 32, generator=g) / 8)
             lin.bias.copy_(torch.randn(32, generator=g) / 8)
         down, up = torch.randn(32, 4, generator=g) / 6, torch.randn(4, 32, generator=g) / 2
-        pkg.layers.activate(lin, (pkg.layers.LayerFactors("linear", down, up, 0.5),), 0.8)
+        pkg.layers.activate(lin, [((pkg.layers.LayerFactors("linear", down, up, 0.5),), 0.8)])
         try:
             x = torch.randn(512, 32, generator=g)
             calls.clear()

@@ -326,23 +326,24 @@ def _with_fail_once(prompt: dict, fail: bool = True) -> dict:
 def test_out_of_memory_while_sampling_moves_unused_factors_first(mem, loras):
     """The device runs out of memory while our factors sit on it: factors that this sampling does
     not use leave the device, the sampling runs again and equals stock; with nothing of ours to
-    free, the error is ComfyUI's and the next prompt runs."""
+    free, the error is ComfyUI's and the next prompt runs. (Mode dynamic: no merged copies,
+    which test_copies covers giving way first.)"""
     h = mem
     h.nodes.NODE_CLASS_MAPPINGS["LCTestFailOnce"] = _FailOnce
     try:
         stock = h.run(wf.sd([wf.stock(loras["m_a"], 0.7)]))["out"]
-        h.run(wf.sd([wf.ours(loras["m_b"], 0.7)]))  # cached, not used by the next sampling
+        h.run(wf.sd([wf.ours(loras["m_b"], 0.7, mode="dynamic")]))  # cached, not used by the next sampling
         b = entry(h, loras["m_b"])
         _FailOnce.calls = 0
-        out = h.run(_with_fail_once(wf.sd([wf.ours(loras["m_a"], 0.7)])))["out"]
+        out = h.run(_with_fail_once(wf.sd([wf.ours(loras["m_a"], 0.7, mode="dynamic")])))["out"]
         assert _FailOnce.calls == 2 and close(out, stock)
         assert not b.resident and b.offload_reason == "the device ran out of memory while sampling"
         assert entry(h, loras["m_a"]).resident
 
         _FailOnce.calls = 0  # nothing of ours left to move: the sampling fails as it would without us
-        err = h.run(_with_fail_once(wf.sd([wf.ours(loras["m_a"], 0.5)])), expect_error=True)
+        err = h.run(_with_fail_once(wf.sd([wf.ours(loras["m_a"], 0.5, mode="dynamic")])), expect_error=True)
         assert "out of memory" in err["exception_message"] and _FailOnce.calls == 1
-        out = h.run(wf.sd([wf.ours(loras["m_a"], 0.7)]))["out"]
+        out = h.run(wf.sd([wf.ours(loras["m_a"], 0.7, mode="dynamic")]))["out"]
         assert close(out, stock)
     finally:
         h.nodes.NODE_CLASS_MAPPINGS.pop("LCTestFailOnce", None)

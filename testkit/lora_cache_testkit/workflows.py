@@ -58,7 +58,7 @@ def clip(cls: str, inputs: dict, text: str = "a tiny test prompt", seed: int = 4
 
 
 def paired(rows: list[tuple[str, float, bool]], seed: int = 42, node: str = OURS,
-           stock_names: dict[str, str] | None = None) -> dict:
+           stock_names: dict[str, str] | None = None, mode: str = "auto") -> dict:
     """Our chain on tiny_sd and the equivalent stock chain on tiny_sd_ref (the same weights, a
     separate model object) in one prompt, so stock's re-patching never touches our model.
     Each row is (lora, strength, enabled); a disabled row is a stock node at strength 0.
@@ -66,7 +66,7 @@ def paired(rows: list[tuple[str, float, bool]], seed: int = 42, node: str = OURS
     The stock LoraLoader has no change check: after a file is rewritten under the same name,
     ComfyUI reuses its cached output (and the node its cached tensors). So a reference for a
     rewritten file reads a copy under another name: `stock_names` maps ours to the stock one."""
-    p = sd([(node, {"lora_name": lora, "strength_model": s, "enabled": on, "mode": "auto"})
+    p = sd([(node, {"lora_name": lora, "strength_model": s, "enabled": on, "mode": mode})
             for lora, s, on in rows], seed)
     p["r1"] = {"class_type": "UNETLoader",
                "inputs": {"unet_name": "tiny_sd_ref.safetensors", "weight_dtype": "default"}}

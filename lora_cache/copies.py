@@ -1,0 +1,277 @@
+"""Merged copies of adapted weights, kept on the model's device across samplings.
+
+For an adapted layer, a merged copy is ComfyUI's merge of the layer's active chain (every
+adapter on it, in order, at its strength), built once on the device from the base weight as
+ComfyUI casts it for the layer's forward (`comfy.ops.cast_bias_weight`: the resident weight, the
+weight comfy-aimdo streams under dynamic VRAM, or the weight cast to the compute dtype, with any
+stock patches applied). The layer's forward then multiplies by the copy (layers.py): the
+adapter costs nothing per step. ComfyUI's weights, patches and `patches_uuid` are never touched,
+so nothing reloads or re-streams, and every other branch runs ComfyUI's own forward on its own
+weight.
+
+A copy is keyed by what it holds (`CopyKey`): the adapters of the layer's chain and their
+strengths in order, and the base weight it was built from. A sampling with the same chain on the
+same base uses it as it is; any other builds it again from the base weight. Copies live on the
+layers' slots, one per layer; `REGISTRY` counts them per device and model for the memory owner
+(memory.py), which drops them first when memory is short.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import comfy.ops
+import torch
+
+from . import cost_model, layers
+from .layers import Chain, LayerFactors
+
+_GIB = 1024 ** 3
+
+
+class CopyKey(NamedTuple):
+    """What a copy holds: (adapter entry id, strength) per adapter of the chain, in chain order,
+    and the base weight it was built from (the sampling patcher's patches_uuid, which names the
+    stock patches ComfyUI casts in, the weight tensor and its version, the compute dtype)."""
+
+    chain: tuple[tuple[int, float], ...]
+    base: tuple
+
+
+@dataclass(eq=False)
+class MergedCopy:
+    key: CopyKey
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
+
+
+def base_key(patcher, module: torch.nn.Module, dtype: torch.dtype) -> tuple:
+    w = module.weight
+    assert isinstance(w, torch.Tensor), "layers with copies have tensor weights (copyable)"
+    version = None if w.is_inference() else w._version
+    return (patcher.patches_uuid, id(w), version, str(dtype))
+
+
+def merged(weight: torch.Tensor, chain: Chain) -> torch.Tensor:
+    """A new tensor: `weight` with every form of `chain` merged in, rounded once to its dtype, as
+    ComfyUI's merge computes it (calculate_weight in fp32, then cast). `weight` is not written.
+    Where each row gets at most one low-rank update (one adapter, or Flux's q/k/v slices of one
+    fused weight) one addmm per factor writes the copy (fp32 accumulation, one rounding);
+    otherwise an fp32 copy of the weight takes every form's merge in chain order."""
+    wp = layers.weight_plan(list(chain), weight) if _addmm_ready(chain, weight) else None
+    if wp is not None and (len(wp.steps) == wp.tiles or (len(wp.steps) == 1 and wp.steps[0][3] is None)):
+        return layers.merged_weight(weight, wp)
+    w32 = weight.to(torch.float32, copy=True)
+    for forms, strength in chain:
+        for f in forms:
+            f.merge_into(w32, strength)
+    return w32.to(weight.dtype)
+
+
+def _addmm_ready(chain: Chain, w: torch.Tensor) -> bool:
+    return all(isinstance(f, LayerFactors) and f.kind == "linear" and f.down.dtype == w.dtype
+               and f.down.device == w.device for fs, _ in chain for f in fs)
+
+
+@torch.no_grad()
+def build(module: torch.nn.Module, chain: Chain, key: CopyKey, dtype: torch.dtype,
+          device: torch.device) -> MergedCopy:
+    """The copy of `module`'s weight with `chain` merged, on `device` in `dtype`, from the weight
+    ComfyUI's cast hands the layer's forward (and the bias beside it, copied: under dynamic VRAM
+    it is a view of memory comfy-aimdo may hand to another layer later)."""
+    if not hasattr(module, "weight_function"):  # a torch layer, not one of ComfyUI's ops
+        bias = getattr(module, "bias", None)
+        return MergedCopy(key, merged(layers.weight_of(module).detach().to(device, dtype), chain),
+                          None if bias is None else bias.detach().to(device, dtype, copy=True))
+    weight, bias, stream = comfy.ops.cast_bias_weight(module, dtype=dtype, device=device, bias_dtype=dtype,
+                                                      offloadable=True)
+    try:
+        w = merged(weight, chain)
+        b = None if bias is None else bias.detach().clone()
+    finally:
+        comfy.ops.uncast_bias_weight(module, weight, bias, stream)
+    return MergedCopy(key, w, b)
+
+
+class _Held(NamedTuple):
+    module_id: int
+    module: weakref.ref
+    model_id: int
+    model: weakref.ref
+    device: str
+    nbytes: int
+    entries: frozenset[int]
+
+
+class Registry:
+    """Every merged copy held on a layer: its bytes per device and model, for the memory owner."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, _Held] = {}
+        # (model id, device) -> how many copies; the node's sweep asks once per pair, not per copy
+        self._pairs: dict[tuple[int, str], tuple[weakref.ref, int]] = {}
+        self._lock = threading.RLock()
+
+    def _count(self, held: _Held, n: int) -> None:
+        key = (held.model_id, held.device)
+        ref, count = self._pairs.get(key, (held.model, 0))
+        if count + n:
+            self._pairs[key] = (ref, count + n)
+        else:
+            del self._pairs[key]
+
+    def put(self, module: torch.nn.Module, model: torch.nn.Module, copy: MergedCopy) -> None:
+        with self._lock:
+            self.drop(module)
+            slot = layers.slot_of(module, create=True)
+            slot.copy = copy
+            mid = id(module)
+            held = self._held[mid] = _Held(mid, weakref.ref(module, functools.partial(self._gone, mid)),
+                                           id(model), weakref.ref(model), str(copy.weight.device), copy.nbytes,
+                                           frozenset(uid for uid, _ in copy.key.chain))
+            self._count(held, 1)
+
+    def _pop(self, module_id: int) -> _Held | None:
+        held = self._held.pop(module_id, None)
+        if held is not None:
+            self._count(held, -1)
+        return held
+
+    def _gone(self, module_id: int, _ref: weakref.ref) -> None:
+        with self._lock:
+            self._pop(module_id)
+
+    def drop(self, module: torch.nn.Module) -> int:
+        """Drops `module`'s copy (a layer whose copy serves the sampling now running keeps it:
+        the forward holds its own reference until the sampling ends). Returns the bytes."""
+        with self._lock:
+            held = self._pop(id(module))
+            slot = layers.slot_of(module)
+            if slot is not None:
+                slot.copy = None
+            return held.nbytes if held is not None else 0
+
+    def drop_where(self, pred: Callable[[_Held], bool]) -> int:
+        with self._lock:
+            freed = 0
+            for held in [h for h in self._held.values() if pred(h)]:
+                module = held.module()
+                if module is not None:
+                    freed += self.drop(module)
+            return freed
+
+    def drop_models(self, gone: Callable[[torch.nn.Module | None, str], bool]) -> int:
+        """Drops the copies of each (model, device) for which `gone(model, device)` holds, asking
+        once per pair: the node's sweep runs this at every execution, and a model holds hundreds
+        of copies."""
+        with self._lock:
+            dead = {key for key, (ref, _) in self._pairs.items() if gone(ref(), key[1])}
+            return self.drop_where(lambda h: (h.model_id, h.device) in dead) if dead else 0
+
+    def bytes(self, device: str | torch.device | None = None) -> int:
+        with self._lock:
+            return sum(h.nbytes for h in self._held.values() if device is None or h.device == str(device))
+
+    def count(self, device: str | torch.device | None = None) -> int:
+        with self._lock:
+            return sum(1 for h in self._held.values() if device is None or h.device == str(device))
+
+    def devices(self) -> set[str]:
+        with self._lock:
+            return {h.device for h in self._held.values()}
+
+
+REGISTRY = Registry()
+
+
+class Layer(NamedTuple):
+    """One adapted layer of a sampling, as the copy choice sees it."""
+
+    module: torch.nn.Module
+    chain: Chain
+    key: CopyKey
+    required: bool  # merged mode asked for it
+
+
+class Choice(NamedTuple):
+    """What a sampling runs merged: the copies per module id, and the numbers the event shows."""
+
+    copies: dict[int, MergedCopy]
+    layers: int
+    bytes: int
+    built: int
+    build_ms: float
+    short: str | None  # why some layers that could have a copy run unmerged
+
+    def describe(self) -> str:
+        n = len(self.copies)
+        built = f"built {self.built} in {self.build_ms:.0f} ms" if self.built else "none built"
+        text = (f"merged copies: {n} of {self.layers} layers, {self.bytes / _GIB:.2f} GiB ({built}); "
+                f"unmerged: {self.layers - n}")
+        return text + (f" ({self.short})" if self.short else "")
+
+
+def saving(layer: Layer, costs: cost_model.DeviceCosts, element: int) -> float:
+    """Seconds per call the unmerged forms cost on `layer` over its own product (`element`: the
+    bytes of one value in the compute dtype)."""
+    w = layers.weight_of(layer.module)
+    wp = layers.weight_plan(list(layer.chain), w) if w.ndim == 2 and all(
+        isinstance(f, LayerFactors) and f.kind == "linear" for fs, _ in layer.chain for f in fs) else None
+    if wp is None:
+        return cost_model.chain_saving(w.numel() * element, sum(len(fs) for fs, _ in layer.chain), costs)
+    out_f, in_f = w.shape
+    covered = sum(out_f if start is None or stop is None else stop - start for _, _, _, start, stop in wp.steps)
+    slot = layers.slot_of(layer.module)
+    return cost_model.unmerged_saving(out_f, in_f, slot.rows if slot is not None else None, len(wp.steps),
+                                      len(layer.chain), covered, element, costs)
+
+
+def choose(layer_list: Iterable[Layer], budget: int, device: torch.device, dtype: torch.dtype,
+           model: torch.nn.Module, why_short: str) -> Choice:
+    """The copies for a sampling: the layers' current copies where they hold what is asked, new
+    ones built within `budget` bytes where the cost model says they save the most per byte;
+    every other layer runs unmerged. A copy that cannot be built (the device ran out of memory)
+    leaves its layer unmerged."""
+    layer_list = list(layer_list)
+    costs = cost_model.device_costs(device)
+    element = dtype.itemsize
+    wanted, _ = cost_model.choose(
+        [cost_model.LayerCost(id(ly.module), layers.weight_of(ly.module).numel() * element,
+                              saving(ly, costs, element), ly.required)
+         for ly in layer_list], budget)
+    # Stale copies and copies of layers left unmerged go before anything is built.
+    for ly in layer_list:
+        slot = layers.slot_of(ly.module)
+        current = slot.copy if slot is not None else None
+        if current is not None and (current.key != ly.key or id(ly.module) not in wanted):
+            REGISTRY.drop(ly.module)
+    out: dict[int, MergedCopy] = {}
+    built, t0, short = 0, time.perf_counter(), None
+    for ly in layer_list:
+        if id(ly.module) not in wanted:
+            continue
+        copy = layers.slot_of(ly.module, create=True).copy
+        if copy is None:
+            try:
+                copy = build(ly.module, ly.chain, ly.key, dtype, device)
+            except torch.OutOfMemoryError:
+                short = f"{device} ran out of memory building copies"
+                break
+            REGISTRY.put(ly.module, model, copy)
+            built += 1
+        out[id(ly.module)] = copy
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    ms = (time.perf_counter() - t0) * 1000.0
+    if short is None and len(out) < len(layer_list):
+        short = why_short
+    return Choice(out, len(layer_list), sum(c.nbytes for c in out.values()), built, ms if built else 0.0, short)
