@@ -1,54 +1,66 @@
-"""Tables and a chart from bench_dynamic.py's results (the 8-event series on current ComfyUI).
+"""Tables and a chart from bench_dynamic.py's results (the 8-event series in interleaved rounds).
 
-    python3 benchmarks/report_dynamic.py benchmarks/data/h200-dynamic/dynamic-*.json \
+    python3 benchmarks/report_dynamic.py benchmarks/data/h200-copies/*.json \
         --chart benchmarks/results-dynamic.png > tables.md
 
-Prints, per model and configuration, events 2-8 of each loader, each event's seconds, the weight
-bytes streamed, the node's time and the checks; the chart draws events 2-8 side by side.
+Prints, per model and configuration: events 2-8 of each loader per round and their median, the
+ceiling (7 x the median base image) and each loader over it, each event's median image over the
+base image, the modules streamed, the node call, our merged-copy choice and the checks; the chart
+draws the medians of events 2-8 beside the ceiling.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 LABELS = {"stock": "stock LoraLoaderModelOnly", "bypass": "LoraLoaderBypassModelOnly",
-          "ours": "LoRA Cache Loader (auto)",
-          "ours-output": "LoRA Cache Loader, weight form off (updates added into the output)",
-          "ours-patch": "LoRA Cache Loader, merged mode (ComfyUI's patch path)"}
+          "ours": "LoRA Cache Loader (auto)", "ours-unmerged": "LoRA Cache Loader (mode dynamic: unmerged)"}
 CONFIGS = {"dynamic": "dynamic VRAM, whole card", "dynamic@14": "dynamic VRAM, 14 GiB free",
            "classic": "classic patcher"}
-
-
 ADAPTERS = {"loha": "LoHa", "lokr": "LoKr"}
+
+
+def _title(r: dict, config: str, res: dict) -> str:
+    kind = "" if r.get("adapter", "lora") == "lora" else f" {ADAPTERS[r['adapter']]} (rank {r['rank']})"
+    return (f"{r['model']}{kind}, {CONFIGS.get(config, config)} ({res['patcher']}, {r['steps']} steps, "
+            f"{len(res['rounds'])} rounds)")
 
 
 def tables(results: list[dict]) -> str:
     out = []
     for r in results:
         for config, res in r["configs"].items():
-            events = r["events"]
-            kind = "" if r.get("adapter", "lora") == "lora" else f" {ADAPTERS[r['adapter']]} (rank {r['rank']})"
-            where = CONFIGS.get(config, config)
-            out.append(f"#### {r['model']}{kind}, {where} ({res['patcher']}, {r['steps']} steps)\n")
-            out.append("| loader | base image s | " + " | ".join(events) + " | events 2-8 s |")
-            out.append("|---" * (len(events) + 3) + "|")
-            for loader, d in res["loaders"].items():
-                cells = [f"{e['event_s']:.2f}" for e in d["events"]]
-                out.append(f"| {LABELS.get(loader, loader)} | {d['base_s'][0]:.2f} | " + " | ".join(cells)
-                           + f" | **{d['events_2_8_s']:.1f}** |")
-            stock = res["loaders"].get("stock", {}).get("events_2_8_s")
-            ours = res["loaders"].get("ours", {}).get("events_2_8_s")
-            if stock and ours:
-                out.append(f"\nEvents 2-8, stock / ours: **{stock / ours:.2f}x**.")
-            streamed = {loader: max(e["streamed_bytes"] for e in d["events"][1:]) / 2**30
-                        for loader, d in res["loaders"].items()}
-            base = {loader: d["base_streamed_bytes"][0] / 2**30 for loader, d in res["loaders"].items()}
-            per_loader = ", ".join(f"{loader} {base[loader]:.1f} / {streamed[loader]:.1f}" for loader in streamed)
-            out.append(f"Weights streamed per image, GiB (base image / most in events 2-8): {per_loader}.")
-            node = [e["node_ms"] for e in res["loaders"]["ours"]["events"] if e.get("path") == "fast"]
-            if node:
-                out.append(f"Our node on a fast event: {min(node):.1f}-{max(node):.1f} ms.")
+            s = res["summary"]
+            out.append(f"#### {_title(r, config, res)}\n")
+            out.append(f"Base image (median) {s['base_image_s']:.2f} s; ceiling (7 x base) "
+                       f"**{s['ceiling_s']:.1f} s**.\n")
+            out.append("| loader | events 2-8 per round, s | median s | over the ceiling | stock / loader |"
+                       " node ms (events 2-8, most) | modules streamed (events 2-8, most) |")
+            out.append("|---|---|---|---|---|---|---|")
+            for loader in r["loaders"]:
+                x = s[loader]
+                vs = f"{x['vs_stock']:.2f}x" if "vs_stock" in x else ""
+                out.append(f"| {LABELS.get(loader, loader)} | {', '.join(f'{v:.1f}' for v in x['events_2_8_s'])} | "
+                           f"**{x['median_s']:.1f}** | {x['over_ceiling']:.2f} | {vs} | {x['node_ms_max']:.1f} | "
+                           f"{x['streamed_modules_max']} |")
+            out.append("\nEach event's image over the base image (medians over rounds):\n")
+            out.append("| loader | " + " | ".join(r["events"]) + " |")
+            out.append("|---" * (len(r["events"]) + 1) + "|")
+            for loader in r["loaders"]:
+                out.append(f"| {LABELS.get(loader, loader)} | "
+                           + " | ".join(f"{v:.2f}" for v in s[loader]["per_event_over_base"]) + " |")
+            ours = [rnd["loaders"]["ours"] for rnd in res["rounds"] if "ours" in rnd["loaders"]]
+            if ours:
+                fast = [e["node_ms"] for rows in ours for e in rows if e.get("path") == "fast"]
+                built = [e for rows in ours for e in rows[1:] if e.get("built")]
+                out.append(f"\nOurs: node call on a fast event {min(fast):.2f}-{max(fast):.2f} ms; "
+                           f"{ours[0][0]['sampling']}.")
+                if built:
+                    ms = [e["build_ms"] for e in built]
+                    out.append(f"Copies built again by a strength change or switch: {min(ms):.0f}-{max(ms):.0f} ms "
+                               f"(median {statistics.median(ms):.0f} ms).")
             p = res.get("parity", {})
             if p:
                 out.append(f"Max |latent - stock|: ours {p['max_abs_ours_vs_stock']:.3g}, bypass "
@@ -64,16 +76,18 @@ def chart(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(f"{r['model']}\n{CONFIGS.get(c, c)}", res) for r in results for c, res in r["configs"].items()]
-    loaders = ["stock", "bypass", "ours"]
+    groups = [(f"{r['model']}\n{CONFIGS.get(c, c)}", res["summary"])
+              for r in results for c, res in r["configs"].items()]
+    bars = ["ceiling", "stock", "bypass", "ours"]
     fig, ax = plt.subplots(figsize=(2.4 * len(groups) + 2, 4))
-    width = 0.8 / len(loaders)
-    for i, loader in enumerate(loaders):
-        xs = [g + (i - 1) * width for g in range(len(groups))]
-        ys = [res["loaders"][loader]["events_2_8_s"] if loader in res["loaders"] else 0 for _, res in groups]
-        ax.bar(xs, ys, width, label=LABELS[loader])
+    width = 0.8 / len(bars)
+    for i, bar in enumerate(bars):
+        xs = [g + (i - 1.5) * width for g in range(len(groups))]
+        ys = [s["ceiling_s"] if bar == "ceiling" else s[bar]["median_s"] if bar in s else 0 for _, s in groups]
+        ax.bar(xs, ys, width, label="ceiling: 7 x base image" if bar == "ceiling" else LABELS[bar],
+               color="#bbbbbb" if bar == "ceiling" else None)
     ax.set_xticks(range(len(groups)), [g for g, _ in groups], fontsize=8)
-    ax.set_ylabel("events 2-8, seconds (lower is better)")
+    ax.set_ylabel("events 2-8, median seconds (lower is better)")
     ax.set_title(f"8-event LoRA series, ComfyUI {results[0]['comfyui']}, {results[0]['device']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
