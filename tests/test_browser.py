@@ -108,6 +108,9 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     first = _queue_and_wait(page, server, "build")
     assert first["event"]["lora"] == "style.safetensors" and first["event"]["reason"].startswith("first use")
     assert first["text"].startswith("build · ") and " ms · first use" in first["text"]
+    # the sampling that ran the adapter says under the node what it ran
+    page.wait_for_function("id => app.graph.getNodeById(id).loraCacheBadgeText?.split('\\n')[1]"
+                           "?.startsWith('sampling · merged copies: ')", arg=LORA_NODE, timeout=10_000)
 
     # unchanged prompt: ComfyUI serves the node from its cache, the badge must say so
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
@@ -131,13 +134,18 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     cells = [c.inner_text() for c in row.query_selector_all("td")]
     stats = server.get("/lora_cache/stats")
     entry = next(a for a in stats["adapters"] if a["name"] == "style.safetensors")
-    assert cells[0] == "style.safetensors" and cells[2] == "cpu" and cells[3] == "dynamic"
+    assert cells[0] == "style.safetensors" and cells[2] == "cpu" and cells[3] == "cache"
     assert cells[1].endswith("KiB") and abs(float(cells[1].split()[0]) - entry["bytes"] / 1024) < 0.1
     assert page.inner_text('[data-lora-cache="device"][data-device="cpu"] td:nth-child(2)') == cells[1]
     # the budget column shows the memory owner's limit for the device and where it comes from
     budget = page.query_selector('[data-lora-cache="device"][data-device="cpu"] [data-lora-cache="budget"]')
     limit = stats["memory"]["device"]["cpu"]
     assert budget.inner_text() == _format_bytes(limit["limit"]) and budget.get_attribute("title") == limit["source"]
+    # the merged copies the samplings keep on the device
+    copies = page.query_selector('[data-lora-cache="device"][data-device="cpu"] [data-lora-cache="copies"]')
+    held = stats["memory"]["copies"]["cpu"]
+    assert held["layers"] > 0 and copies.inner_text() == _format_bytes(held["bytes"])
+    assert copies.get_attribute("title") == f"{held['layers']} layers"
     # frame the graph for the screenshot: the LoRA node and its badge beside the open panel
     page.evaluate("() => { app.canvas.ds.scale = 0.8; app.canvas.ds.offset = [460, 150];"
                   " app.canvas.setDirty(true, true); }")

@@ -4,11 +4,13 @@
 // node does not execute and sends nothing; "execution_cached" names it, and the badge says so
 // instead of passing off the previous run's event as this one's.
 // A stack node sends one summary event with its rows: each row is drawn, one a line.
+// When a sampling that runs the node's adapters starts, "lora_cache.sampling" says what it runs
+// (merged copies, unmerged layers, what was built): one more line under the node's event.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NODE_TYPES = new Set(["LoraCacheLoader", "LoraCacheLoaderModelOnly", "LoraCacheStack"]);
-const COLORS = { fast: "#2e7d32", build: "#1565c0", full: "#ef6c00", off: "#616161" };
+const COLORS = { fast: "#2e7d32", build: "#1565c0", full: "#ef6c00", off: "#616161", sampling: "#4a148c" };
 const LINE_H = 18;
 
 let currentPrompt = null;
@@ -46,6 +48,10 @@ function badgeLines(node) {
   if (node.loraCacheStale && lines.length) {
     lines[0] = { ...lines[0], text: "cached output, not re-run · last: " + lines[0].text };
   }
+  const sampling = node.loraCacheSampling;
+  if (sampling && lines.length) {
+    lines.push({ text: `sampling · ${sampling.reason}`, path: "sampling" });
+  }
   return lines;
 }
 
@@ -61,6 +67,7 @@ function onEvent({ detail }) {
     if (node.loraCachePrompt !== currentPrompt || !node.loraCacheEvents) {
       node.loraCacheEvents = [];
       node.loraCachePrompt = currentPrompt;
+      node.loraCacheSampling = null;
     }
     const same = node.loraCacheEvents.findIndex((e) => e.lora === detail.lora);
     if (same >= 0) node.loraCacheEvents.splice(same, 1, detail);
@@ -69,6 +76,17 @@ function onEvent({ detail }) {
   node.loraCacheEvent = detail;
   node.loraCacheStale = false;
   node.setDirtyCanvas(true, true);
+}
+
+function onSampling({ detail }) {
+  // Stack rows are named "<node>:<row>"; the line goes under the node.
+  const ids = new Set((detail?.nodes ?? []).map((id) => String(id).split(":")[0]));
+  for (const id of ids) {
+    const node = findNode(id);
+    if (!node) continue;
+    node.loraCacheSampling = detail;
+    node.setDirtyCanvas(true, true);
+  }
 }
 
 function onCached({ detail }) {
@@ -88,6 +106,7 @@ app.registerExtension({
       currentPrompt = detail?.prompt_id ?? null;
     });
     api.addEventListener("lora_cache.event", onEvent);
+    api.addEventListener("lora_cache.sampling", onSampling);
     api.addEventListener("execution_cached", onCached);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {

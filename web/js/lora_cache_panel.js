@@ -1,6 +1,6 @@
 // A "LoRA Cache" sidebar tab: the cached adapters from GET /lora_cache/stats (name, bytes,
-// device, how it is applied), bytes and budget per device, and a Purge
-// button calling POST /lora_cache/purge. It refreshes when opened, after each LoRA Cache event
+// device, how it is applied), per device the bytes of factors, their budget and the merged
+// copies held, and a Purge button calling POST /lora_cache/purge. It refreshes when opened, after each LoRA Cache event
 // while it is open, and on its Refresh button. Frontends without sidebar tabs get the same
 // panel in a floating dialog opened from a small button.
 import { app } from "../../scripts/app.js";
@@ -82,7 +82,7 @@ class Panel {
     const table = el("table", { "data-lora-cache": "adapters", style: { width: "100%", borderCollapse: "collapse" } },
       el("tr", {}, ...["name", "bytes", "device", "applied"].map((h) => el("th", { style: cell }, h))));
     for (const a of adapters) {
-      const how = a.dynamic === false ? `full: ${a.reason ?? ""}` : "dynamic";
+      const how = a.dynamic === false ? `full: ${a.reason ?? ""}` : "cache";
       table.append(el("tr", { "data-lora-cache": "adapter", "data-name": a.name },
         el("td", { style: cell }, a.name),
         el("td", { style: cell, title: `${a.bytes} bytes` }, formatBytes(a.bytes)),
@@ -90,12 +90,15 @@ class Panel {
         el("td", { style: cell, title: a.layers != null ? `${a.layers} layers` : "" }, how)));
     }
     const devices = el("table", { "data-lora-cache": "devices", style: { width: "100%", borderCollapse: "collapse", marginTop: "10px" } },
-      el("tr", {}, ...["device", "cached", "budget"].map((h) => el("th", { style: cell }, h))));
+      el("tr", {}, ...["device", "cached", "budget", "merged copies"].map((h) => el("th", { style: cell }, h))));
     for (const [dev, row] of deviceRows(stats)) {
+      const copies = stats.memory?.copies?.[dev] ?? { bytes: 0, layers: 0 };
       devices.append(el("tr", { "data-lora-cache": "device", "data-device": dev },
         el("td", { style: cell }, dev),
         el("td", { style: cell, title: `${row.bytes} bytes` }, formatBytes(row.bytes)),
-        el("td", { style: cell, title: row.source, "data-lora-cache": "budget" }, formatBytes(row.limit))));
+        el("td", { style: cell, title: row.source, "data-lora-cache": "budget" }, formatBytes(row.limit)),
+        el("td", { style: cell, title: `${copies.layers} layers`, "data-lora-cache": "copies" },
+          formatBytes(copies.bytes))));
     }
     this.body.replaceChildren(table, devices);
   }
