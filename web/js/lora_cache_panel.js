@@ -1,8 +1,8 @@
 // A "LoRA Cache" sidebar tab: the cached adapters from GET /lora_cache/stats (name, bytes,
 // device, how it is applied), per device the bytes of factors, their budget and the merged
-// copies held, and a Purge button calling POST /lora_cache/purge. It refreshes when opened, after each LoRA Cache event
-// while it is open, and on its Refresh button. Frontends without sidebar tabs get the same
-// panel in a floating dialog opened from a small button.
+// copies held, and a Purge button calling POST /lora_cache/purge. It refreshes when opened,
+// after each LoRA Cache event while it is open, and on its Refresh button. Frontends without
+// sidebar tabs get the same panel in a floating dialog opened from a small button.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
