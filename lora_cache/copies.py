@@ -31,6 +31,7 @@ import torch
 from . import cost_model, layers
 from .layers import Chain, LayerFactors
 
+_MIB = 1024 ** 2
 _GIB = 1024 ** 3
 
 
@@ -215,8 +216,8 @@ class Choice(NamedTuple):
     def describe(self) -> str:
         n = len(self.copies)
         built = f"built {self.built} in {self.build_ms:.0f} ms" if self.built else "none built"
-        text = (f"merged copies: {n} of {self.layers} layers, {self.bytes / _GIB:.2f} GiB ({built}); "
-                f"unmerged: {self.layers - n}")
+        size = f"{self.bytes / _GIB:.2f} GiB" if self.bytes >= _GIB else f"{self.bytes / _MIB:.1f} MiB"
+        text = f"merged copies: {n} of {self.layers} layers, {size} ({built}); unmerged: {self.layers - n}"
         return text + (f" ({self.short})" if self.short else "")
 
 

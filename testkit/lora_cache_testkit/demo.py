@@ -1,6 +1,7 @@
 """The main job: a real ComfyUI server with this package, a generated tiny model and two LoRA
 files, and a short series of queue runs toggling and switching adapters. Prints, per run, the
-path the LoRA Cache Loader took, why, the node's time and the whole run's time."""
+path the LoRA Cache Loader took, why, the node's time, the whole run's time and what the
+sampling ran (merged copies, unmerged layers, what was built)."""
 from __future__ import annotations
 
 import argparse
@@ -74,9 +75,10 @@ def run_series(server: ComfyServer, node: str = OURS) -> list[dict]:
         # The node's own websocket message for this run (the stock node sends none).
         evs = [d for t, d in res["messages"] if t == "lora_cache.event"]
         ev = evs[-1] if evs else None
+        samplings = [d for t, d in res["messages"] if t == "lora_cache.sampling"]
         rows.append({"run": label, "path": ev["path"] if ev else "-", "reason": ev["reason"] if ev else "-",
                      "node_ms": ev["ms"] if ev else None, "run_s": res["seconds"],
-                     "prompt_id": res["prompt_id"]})
+                     "sampling": samplings[-1]["reason"] if samplings else None, "prompt_id": res["prompt_id"]})
     return rows
 
 
@@ -100,6 +102,8 @@ def main(argv=None) -> int:
     for r, s in zip(rows, stock, strict=True):
         node_ms = f"{r['node_ms']:.3f}" if r["node_ms"] is not None else "-"
         print(f"{r['run']:<15} {r['path']:<6} {node_ms:>9} {r['run_s']:>7.3f}  {s['run_s']:>11.3f}  {r['reason']}")
+        if r["sampling"]:
+            print(f"{'':<15} sampling: {r['sampling']}")
     print()
     print("cached adapters:", ", ".join(f"{a['name']} ({a['bytes'] // 1024} KiB on {a['device']})"
                                          for a in stats["adapters"]))
