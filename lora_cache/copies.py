@@ -30,6 +30,7 @@ import torch
 
 from . import cost_model, layers
 from .layers import Chain, LayerFactors
+from .store import STORE
 
 _MIB = 1024 ** 2
 _GIB = 1024 ** 3
@@ -37,8 +38,11 @@ _GIB = 1024 ** 3
 
 class CopyKey(NamedTuple):
     """What a copy holds: (adapter entry id, strength) per adapter of the chain, in chain order,
-    and the base weight it was built from (the sampling patcher's patches_uuid, which names the
-    stock patches ComfyUI casts in, the weight tensor and its version, the compute dtype)."""
+    and the base weight it was built from: the sampling patcher's patches_uuid (ComfyUI gives
+    every change of the patches it merges or casts in a new one), the weight tensor, its version
+    where torch keeps one (not for the inference tensors ComfyUI's loaders make), the compute
+    dtype. ComfyUI's hook patches rewrite weights in place under the same uuid: layers they
+    touch get no copy (scope)."""
 
     chain: tuple[tuple[int, float], ...]
     base: tuple
@@ -116,11 +120,13 @@ class _Held(NamedTuple):
 class Registry:
     """Every merged copy held on a layer: its bytes per device and model, for the memory owner."""
 
-    def __init__(self) -> None:
+    def __init__(self, lock: threading.RLock) -> None:
         self._held: dict[int, _Held] = {}
         # (model id, device) -> how many copies; the node's sweep asks once per pair, not per copy
         self._pairs: dict[tuple[int, str], tuple[weakref.ref, int]] = {}
-        self._lock = threading.RLock()
+        # The cache map's lock, which the memory owner holds when it drops copies: one lock, in
+        # one order, also for a garbage collection that frees a model while a copy is put.
+        self._lock = lock
 
     def _count(self, held: _Held, n: int) -> None:
         key = (held.model_id, held.device)
@@ -164,7 +170,8 @@ class Registry:
     def drop_where(self, pred: Callable[[_Held], bool]) -> int:
         with self._lock:
             freed = 0
-            for held in [h for h in self._held.values() if pred(h)]:
+            # a snapshot: a collection the predicate's allocations start may free a layer (_gone)
+            for held in [h for h in list(self._held.values()) if pred(h)]:
                 module = held.module()
                 if module is not None:
                     freed += self.drop(module)
@@ -175,7 +182,7 @@ class Registry:
         once per pair: the node's sweep runs this at every execution, and a model holds hundreds
         of copies."""
         with self._lock:
-            dead = {key for key, (ref, _) in self._pairs.items() if gone(ref(), key[1])}
+            dead = {key for key, (ref, _) in list(self._pairs.items()) if gone(ref(), key[1])}
             return self.drop_where(lambda h: (h.model_id, h.device) in dead) if dead else 0
 
     def bytes(self, device: str | torch.device | None = None) -> int:
@@ -191,7 +198,7 @@ class Registry:
             return {h.device for h in self._held.values()}
 
 
-REGISTRY = Registry()
+REGISTRY = Registry(STORE.lock)
 
 
 class Layer(NamedTuple):

@@ -109,9 +109,9 @@ class _States:
     """What a form derives from the weight before it (DoRA's norms, a dense update), kept for
     the last few (weight, prefix, extra) it saw: a re-enable of the same stack on the same
     weights finds it again. The weight is identified by the tensor itself (weak reference) and
-    its storage: ComfyUI patches and restores a weight by setting a new Parameter (and merged
-    mode runs no order-dependent form unmerged, merge.merged_items), plus its version counter
-    where torch keeps one (not for inference tensors, which ComfyUI's loaders make)."""
+    its storage: ComfyUI patches and restores a weight by setting a new Parameter, plus its
+    version counter where torch keeps one (not for inference tensors, which ComfyUI's loaders
+    make)."""
 
     def __init__(self, limit: int = _STATES):
         self.items: list[tuple[tuple, tuple, object]] = []

@@ -187,15 +187,27 @@ def _activate(patcher, sampling: bool = False) -> None:
         act.modules.append(lc.module)
 
 
+def _hooked_keys(patcher) -> set[str]:
+    """The weight keys ComfyUI's hook patches (hook LoRAs on the conditioning) rewrite in place
+    while the sampling runs: a copy built at its start would not see them."""
+    return {key for patches in (getattr(patcher, "hook_patches", None) or {}).values() for key in patches}
+
+
 def _copies(patcher, chains: list[_LayerChain], items: list[StackItem]) -> dict[int, copies.MergedCopy]:
-    """The merged copies this sampling runs (module id -> copy), and the sampling's event."""
+    """The merged copies this sampling runs (module id -> copy), and the sampling's event. Layers
+    that run unmerged give their copies up: they do not need them, and memory is better spent."""
     candidates = []
     choice = None
+    hooked = 0
     if any(item.mode in _COPY_MODES for item in items):
         device, dtype = build.device_dtype(patcher)
         device = torch.device(device)
+        hook_keys = _hooked_keys(patcher)
         for lc in chains:
             if not all(m in _COPY_MODES for m in lc.modes) or not layers.copyable(lc.module):
+                continue
+            if lc.path + ".weight" in hook_keys or lc.path + ".bias" in hook_keys:
+                hooked += 1
                 continue
             key = copies.CopyKey(tuple(zip(lc.entries, (s for _, s in lc.chain), strict=True)),
                                  copies.base_key(patcher, lc.module, dtype))
@@ -204,18 +216,24 @@ def _copies(patcher, chains: list[_LayerChain], items: list[StackItem]) -> dict[
         held = sum(c.nbytes for ly in candidates if (c := layers.slot_of(ly.module, create=True).copy) is not None)
         budget, why = MEMORY.copy_budget(patcher, _shapes.get(id(patcher.model)), held)
         choice = copies.choose(candidates, budget, device, dtype, patcher.model, why)
+    served = choice.copies if choice is not None else {}
+    for lc in chains:
+        if id(lc.module) not in served:
+            copies.REGISTRY.drop(lc.module)
     if choice is None:
         reason = f"unmerged: {len(chains)} layers (mode dynamic)"
     else:
-        unmerged_only = len(chains) - len(candidates)
-        reason = choice.describe() + (f"; {unmerged_only} layers unmerged by their mode or layer type"
-                                      if unmerged_only else "")
+        others = len(chains) - len(candidates) - hooked
+        reason = choice.describe() + "".join(
+            f"; {n} layers unmerged ({why})" for n, why in ((others, "their mode or layer type"),
+                                                            (hooked, "hook patches rewrite their weights while "
+                                                                     "sampling")) if n)
     events.record_sampling({"adapters": [item.entry.lora for item in items],
                             "nodes": [item.node for item in items if item.node is not None],
-                            "copies": len(choice.copies) if choice else 0, "layers": len(chains),
+                            "copies": len(served), "layers": len(chains),
                             "bytes": choice.bytes if choice else 0, "built": choice.built if choice else 0,
                             "build_ms": choice.build_ms if choice else 0.0, "reason": reason})
-    return choice.copies if choice is not None else {}
+    return served
 
 
 def _release(patcher) -> None:

@@ -201,7 +201,8 @@ def test_weights_bit_identical_over_50_toggles_strengths_and_switches(fresh, cop
 def test_budget_gives_way_without_changing_outputs(fresh, copy_loras):
     """A copy budget below what every copy needs: the copies that save the most per byte are
     built, the other layers run unmerged, the event says how many and why, the output is the
-    same; a lower budget drops copies at the next sampling; mode dynamic builds none."""
+    same; a lower budget drops copies at the next sampling; mode dynamic builds none and gives
+    the layers' copies up."""
     h = fresh
     a, _ = copy_loras
     stock = {seed: h.run(wf.sd([wf.stock(a, 0.9)], seed=seed))["out"] for seed in (42, 43, 44, 45)}
@@ -225,6 +226,7 @@ def test_budget_gives_way_without_changing_outputs(fresh, copy_loras):
         out = h.run(wf.sd([wf.ours(a, 0.9, mode="dynamic")], seed=45))["out"]
         s = h.lc.stats()["samplings"][-1]
         assert close(out, stock[45]) and s["copies"] == 0 and s["reason"] == f"unmerged: {n_all} layers (mode dynamic)"
+        assert not copy_objects(model) and h.lc.copies.REGISTRY.bytes("cpu") == 0
     finally:
         budget.copy_overrides.pop("cpu", None)
 
@@ -274,3 +276,55 @@ def test_copies_leave_with_their_adapter_and_their_model(fresh, copy_loras):
     mm.unload_all_models()
     h.lc.MEMORY.sweep_unloaded()
     assert not copy_objects(model) and h.lc.copies.REGISTRY.bytes("cpu") == 0
+
+
+def test_the_forward_multiplies_by_the_copy(fresh, copy_loras):
+    """The layers run on their copies: a copy changed in place between two samplings of the same
+    chain (which reuse it) changes the output, and the layer's own weight is never read."""
+    h = fresh
+    a, _ = copy_loras
+    stock = h.run(wf.sd([wf.stock(a, 0.9)], seed=11))["out"]
+    h.run(wf.sd([wf.ours(a, 0.9)]))
+    model = model_of(h, a)
+    path, copy = next(iter(copy_objects(model).items()))
+    module = model.get_submodule(path)
+    assert copy.bias is None or copy.bias.data_ptr() != module.bias.data_ptr()
+    saved = copy.weight.clone()
+    with torch.inference_mode():  # ComfyUI samples in inference mode: the copy is an inference tensor
+        copy.weight.zero_()
+    try:
+        out = h.run(wf.sd([wf.ours(a, 0.9)], seed=11))["out"]
+        assert h.lc.stats()["samplings"][-1]["built"] == 0 and copy_objects(model)[path] is copy
+        assert not close(out, stock)
+    finally:
+        with torch.inference_mode():
+            copy.weight.copy_(saved)
+    assert close(h.run(wf.sd([wf.ours(a, 0.9)], seed=12))["out"], h.run(wf.sd([wf.stock(a, 0.9)], seed=12))["out"])
+
+
+def test_layers_a_hook_lora_rewrites_run_unmerged(fresh, copy_loras):
+    """A hook LoRA on the conditioning (CreateHookLoraModelOnly) makes ComfyUI rewrite the weights
+    it targets in place while sampling, under the same patches_uuid: a copy built at the start
+    would not see it. Those layers get no copy and run unmerged, and the output equals the stock
+    loader with the same hook, in every mode; the event says why."""
+    import nodes
+    if "CreateHookLoraModelOnly" not in nodes.NODE_CLASS_MAPPINGS:
+        pytest.skip("this ComfyUI has no hook LoRA nodes")
+    h = fresh
+    a, b = copy_loras
+
+    def hooked(rows):
+        p = wf.sd(rows)
+        p["hk"] = {"class_type": "CreateHookLoraModelOnly", "inputs": {"lora_name": b, "strength_model": 1.0}}
+        p["hc"] = {"class_type": "ConditioningSetProperties",
+                   "inputs": {"cond_NEW": ["2", 0], "strength": 1.0, "set_cond_area": "default", "hooks": ["hk", 0]}}
+        p["5"]["inputs"]["positive"] = ["hc", 0]
+        return p
+    stock = h.run(hooked([wf.stock(a, 0.9)]))["out"]
+    assert not close(stock, h.run(wf.sd([wf.stock(a, 0.9)]))["out"])  # the hook changes the output
+    for mode in ("auto", "merged", "dynamic"):
+        out = h.run(hooked([wf.ours(a, 0.9, mode=mode)]))["out"]
+        assert close(out, stock), mode
+        s = h.lc.stats()["samplings"][-1]
+        if mode != "dynamic":
+            assert 0 < s["copies"] < s["layers"] and "hook patches rewrite their weights" in s["reason"], s
