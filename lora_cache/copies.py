@@ -72,7 +72,7 @@ def merged(weight: torch.Tensor, chain: Chain) -> torch.Tensor:
     Where each row gets at most one low-rank update (one adapter, or Flux's q/k/v slices of one
     fused weight) one addmm per factor writes the copy (fp32 accumulation, one rounding);
     otherwise an fp32 copy of the weight takes every form's merge in chain order."""
-    wp = layers.weight_plan(list(chain), weight) if _addmm_ready(chain, weight) else None
+    wp = layers.weight_plan(chain, weight) if _addmm_ready(chain, weight) else None
     if wp is not None and (len(wp.steps) == wp.tiles or (len(wp.steps) == 1 and wp.steps[0][3] is None)):
         return layers.merged_weight(weight, wp)
     w32 = weight.to(torch.float32, copy=True)
@@ -232,8 +232,7 @@ def saving(layer: Layer, costs: cost_model.DeviceCosts, element: int) -> float:
     """Seconds per call the unmerged forms cost on `layer` over its own product (`element`: the
     bytes of one value in the compute dtype)."""
     w = layers.weight_of(layer.module)
-    wp = layers.weight_plan(list(layer.chain), w) if w.ndim == 2 and all(
-        isinstance(f, LayerFactors) and f.kind == "linear" for fs, _ in layer.chain for f in fs) else None
+    wp = layers.weight_plan(layer.chain, w)  # None unless every form is a Linear's low-rank factors
     if wp is None:
         return cost_model.chain_saving(w.numel() * element, sum(len(fs) for fs, _ in layer.chain), costs)
     out_f, in_f = w.shape

@@ -3,7 +3,7 @@
 A merged copy (copies.py) makes an adapted layer's forward its own product on another tensor:
 nothing per step, at the price of the layer's weight in device memory. The unmerged forms cost
 per call a launch or two plus a read and write of the weight or of the output (benchmarks/
-RESULTS.md section 3). So where every copy fits, every layer gets one; where not, copies go
+RESULTS.md section 4). So where every copy fits, every layer gets one; where not, copies go
 first where they save the most time per byte.
 
 A layer's saving per call is worked out from its shape and two numbers of its device, measured

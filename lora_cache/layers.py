@@ -357,10 +357,10 @@ def add_steps(weight: torch.Tensor, steps) -> None:
         (weight if start is None else weight[start:stop]).addmm_(ut, dt, alpha=alpha)
 
 
-def weight_plan(active: Chain | list, weight: torch.Tensor) -> WeightPlan | None:
+def weight_plan(active: Chain, weight: torch.Tensor) -> WeightPlan | None:
     """The weight form of (factors, strength) pairs on a layer with this weight; None where some
     form is not a low-rank Linear one."""
-    plan = _plan(tuple(active))
+    plan = _plan(active)
     return None if plan is None else _weight_plan(plan, weight)
 
 
