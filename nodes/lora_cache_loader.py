@@ -8,14 +8,16 @@ from comfy_api.latest import ComfyExtension, io
 from .. import lora_cache
 
 _STRENGTH = dict(default=1.0, min=-100.0, max=100.0, step=0.01)
-_MODE_TIP = ("auto: per sampling, unmerged (dynamic) or merged in place, whichever measured faster; "
-             "ComfyUI's patch path when the adapter or the model can't take either. dynamic: always "
-             "unmerged. merged: the cached factors merged into the weights for each sampling and "
-             "restored exactly after (text encoder: ComfyUI's patch path).")
-_DESCRIPTION = ("Applies a LoRA like the stock LoRA loader, but keeps its factors cached on the "
-                "model's device and applies them in the layers' forward, so toggling it between "
-                "runs does not make ComfyUI reload the model. Falls back to ComfyUI's patch path "
-                "when it can't, and says why.")
+_MODE_TIP = ("auto: each adapted layer runs a merged copy of its weight (built once on the device, kept "
+             "across runs) where memory holds one and it saves time, the rest unmerged in the layer's "
+             "forward; the text encoder unmerged. merged: a merged copy wherever memory holds one (text "
+             "encoder: ComfyUI's patch path). dynamic: always unmerged, no copies. ComfyUI's own weights "
+             "are never changed; where the cache cannot serve, ComfyUI's patch path.")
+_DESCRIPTION = ("Applies a LoRA like the stock LoRA loader, but keeps it cached on the model's device "
+                "and applies it in the sampling's layers (merged copies of their weights, kept across "
+                "runs, or unmerged in their forward), so toggling it, changing its strength or switching "
+                "LoRAs between runs does not make ComfyUI reload or re-stream the model. Falls back to "
+                "ComfyUI's patch path when it can't, and says why.")
 STACK_ROWS = 4
 
 
