@@ -618,15 +618,13 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     prev = module.__dict__.get("forward")
     base = prev if prev is not None else type(module).forward.__get__(module)
     every_op = _EVERY_OP
-    stock = _stock_forward(module)
-    # Fixed for the sampling once ComfyUI loaded the model: whether the layer casts its weight per
-    # call (dynamic VRAM, lowvram, a compute dtype other than the stored one) and how.
-    casts = bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
-                 or getattr(module, "bias_function", None))
-    unmerged = _unmerged_forward(module, slot, base, stock, casts)
     copy = slot.merged
     if copy is None:
-        forward = unmerged
+        # Fixed for the sampling once ComfyUI loaded the model: whether the layer casts its weight
+        # per call (dynamic VRAM, lowvram, a compute dtype other than the stored one) and how.
+        casts = bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                     or getattr(module, "bias_function", None))
+        forward = _unmerged_forward(module, slot, base, _stock_forward(module), casts)
     else:
         w, b = copy.weight, copy.bias
         run = F.linear if isinstance(module, torch.nn.Linear) else cast(_ConvNd, module)._conv_forward
