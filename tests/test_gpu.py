@@ -1,8 +1,8 @@
-"""The GPU checks, on a machine with a CUDA GPU (`pytest -m gpu`): scripts/gpu_smoke.py and
-scripts/gpu_memory_check.py run as they are (their own process, ComfyUI booted for the GPU), and
+"""The GPU checks, on a machine with a CUDA GPU (`pytest -m gpu`): scripts/gpu_smoke.py,
+scripts/gpu_memory_check.py and scripts/gpu_graph_check.py run as they are (their own process, ComfyUI booted for the GPU), and
 their JSON reports are checked: the paths the node took, no weight work by ComfyUI, outputs equal
-to stock within fp16 rounding, ComfyUI's patch path under --lowvram / --novram. Skipped without
-a GPU."""
+to stock within fp16 rounding, ComfyUI's patch path under --lowvram / --novram, blocks with our
+forward equal captured in a CUDA graph and eager. Skipped without a GPU."""
 from __future__ import annotations
 
 import json
@@ -56,3 +56,14 @@ def test_gpu_memory_check():
         assert within_rounding(run), run
     for state in ("LOW_VRAM", "NO_VRAM"):
         assert r[state]["path"] == "full" and r[state]["max_abs_diff_vs_stock"] == 0.0, r[state]
+
+
+def test_gpu_graph_check():
+    r = report("gpu_graph_check.py")
+    by_mode = {m["mode"]: m for m in r["modes"]}
+    assert by_mode["auto"]["sampling"]["copies"] == by_mode["auto"]["sampling"]["layers"] > 0, by_mode["auto"]
+    assert by_mode["dynamic"]["sampling"]["copies"] == 0, by_mode["dynamic"]
+    for m in r["modes"]:
+        assert m["blocks"], m  # blocks holding adapted layers were captured
+        for b in m["blocks"]:
+            assert b["ok"], b  # replay equals eager bit for bit; no memory kept per call

@@ -4,12 +4,20 @@
 # and what ComfyUI imports that the machine lacks) go into /tmp/site, ComfyUI 0.33.0 is unpacked
 # from hosts/, and stand-ins answer the imports of PyAV (video nodes) and, where the machine's
 # own does not import, torchaudio. Source it: it exports PYTHONPATH and COMFYUI_DIR.
+# Switches: LORA_CACHE_AIMDO=0.6.0 installs that comfy-aimdo instead of the pinned one;
+# LORA_CACHE_COMFY=0.3.75 unpacks ComfyUI 0.3.75 (no dynamic VRAM) instead of 0.33.0.
 set -e
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl
-mkdir -p /tmp/comfy33 /tmp/standins
-tar xzf "$ROOT/hosts/ComfyUI-0.33.0.tar.gz" -C /tmp/comfy33
-export COMFYUI_DIR="$(dirname "$(find /tmp/comfy33 -maxdepth 2 -name main.py | head -1)")"
+wheels=("$ROOT"/.whl/*.whl)
+if [ -n "${LORA_CACHE_AIMDO:-}" ]; then
+  wheels=($(printf '%s\n' "${wheels[@]}" | grep -v /comfy_aimdo-) "$ROOT"/.whl/extra/comfy_aimdo-"$LORA_CACHE_AIMDO"-*.whl)
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
+tree="$ROOT/hosts/ComfyUI-0.33.0.tar.gz"
+[ "${LORA_CACHE_COMFY:-}" = "0.3.75" ] && tree="$ROOT/.whl/extra/ComfyUI-0.3.75.tar.gz"
+rm -rf /tmp/comfyui && mkdir -p /tmp/comfyui /tmp/standins
+tar xzf "$tree" -C /tmp/comfyui
+export COMFYUI_DIR="$(dirname "$(find /tmp/comfyui -maxdepth 2 -name main.py | head -1)")"
 cat > /tmp/standins/_standin.py <<'PY'
 """A module that answers any attribute and any submodule with a dummy class."""
 import importlib.abc, importlib.machinery, sys, types
@@ -49,4 +57,4 @@ import _standin
 _standin.install($roots)
 PY
 export PYTHONPATH="/tmp/standins:/tmp/site:$ROOT/testkit${PYTHONPATH:+:$PYTHONPATH}"
-echo "[device setup] ComfyUI at $COMFYUI_DIR; stand-ins for $roots"
+echo "[device setup] ComfyUI at $COMFYUI_DIR ($(sed -n "s/^__version__ = //p" "$COMFYUI_DIR/comfyui_version.py")), comfy-aimdo ${LORA_CACHE_AIMDO:-as carried}; stand-ins for $roots"

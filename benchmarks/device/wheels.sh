@@ -3,6 +3,8 @@
 # machine without a package index: what ComfyUI 0.33.0 imports that such a machine's python3
 # (3.12, torch with CUDA) lacks, comfy-aimdo for dynamic VRAM, and comfy-kitchen with its compiled
 # extension removed (58 MB with it; its pure-Python part falls back to the eager backend).
+# .whl/extra/ holds what other runs pick with setup.sh's switches: the newest comfy-aimdo on the
+# index (LORA_CACHE_AIMDO=0.6.0) and the ComfyUI 0.3.75 tree of .host/ (LORA_CACHE_COMFY=0.3.75).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DEST="$ROOT/.whl"
@@ -29,4 +31,13 @@ with zipfile.ZipFile(whl) as zin, zipfile.ZipFile(dest / whl.name, "w", zipfile.
             zout.writestr(item, zin.read(item))
 PY
 rm -rf "$tmp"
+mkdir -p "$DEST/extra"
+( DEST="$DEST/extra"; fetch comfy-aimdo==0.6.0 )
+if [ -f "$ROOT/.host/ComfyUI/main.py" ]; then
+  tar czf "$DEST/extra/ComfyUI-0.3.75.tar.gz" -C "$ROOT/.host" --exclude=__pycache__ --exclude='ComfyUI/models' \
+    --exclude='ComfyUI/custom_nodes' --exclude='ComfyUI/output' --exclude='ComfyUI/input' --exclude='ComfyUI/user' \
+    --exclude='ComfyUI/comfy_api_nodes' --exclude='ComfyUI/extra_model_paths.yaml' ComfyUI
+else
+  echo "no .host/ComfyUI (run scripts/setup_host.sh): LORA_CACHE_COMFY=0.3.75 will not be available"
+fi
 du -sh "$DEST"
