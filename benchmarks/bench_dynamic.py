@@ -69,7 +69,9 @@ def median(xs):
 def main(argv=None) -> int:
     args = parse(argv)
     rank = args.rank or (32 if args.adapter == "lora" else 8)
-    if not args.tiny:
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    want_aimdo = not args.tiny and any(c.startswith("dynamic") for c in configs)
+    if want_aimdo:
         # comfy-aimdo must hook the CUDA allocator before torch touches the GPU (ComfyUI's main.py).
         import comfy_aimdo.control
         comfy_aimdo.control.init()
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
     lc = host.load_package().lora_cache
     cuda = not args.tiny
     aimdo = False
-    if cuda:
+    if want_aimdo and hasattr(mm, "get_all_torch_devices"):  # ComfyUI 0.3.75 has no dynamic VRAM
         import comfy_aimdo.control
         try:
             aimdo = bool(comfy_aimdo.control.init_devices((d.index, 0) for d in mm.get_all_torch_devices()))
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
         if not ok:
             failed.append(name)
 
-    for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
+    for config in configs:
         kind, _, free_gib = config.partition("@")
         if kind == "dynamic" and not aimdo:
             print(f"== {config}: skipped, comfy-aimdo is not active here", flush=True)

@@ -1,8 +1,9 @@
 """The GPU checks, on a machine with a CUDA GPU (`pytest -m gpu`): scripts/gpu_smoke.py,
-scripts/gpu_memory_check.py and scripts/gpu_graph_check.py run as they are (their own process, ComfyUI booted for the GPU), and
-their JSON reports are checked: the paths the node took, no weight work by ComfyUI, outputs equal
-to stock within fp16 rounding, ComfyUI's patch path under --lowvram / --novram, blocks with our
-forward equal captured in a CUDA graph and eager. Skipped without a GPU."""
+scripts/gpu_memory_check.py and scripts/gpu_graph_check.py run as they are (their own process,
+ComfyUI booted for the GPU), and their JSON reports are checked: the paths the node took, no
+weight work by ComfyUI, outputs equal to stock within fp16 rounding, ComfyUI's patch path under
+--lowvram / --novram, blocks with our forward equal captured in a CUDA graph and eager. Skipped
+without a GPU."""
 from __future__ import annotations
 
 import json
