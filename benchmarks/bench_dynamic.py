@@ -33,7 +33,6 @@ import argparse
 import gc
 import importlib
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -62,10 +61,6 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
 def main(argv=None) -> int:
     args = parse(argv)
     rank = args.rank or (32 if args.adapter == "lora" else 8)
@@ -85,6 +80,7 @@ def main(argv=None) -> int:
     import folder_paths
     import models  # benchmarks/models.py, beside this script
     import torch
+    from report_dynamic import summarize
     from safetensors.torch import save_file
 
     lc = host.load_package().lora_cache
@@ -274,23 +270,8 @@ def main(argv=None) -> int:
                 res["rounds"].append(rnd)
                 report["configs"][config] = res  # written after every round: a run stopped at its limit keeps it
                 (out_dir / result_name).write_text(json.dumps(report, indent=1))
-            # medians over rounds
-            base_med = median([rnd["base"]["s"] for rnd in res["rounds"]])
-            summary = {"base_image_s": base_med, "ceiling_s": 7 * base_med}
-            for loader in loaders:
-                per_round = [sum(r["event_s"] for r in rnd["loaders"][loader][1:]) for rnd in res["rounds"]]
-                rows = [rnd["loaders"][loader] for rnd in res["rounds"]]
-                summary[loader] = {
-                    "events_2_8_s": per_round, "median_s": median(per_round),
-                    "over_ceiling": median(per_round) / (7 * base_med),
-                    "per_event_over_base": [median([rws[i]["event_s"] for rws in rows]) / base_med
-                                            for i in range(len(EVENTS))],
-                    "node_ms_max": max(r["node_ms"] for rws in rows for r in rws[1:]),
-                    "streamed_modules_max": max(r["streamed_modules"] for rws in rows for r in rws[1:])}
-            for loader in loaders:
-                if loader != "stock" and "stock" in summary:
-                    summary[loader]["vs_stock"] = summary["stock"]["median_s"] / summary[loader]["median_s"]
-            res["summary"] = summary
+            summary = res["summary"] = summarize(res, loaders, len(EVENTS))
+            base_med = summary["base_image_s"]
             print(f"  medians over {args.rounds} rounds, events 2-8: ceiling {7 * base_med:.2f} s; " + "; ".join(
                 f"{ld} {summary[ld]['median_s']:.2f} s ({summary[ld]['over_ceiling']:.3f} x ceiling"
                 + (f", {summary[ld]['vs_stock']:.2f}x stock" if "vs_stock" in summary[ld] else "") + ")"

@@ -22,6 +22,37 @@ CONFIGS = {"dynamic": "dynamic VRAM, whole card", "dynamic@14": "dynamic VRAM, 1
 ADAPTERS = {"loha": "LoHa", "lokr": "LoKr"}
 
 
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarize(res: dict, loaders: list[str], events: int) -> dict:
+    """Medians over the rounds of one configuration: the base image, the ceiling (7 x base), and
+    per loader events 2-8 per round, their median, over the ceiling, each event over base, the
+    most node ms and modules streamed, stock over the loader. Also for a run stopped at its time
+    limit (the rounds it finished)."""
+    rounds = res["rounds"]
+    base_med = median([rnd["base"]["s"] for rnd in rounds])
+    summary: dict = {"base_image_s": base_med, "ceiling_s": 7 * base_med}
+    for loader in loaders:
+        rows = [rnd["loaders"][loader] for rnd in rounds]
+        per_round = [sum(r["event_s"] for r in rws[1:]) for rws in rows]
+        summary[loader] = {
+            "events_2_8_s": per_round, "median_s": median(per_round),
+            "over_ceiling": median(per_round) / (7 * base_med),
+            "per_event_over_base": [median([rws[i]["event_s"] for rws in rows]) / base_med for i in range(events)],
+            "node_ms_max": max(r["node_ms"] for rws in rows for r in rws[1:]),
+            "streamed_modules_max": max(r["streamed_modules"] for rws in rows for r in rws[1:])}
+    for loader in loaders:
+        if loader != "stock" and "stock" in summary:
+            summary[loader]["vs_stock"] = summary["stock"]["median_s"] / summary[loader]["median_s"]
+    return summary
+
+
+def _summary(r: dict, res: dict) -> dict:
+    return res.get("summary") or summarize(res, r["loaders"], len(r["events"]))
+
+
 def _title(r: dict, config: str, res: dict) -> str:
     kind = "" if r.get("adapter", "lora") == "lora" else f" {ADAPTERS[r['adapter']]} (rank {r['rank']})"
     return (f"{r['model']}{kind}, {CONFIGS.get(config, config)} ({res['patcher']}, {r['steps']} steps, "
@@ -32,7 +63,7 @@ def tables(results: list[dict]) -> str:
     out = []
     for r in results:
         for config, res in r["configs"].items():
-            s = res["summary"]
+            s = _summary(r, res)
             out.append(f"#### {_title(r, config, res)}\n")
             out.append(f"Base image (median) {s['base_image_s']:.2f} s; ceiling (7 x base) "
                        f"**{s['ceiling_s']:.1f} s**.\n")
@@ -76,7 +107,7 @@ def chart(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(f"{r['model']}\n{CONFIGS.get(c, c)}", res["summary"])
+    groups = [(f"{r['model']}\n{CONFIGS.get(c, c)}", _summary(r, res))
               for r in results for c, res in r["configs"].items()]
     bars = ["ceiling", "stock", "bypass", "ours"]
     fig, ax = plt.subplots(figsize=(2.4 * len(groups) + 2, 4))
