@@ -28,7 +28,8 @@ class Decision:
     reattach: bool = False  # register the cached factors on the layers again before carrying
 
     def __post_init__(self):
-        assert self.path in PATHS, self.path
+        if self.path not in PATHS:
+            raise ValueError(f"unknown path {self.path!r}: one of {PATHS}")
 
 
 @dataclass(frozen=True)
