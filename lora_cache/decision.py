@@ -25,7 +25,7 @@ class Decision:
     path: Path
     reason: str
     via: Via = "cache"
-    reattach: bool = False  # register the cached factors on the layers again before carrying
+    reattach: bool = False  # move the cached factors back to their device before carrying
 
     def __post_init__(self):
         if self.path not in PATHS:
