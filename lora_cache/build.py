@@ -80,7 +80,6 @@ def _plan(entry: Entry, patcher) -> None:
             return
     entry.layers = planned.layers
     entry.home = device
-    entry.attach()
 
 
 def entry_for(patcher, lora: str, ident: FileIdentity, patches_of: Callable[[], dict]) -> Found:
@@ -104,8 +103,8 @@ def twin(entry: Entry, patcher) -> Entry:
 
     Nodes after ours may hand sampling a patcher over a reloaded copy of the model: ComfyUI's
     non-dynamic delegate for hooked conditioning, a deep-copied clone, a model for another device.
-    The factors are copied onto that patcher's load device and registered on the same layers of
-    the copy; the twin is stored like any entry and dies with its model."""
+    The factors are copied onto that patcher's load device for the same layers of the copy; the
+    twin is stored like any entry and dies with its model."""
     model = patcher.model
     found = STORE.get(model, entry.identity.path)
     if found is not None and found.identity == entry.identity and found.live:
@@ -129,7 +128,6 @@ def twin(entry: Entry, patcher) -> Entry:
     if found is not None:
         STORE.drop(found)
     STORE.put(new)
-    new.attach()
     MEMORY.admit(new)
     log.info("[LoRA Cache] %s: sampling runs on another copy of the model (%s on %s); factors copied onto it",
              entry.lora, type(model).__name__, device)

@@ -25,10 +25,11 @@ class Decision:
     path: Path
     reason: str
     via: Via = "cache"
-    reattach: bool = False  # register the cached factors on the layers again before carrying
+    reattach: bool = False  # move the cached factors back to their device before carrying
 
     def __post_init__(self):
-        assert self.path in PATHS, self.path
+        if self.path not in PATHS:
+            raise ValueError(f"unknown path {self.path!r}: one of {PATHS}")
 
 
 @dataclass(frozen=True)

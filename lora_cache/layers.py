@@ -1,7 +1,7 @@
 """Cached forms on a layer, applied in its forward without touching its weight.
 
-Each targeted module gets a `LayerSlot` (PEFT's per-adapter state on a layer): the forms
-registered per cached adapter, and the list active for the sampling now running. A forward
+Each targeted module gets a `LayerSlot` (PEFT's per-adapter state on a layer): the chain of
+forms active for the sampling now running and what runs it. A forward
 of our own is installed on the module only while something is active, so a layer with no
 active adapter runs ComfyUI's forward with no wrapper in the call path.
 
@@ -220,7 +220,7 @@ def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
 
 def move_layer(factors: tuple[LayerForm, ...], device: torch.device, pin: bool = False) -> None:
     """Moves one layer's factors to `device` in place: the LayerFactors objects (which the layer's
-    slot holds) stay, their tensors change place. A shared down projection moves once and the
+    chain holds) stay, their tensors change place. A shared down projection moves once and the
     factors' `down`s become views of the moved copy again, so nothing stays behind on the old
     device and nothing is held twice."""
     shared: dict[int, torch.Tensor] = {}
@@ -365,11 +365,10 @@ def weight_plan(active: Chain, weight: torch.Tensor) -> WeightPlan | None:
 
 
 class LayerSlot:
-    __slots__ = ("adapters", "active", "installed", "prev_forward", "plan", "chain", "chain_pre", "weight_plan",
+    __slots__ = ("active", "installed", "prev_forward", "plan", "chain", "chain_pre", "weight_plan",
                  "weight_fn", "copy", "merged", "rows")
 
     def __init__(self) -> None:
-        self.adapters: dict[object, tuple[LayerForm, ...]] = {}
         self.active: Chain = ()
         self.installed: Callable | None = None
         self.prev_forward: Callable | None = None
@@ -409,21 +408,6 @@ def slot_of(module: torch.nn.Module, create: bool = False) -> LayerSlot | None:
         # state_dict unchanged.
         module.__dict__[SLOT_ATTR] = slot
     return slot
-
-
-def register(module: torch.nn.Module, key: object, factors: tuple[LayerForm, ...]) -> None:
-    slot_of(module, create=True).adapters[key] = factors
-
-
-def unregister(module: torch.nn.Module, key: object) -> None:
-    slot = slot_of(module)
-    if slot is not None:
-        slot.adapters.pop(key, None)
-
-
-def holds(module: torch.nn.Module, key: object, factors: tuple[LayerForm, ...]) -> bool:
-    slot = slot_of(module)
-    return slot is not None and slot.adapters.get(key) is factors
 
 
 def activate(module: torch.nn.Module, chain: Chain | list, merged: MergedCopy | None = None) -> None:

@@ -99,9 +99,9 @@ def merged_problem(patcher) -> str | None:
 def unattached_problem(entry) -> str | None:
     """Why a cached entry's factors are not ready on its layers, or None.
 
-    Layers hold an entry's factors from its attach until its detach, which also ends the entry
-    (`live`), so this is a check of the entry, not a walk over its layers: the fast path's cost
-    does not grow with the model. Layers ComfyUI leaves offloaded are a model-level fact
+    A sampling activates the factors on the layers from the entry itself (scope.py), so this is
+    a check of the entry, not a walk over its layers: the fast path's cost does not grow with
+    the model. Layers ComfyUI leaves offloaded are a model-level fact
     (`model_lowvram`, placement_problem); a layer that casts its weight per call is not one
     (text encoders with a compute dtype, every layer under dynamic VRAM)."""
     if entry.model_ref() is None:

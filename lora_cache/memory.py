@@ -25,7 +25,6 @@ Reading (`stats`) never moves anything.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
 from typing import TypeGuard
@@ -41,15 +40,15 @@ log = logging.getLogger("lora_cache")
 _MB = 1024 * 1024
 
 HOST = torch.device("cpu")
-# Factors that live on the CPU (a --cpu model) have nowhere cheaper to go, so they are never
-# "moved to the CPU". Tests set this (or the environment variable, for a server) to run the
-# offload path on a CPU-only host.
-CPU_AS_DEVICE = os.environ.get("LORA_CACHE_TEST_CPU_AS_DEVICE") == "1"
 
 
 def can_offload(home: torch.device | None) -> TypeGuard[torch.device]:
-    """Whether factors on `home` can move to host memory (so `home` is a device, not None)."""
-    return home is not None and (torch.device(home).type != "cpu" or CPU_AS_DEVICE)
+    """Whether factors on `home` can move to host memory (so `home` is a device, not None).
+
+    Factors that live on the CPU (a --cpu model) have nowhere cheaper to go, so they are never
+    "moved to the CPU". The test kit replaces this module attribute to run the path a GPU takes
+    on a CPU-only host (lora_cache_testkit/cpu_device.py), so callers look it up at call time."""
+    return home is not None and torch.device(home).type != "cpu"
 
 
 def move_factors(entry: Entry, to_host: bool) -> None:

@@ -111,7 +111,6 @@ def _apply_side(side: _Side, lora_name: str, ident, mode: str, patches_of: Calla
         return d, side.full(entry.patches)
     if d.reattach:
         MEMORY.ensure_resident(entry)
-        entry.attach()
     entry.last_strength = side.strength
     if run_key is not None:
         _last_run[run_key] = LastRun(lora_name, side.strength)

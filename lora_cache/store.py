@@ -2,9 +2,10 @@
 
 An entry outlives workflow runs: it keeps the ComfyUI patches read from the file (for the
 full path and the text encoder) and, when the adapter can take the cached path, its factors
-registered on the targeted layers. Entries die with their model (weak reference) or when the
-file changes, and nothing half-built is ever stored. Where the factors live is the memory
-owner's business (memory.py); it hears of every entry that leaves through `on_drop`.
+per targeted layer, which a sampling activates on those layers (scope.py). Entries die with
+their model (weak reference) or when the file changes, and nothing half-built is ever stored.
+Where the factors live is the memory owner's business (memory.py); it hears of every entry that
+leaves through `on_drop`.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import layers
 from .files import FileIdentity
 from .layers import LayerForm
 
@@ -72,8 +72,8 @@ class Entry:
             return
         # The fast path walks every targeted layer; nn.Module.get_submodule per path per run was
         # most of its time on a 700-layer model. The module tree of a model does not change.
-        # Weak references: the layers' slots refer to this entry, and a strong cycle would keep
-        # the factors alive after the model is freed until the next garbage collection.
+        # Weak references: an entry must not keep its model's layers, and their weights, alive
+        # after the model is freed.
         # Kept per `layers` dict: planning the factors replaces it.
         cached = self.__dict__.get("_mods")
         if cached is None or cached[0] is not self.layers:
@@ -84,16 +84,6 @@ class Entry:
             module = mods[path]()
             assert module is not None, "the model, alive here, holds its layers"
             yield path, module, factors
-
-    def attach(self) -> None:
-        """Registers exactly these factors on every targeted layer (idempotent)."""
-        for _, m, f in self.modules():
-            layers.register(m, self, f)
-
-    def detach(self) -> None:
-        for _, m, _f in self.modules():
-            layers.unregister(m, self)
-        self.live = False
 
 
 class AdapterStore:
@@ -132,7 +122,7 @@ class AdapterStore:
     def _drop(self, entry: Entry) -> None:
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
-        entry.detach()
+        entry.live = False
         for listener in self.on_drop:
             listener(entry)
 

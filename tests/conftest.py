@@ -4,7 +4,7 @@ import pytest
 
 from lora_cache_testkit import demo
 from lora_cache_testkit.harness import Host
-from lora_cache_testkit.server import CPU_AS_DEVICE, ComfyServer, make_base_dir
+from lora_cache_testkit.server import ComfyServer, make_base_dir
 
 
 @pytest.fixture(scope="session")
@@ -45,9 +45,9 @@ def comfy_server(tmp_path_factory):
     seconds): this package in custom_nodes/, the demo's model files, the CPU handled like a GPU.
     `server` cleans up around each test. At the end it must stop as a user stops it (Ctrl-C,
     exit status 0)."""
-    base = make_base_dir(tmp_path_factory.mktemp("server_base"))
+    base = make_base_dir(tmp_path_factory.mktemp("server_base"), cpu_as_device=True)
     demo.make_files(base)
-    s = ComfyServer(base, env=CPU_AS_DEVICE).start()
+    s = ComfyServer(base).start()
     s.demo_files = _model_files(s)
     yield s
     s.stop()

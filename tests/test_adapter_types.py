@@ -268,9 +268,13 @@ def test_flux_fused_qkv_every_type_matches_stock(fresh, typed, name, mode):
 
 
 def test_text_encoder_types_match_stock(fresh, typed):
-    """LoKr and DoRA on the text encoder: the conditioning equals the stock LoraLoader's and a
-    re-enable is fast."""
+    """LoKr, DoRA and OFT on the text encoder: the conditioning equals the stock LoraLoader's, off
+    hands back the inputs (the bare CLIP's conditioning and the bare model's output, exactly) and
+    a re-enable is fast."""
     h = fresh
+    # A stock loader at strength 0 returns its inputs untouched: the bare CLIP and model.
+    bare = h.run(wf.clip("LoraLoader", {"lora_name": sd_file("lokr"), "strength_model": 0.0,
+                                        "strength_clip": 0.0}))
     for i, (kind, kw) in enumerate((("lokr", {}), ("lora", {"dora": "out"}), ("oft", {}))):
         name = f"te_{kind}_{i}.safetensors"
         targets = {f"lora_te_text_model_encoder_layers_{layer}_self_attn_{p}": (64, 64)
@@ -279,12 +283,18 @@ def test_text_encoder_types_match_stock(fresh, typed):
         tiny_models.write_lora(h.loras / name, tiny_models.adapter_state_dict(kind, targets, seed=80 + i, **kw))
         inputs = {"lora_name": name, "strength_model": 0.5, "strength_clip": 0.8}
         stock = h.run(wf.clip("LoraLoader", inputs))
+        assert not close(stock["cond"][0], bare["cond"][0]), kind  # so off's equality below means something
         for enabled, expected in ((True, "build"), (False, "off"), (True, "fast")):
             got = h.run(wf.clip("LoraCacheLoader", {**inputs, "enabled": enabled, "mode": "auto"}))
             ev = h.last_event()
             if enabled:
                 assert ev["clip_path"] == expected, ev["clip"]
                 assert close(got["cond"][0], stock["cond"][0]), (kind, (got["cond"][0] - stock["cond"][0]).abs().max())
+            else:
+                # Off decides once for both sides, before either is looked at.
+                assert (ev["path"], ev["clip_path"]) == ("off", None), ev
+                assert torch.equal(got["cond"][0], bare["cond"][0]), kind
+                assert torch.equal(got["out"], bare["out"]), kind
 
 
 def test_text_encoder_stock_loader_after_dora_is_named_in_the_log(fresh, typed, caplog):

@@ -155,16 +155,28 @@ def test_toggle_history_fast_path_moves_no_weights(fresh, loras, smart_memory):
         mm.DISABLE_SMART_MEMORY = old
 
 
-def test_fast_path_flags_only_while_sampling(fresh, loras):
-    """Layers carry a wrapper only during the sampling of a patcher that carries the adapter."""
-    h = fresh
-    h.run(wf.sd([wf.ours(loras["a"])]))
-    entry = entry_for(h, loras["a"])
+def test_fast_path_flags_only_while_sampling(fresh, loras, monkeypatch):
+    """Layers carry a wrapper and the adapter's chain only during the sampling of a patcher that
+    carries the adapter: there each targeted layer's slot runs exactly the cached factors."""
     from lora_cache_loader.lora_cache import layers
-    modules = [m for _, m, _ in entry.modules()]
-    assert not any(layers.is_installed(m) for m in modules)
-    assert not any("forward" in m.__dict__ for m in modules)
-    assert all(layers.holds(m, entry, f) for _, m, f in entry.modules())
+    h = fresh
+    during = {}
+    real = layers.activate
+
+    def activate(module, chain, merged=None):
+        real(module, chain, merged)
+        slot = layers.slot_of(module)
+        during[id(module)] = (slot.active, layers.is_installed(module))
+    monkeypatch.setattr(layers, "activate", activate)
+    h.run(wf.sd([wf.ours(loras["a"], 0.7)]))
+    entry = entry_for(h, loras["a"])
+    assert {id(m) for _, m, _ in entry.modules()} == set(during)
+    for _, m, f in entry.modules():
+        active, installed = during[id(m)]
+        assert installed and len(active) == 1 and active[0][0] is f and active[0][1] == 0.7
+        slot = layers.slot_of(m)
+        assert not layers.is_installed(m) and "forward" not in m.__dict__
+        assert slot.active == () and slot.chain == ()
 
 
 def test_forward_after_comfy_bypass_loader_is_the_direct_one(fresh, loras, monkeypatch):

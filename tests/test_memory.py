@@ -2,9 +2,10 @@
 pinned adapters never evicted) and ComfyUI's own unloads (unload_all_models, free_memory,
 --disable-smart-memory), on the real in-process host.
 
-The host has no GPU, so the tests set memory.CPU_AS_DEVICE: the CPU is then handled like an
-accelerator (factors 'moved to the CPU' are copied to new host tensors and flagged), which runs
-exactly the code a GPU runs, and a budget is set for the 'cpu' device."""
+The host has no GPU, so the tests count the CPU as a device (the test kit's cpu_device.py
+replaces memory.can_offload from the outside): the CPU is then handled like an accelerator
+(factors 'moved to the CPU' are copied to new host tensors and flagged), which runs exactly the
+code a GPU runs, and a budget is set for the 'cpu' device."""
 from __future__ import annotations
 
 import comfy.model_management as mm
@@ -14,6 +15,7 @@ import torch
 from lora_cache_testkit import tiny_models
 from lora_cache_testkit import workflows as wf
 from lora_cache_testkit.compare import close
+from lora_cache_testkit.cpu_device import cpu_as_device
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +35,9 @@ def mem(host):
     host.lc.purge()
     from lora_cache_loader.lora_cache import memory
     owner = host.lc.MEMORY
-    old = memory.CPU_AS_DEVICE
-    memory.CPU_AS_DEVICE = True
     owner.policy.counters.clear()
-    yield host
-    memory.CPU_AS_DEVICE = old
+    with cpu_as_device(memory):
+        yield host
     owner.budget.overrides.clear()
     owner.budget.host_override = None
     host.lc.purge()
@@ -197,14 +197,14 @@ def test_comfyui_unload_moves_factors_off_the_device(mem, loras, how):
         mm.DISABLE_SMART_MEMORY = old
 
 
-def test_cpu_homed_factors_stay_without_the_test_switch(host, loras):
+def test_cpu_homed_factors_stay_without_cpu_as_device(host, loras):
     """On a real --cpu install the factors already live in host memory: an unload moves nothing
     and the next re-enable stays fast (nothing to gain from copying host memory to itself)."""
     h = host
     h.new_executor()
     h.lc.purge()
     from lora_cache_loader.lora_cache import memory
-    assert not memory.CPU_AS_DEVICE
+    assert not memory.can_offload(torch.device("cpu"))
     h.run(wf.sd([wf.ours(loras["m_b"])]))
     mm.unload_all_models()
     assert entry(h, loras["m_b"]).resident

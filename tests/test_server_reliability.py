@@ -2,7 +2,7 @@
 checked against stock with flat memory, POST /interrupt in the middle of sampling, and
 ComfyUI's "Unload models" (POST /free) between runs, also under --disable-smart-memory.
 
-The servers run with LORA_CACHE_TEST_CPU_AS_DEVICE=1 (see lora_cache/memory.py): on this
+The servers' base directories hold the test kit's CPU-as-device node (cpu_device.py): on this
 CPU-only host the CPU is handled like a GPU, so an unload moves the factors and the next run
 must move them back, the code path a GPU takes."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lora_cache_testkit import demo
 from lora_cache_testkit.compare import close
-from lora_cache_testkit.server import CPU_AS_DEVICE, ComfyServer, make_base_dir
+from lora_cache_testkit.server import ComfyServer, make_base_dir
 
 SOAK_RUNS = 320
 WARMUP = 60
@@ -188,9 +188,9 @@ def test_unload_models_button_moves_factors_then_runs_match_stock(server):
 def test_disable_smart_memory_server_series_matches_stock(tmp_path):
     """--disable-smart-memory: ComfyUI unloads every model after each prompt, so the factors
     follow each time; every output still equals stock."""
-    base = make_base_dir(tmp_path / "dsm")
+    base = make_base_dir(tmp_path / "dsm", cpu_as_device=True)
     demo.make_files(base)
-    with ComfyServer(base, ("--disable-smart-memory",), env=CPU_AS_DEVICE) as s:
+    with ComfyServer(base, ("--disable-smart-memory",)) as s:
         series = [("style.safetensors", 1.0, True), ("style.safetensors", 1.0, False),
                   ("style.safetensors", 1.0, True), ("style.safetensors", 0.6, True),
                   ("detail.safetensors", 1.0, True), ("style.safetensors", 0.6, True)]

@@ -16,7 +16,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from . import host
+from . import cpu_device, host
 
 ROOT = host.ROOT
 
@@ -27,21 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_base_dir(base: Path) -> Path:
-    """A ComfyUI base directory with this package in custom_nodes/ (as a user would clone it)."""
+def make_base_dir(base: Path, cpu_as_device: bool = False) -> Path:
+    """A ComfyUI base directory with this package in custom_nodes/ (as a user would clone it).
+
+    `cpu_as_device`, for the server tests on a CPU-only host: a test-only custom node beside it
+    makes the package handle the CPU like a GPU (cpu_device.py), so an unload moves the factors
+    and the next run must move them back, the code path a GPU takes."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / "lora_cache_loader"
     if not link.exists():
         link.symlink_to(ROOT, target_is_directory=True)
+    if cpu_as_device:
+        (base / "custom_nodes" / cpu_device.NODE_FILE).write_text(cpu_device.node_source())
     for sub in ("models/loras", "models/diffusion_models", "output", "input", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     return base
-
-
-# For the server tests on a CPU-only host: the CPU is handled like a GPU (see
-# lora_cache/memory.py), so an unload moves the factors and the next run must move them back,
-# the code path a GPU takes.
-CPU_AS_DEVICE = {"LORA_CACHE_TEST_CPU_AS_DEVICE": "1"}
 
 
 class ComfyServer:
@@ -77,6 +77,12 @@ class ComfyServer:
         else:
             self.stop()
             raise TimeoutError(f"ComfyUI did not answer within {timeout}s; see {self.log_path}")
+        # ComfyUI loads custom nodes before it listens, so the patch is in place by now; a
+        # server that silently ran without it would test the CPU path instead of the GPU's.
+        if (self.base / "custom_nodes" / cpu_device.NODE_FILE).exists() and \
+                cpu_device.MARKER.encode() not in self.log_path.read_bytes():
+            self.stop()
+            raise RuntimeError(f"the CPU-as-device node did not patch the package; see {self.log_path}")
         import websocket
 
         self.ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=60)
