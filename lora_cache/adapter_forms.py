@@ -36,7 +36,17 @@ import torch
 from torch.nn.modules.conv import _ConvNd
 
 from .errors import LoraCacheError
-from .forms import BlockRotation, Butterfly, DenseDelta, DoRA, InputLowRank, KronFactors, StockDelta, layer_weight
+from .forms import (
+    BlockRotation,
+    Butterfly,
+    DenseDelta,
+    DoRA,
+    InputLowRank,
+    KronFactors,
+    StockDelta,
+    layer_weight,
+    with_weights,
+)
 from .layers import LayerFactors, weight_of
 
 
@@ -195,8 +205,7 @@ def stock_form(ctx: BuildContext, t: Target) -> StockDelta:
     weight before it at each activation. Tried once on the current weight, so a malformed adapter
     fails here."""
     a = t.adapter
-    moved = tuple(x.to(ctx.device) if isinstance(x, torch.Tensor) else x for x in a.weights)
-    adapter = type(a)(a.loaded_keys, moved)
+    adapter = with_weights(a, tuple(x.to(ctx.device) if isinstance(x, torch.Tensor) else x for x in a.weights))
     t2 = t._replace(adapter=adapter)
     w = layer_weight(t.module, ctx.device)
     stock_merge(ctx, t2, w if t.offset is None else w.narrow(0, t.offset[1], t.offset[2]))

@@ -26,6 +26,7 @@ can be merged into a weight (`merge_into`, merged mode and the weight before a l
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -556,6 +557,15 @@ class Butterfly(Form):
         w.add_(t - w, alpha=float(strength))
 
 
+def with_weights(adapter: Any, weights: tuple) -> Any:
+    """A twin of a ComfyUI weight adapter that holds `weights`. A shallow copy, not the class's
+    constructor: what else the adapter carries (a LoKr's `row_offset` into a fused q/k/v product,
+    its `key`) stays, whichever fields this ComfyUI's adapter classes have."""
+    twin = copy.copy(adapter)
+    twin.weights = weights
+    return twin
+
+
 @dataclass(eq=False)
 class StockDelta(Form):
     """The adapter's own calculate_weight on the weight before it: the exact update of any
@@ -578,7 +588,7 @@ class StockDelta(Form):
 
     def move(self, device, pin) -> None:
         w = tuple(_moved(t, device, pin) if isinstance(t, torch.Tensor) else t for t in self.adapter.weights)
-        self.adapter = type(self.adapter)(self.adapter.loaded_keys, w)
+        self.adapter = with_weights(self.adapter, w)
         self.states.clear()
 
     def calculate(self, w: torch.Tensor, strength: float) -> torch.Tensor:

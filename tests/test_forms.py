@@ -285,6 +285,18 @@ def test_lokr_rows_that_do_not_fit_the_fused_product_name_the_problem(pkg, sd_pa
         assert paths[2] in str(e.value) and f"row_offset {adapter.row_offset}" in str(e.value), str(e.value)
 
 
+def test_rebuilt_adapters_keep_their_other_fields(pkg, sd_patcher):
+    """Where an adapter is rebuilt around moved tensors (ComfyUI's merge kept per strength, a
+    move between devices) it keeps what else it carries, such as a LoKr's row offset."""
+    patches, paths = fused_qkv_lokr(sd_patcher, 4, True)
+    adapter = patches[paths[1] + ".weight"]
+    twin = pkg.forms.with_weights(adapter, tuple(adapter.weights))
+    assert (twin.key, twin.row_offset, type(twin)) == (adapter.key, adapter.row_offset, type(adapter))
+    form = pkg.forms.StockDelta(adapter, adapter.key, None, None)
+    form.move(torch.device("cpu"), pin=False)
+    assert form.adapter is not adapter and form.adapter.row_offset == adapter.row_offset
+
+
 def build_patches(pkg, patcher, patches: dict, name: str = "t.safetensors"):
     return patches, pkg.adapters.plan_dynamic(patches, patcher, name, torch.device("cpu"), torch.float32)
 
