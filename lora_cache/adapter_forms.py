@@ -8,8 +8,10 @@ reads, and choosing the cheapest exact form (forms.py, layers.LayerFactors):
   loha   low-rank of rank r1*r2: (A1 B1) * (A2 B2) = (A1 . A2)(B1 . B2)
          (row-wise / column-wise products), or a dense update where that
          rank is not cheaper than the weight, or with Tucker cores      strength: runtime scalar
-  lokr   kron factors applied without forming kron(w1, w2); a dense
-         update where the factors do not line up with the layer        strength: runtime scalar
+  lokr   kron factors applied without forming kron(w1, w2) (on one of
+         separate q/k/v layers, the layer's rows of a fused product at
+         the adapter's row_offset); a dense update where the factors do
+         not line up with the layer                                    strength: runtime scalar
   glora  the layer's input through (I + s * A), plus low-rank B        strength: runtime scalar
   oft    block rotation of the output                                  strength: runtime s^2
   boft   butterfly over the output                                     strength: stages rebuilt (tiny)
@@ -34,7 +36,17 @@ import torch
 from torch.nn.modules.conv import _ConvNd
 
 from .errors import LoraCacheError
-from .forms import BlockRotation, Butterfly, DenseDelta, DoRA, InputLowRank, KronFactors, StockDelta, layer_weight
+from .forms import (
+    BlockRotation,
+    Butterfly,
+    DenseDelta,
+    DoRA,
+    InputLowRank,
+    KronFactors,
+    StockDelta,
+    layer_weight,
+    with_weights,
+)
 from .layers import LayerFactors, weight_of
 
 
@@ -193,8 +205,7 @@ def stock_form(ctx: BuildContext, t: Target) -> StockDelta:
     weight before it at each activation. Tried once on the current weight, so a malformed adapter
     fails here."""
     a = t.adapter
-    moved = tuple(x.to(ctx.device) if isinstance(x, torch.Tensor) else x for x in a.weights)
-    adapter = type(a)(a.loaded_keys, moved)
+    adapter = with_weights(a, tuple(x.to(ctx.device) if isinstance(x, torch.Tensor) else x for x in a.weights))
     t2 = t._replace(adapter=adapter)
     w = layer_weight(t.module, ctx.device)
     stock_merge(ctx, t2, w if t.offset is None else w.narrow(0, t.offset[1], t.offset[2]))
@@ -363,25 +374,76 @@ def _lokr(ctx: BuildContext, t: Target) -> Built:
         raise _fail(ctx, t, f"its factors do not multiply: {e}") from e
     w1, w2 = _f32(ctx, w1), _f32(ctx, w2)
     scale = (alpha / dim) if alpha is not None and dim is not None else 1.0
+    # a fused q/k/v adapter on one of the separate q, k, v layers: ComfyUI's merge narrows the
+    # product to the layer's rows from here (ComfyUI versions without the field never set it)
+    row_offset = getattr(t.adapter, "row_offset", None)
+    problem = (_lokr_size_problem(w1, w2, t) if row_offset is None
+               else _fused_lokr_size_problem(w1, w2, t, int(row_offset)))
+    if problem is not None:
+        raise _fail(ctx, t, problem)
     if (not t.linear and w1.ndim == 2 and w2.ndim == 2 and w1.shape[1] and t.shape[1] % w1.shape[1] == 0
             and w2.shape[1] == t.shape[1] // w1.shape[1] * math.prod(t.shape[2:])):
         # a conv's w2 as one matrix [c, d * kernel]: ComfyUI's kron then reshape is the kron of
-        # w1 with that matrix as a kernel [c, d, *kernel]
+        # w1 with that matrix as a kernel [c, d, *kernel], row by row
         w2 = w2.reshape(w2.shape[0], t.shape[1] // w1.shape[1], *t.shape[2:])
-    numel = w1.numel() * w2.numel()
-    if numel != math.prod(t.shape):
-        raise _fail(ctx, t, f"kron(w1 {_shape(w1.shape)}, w2 {_shape(w2.shape)}) has {numel} values but the "
-                            f"layer's weight is {_shape(t.shape)}")
     kron_shape = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1], *w2.shape[2:]) if w1.ndim == 2 else None
-    if kron_shape == tuple(t.shape) and t.function is None and (w2.ndim == 2) == t.linear:
-        core = KronFactors(_put(ctx, w1), _put(ctx, w2.t() if t.linear else w2), scale, t.out_slice)
+    lines_up = kron_shape is not None and kron_shape[1:] == tuple(t.shape[1:]) and (
+        row_offset is not None or kron_shape[0] == t.shape[0])
+    if lines_up and t.function is None and (w2.ndim == 2) == t.linear:
+        if row_offset is not None and dora_scale is not None:
+            return Built((stock_form(ctx, t),), "lokr with dora on rows of a fused product: "
+                                                "ComfyUI's merge per strength")
+        rows = None
+        if row_offset is not None:
+            w1, rows = _row_blocks(w1, w2.shape[0], row_offset, t.shape[0])
+        core = KronFactors(_put(ctx, w1), _put(ctx, w2.t() if t.linear else w2), scale, t.out_slice, rows)
         if dora_scale is not None:
             return with_dora(ctx, t, core, dora_scale)
-        return Built((core,), "lokr: kron factors")
+        return Built((core,), "lokr: kron factors" if row_offset is None else
+                     "lokr: kron factors, the layer's rows of a fused product")
     if dora_scale is not None:
         return Built((stock_form(ctx, t),), "lokr with dora (factors not laid out as the layer): "
                                             "ComfyUI's merge per strength")
     return Built((dense_form(ctx, t),), "lokr (factors not laid out as the layer): dense update")
+
+
+def _lokr_size_problem(w1: torch.Tensor, w2: torch.Tensor, t: Target) -> str | None:
+    numel = w1.numel() * w2.numel()
+    if numel != math.prod(t.shape):
+        return (f"kron(w1 {_shape(w1.shape)}, w2 {_shape(w2.shape)}) has {numel} values but the layer's weight "
+                f"is {_shape(t.shape)}")
+    return None
+
+
+def _comfy_kron_shape(w1: torch.Tensor, w2: torch.Tensor) -> tuple[int, ...]:
+    """The shape of kron(w1, w2) as ComfyUI's LoKr merge forms it: w1 gets two trailing dims
+    against a 4-dim w2, and torch.kron pads the shorter of the two with leading ones."""
+    s1 = tuple(w1.shape) + ((1, 1) if w2.ndim == 4 else ())
+    s2 = tuple(w2.shape)
+    n = max(len(s1), len(s2))
+    s1, s2 = (1,) * (n - len(s1)) + s1, (1,) * (n - len(s2)) + s2
+    return tuple(x * y for x, y in zip(s1, s2, strict=True))
+
+
+def _fused_lokr_size_problem(w1: torch.Tensor, w2: torch.Tensor, t: Target, row_offset: int) -> str | None:
+    """ComfyUI narrows the product's rows to the layer's from `row_offset`, then shapes them as
+    the layer's weight: the rows must be there and each must hold one row of the weight."""
+    shape = _comfy_kron_shape(w1, w2)
+    rows, per_row = shape[0], math.prod(shape[1:])
+    if row_offset < 0 or row_offset + t.shape[0] > rows or per_row != math.prod(t.shape[1:]):
+        return (f"kron(w1 {_shape(w1.shape)}, w2 {_shape(w2.shape)}) is {_shape(shape)}; its rows "
+                f"{row_offset}..{row_offset + t.shape[0] - 1} (row_offset {row_offset}) do not make the layer's "
+                f"weight {_shape(t.shape)}")
+    return None
+
+
+def _row_blocks(w1: torch.Tensor, c: int, first: int, count: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """Rows [first, first + count) of kron(w1, w2), w2 with `c` rows, lie in the row blocks of
+    w1's rows first // c .. (first + count - 1) // c: w1 cut to those, and where the rows start
+    in the cut product (None where they are all of it)."""
+    lo, hi = first // c, -(-(first + count) // c)
+    skip = first - lo * c
+    return w1[lo:hi], (None if skip == 0 and (hi - lo) * c == count else (skip, count))
 
 
 # -- GLoRA --------------------------------------------------------------------------------------

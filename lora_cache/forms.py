@@ -6,6 +6,7 @@ layer's output (or input) instead of its weight, so the weight is never touched.
 
 Additive forms (their update does not depend on the weight; strength is a runtime scalar):
   KronFactors  LoKr: scale * kron(w1, w2), applied as two small products on the regrouped input
+               (or the layer's rows of it, for a fused q/k/v adapter on separate q, k, v layers)
   DenseDelta   an update with no cheaper exact structure (LoHa with Tucker cores, LoKr whose
                factors do not line up with the layer): y += s * x @ dW^T, dW built once by the
                adapter's own calculate_weight
@@ -25,6 +26,7 @@ can be merged into a weight (`merge_into`, merged mode and the weight before a l
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -205,34 +207,39 @@ class AdditiveCore(LayerForm, Protocol):
 @dataclass(eq=False)
 class KronFactors(Form):
     """LoKr: update = scale * kron(w1, w2), w1 [a, b], w2 [c, d, *k]; the layer's input channels
-    are b groups of d. Linear: `w2` is stored as w2^T [d, c] for the matmul."""
+    are b groups of d. Linear: `w2` is stored as w2^T [d, c] for the matmul. `rows` (first,
+    count): the layer takes only those output rows of the product, where it is one of the q/k/v
+    of a fused adapter (w1 is then already cut to the row blocks they fall in)."""
 
     w1: torch.Tensor
     w2: torch.Tensor
     scale: float
     out_slice: tuple[int, int] | None = None
+    rows: tuple[int, int] | None = None
     kind = "kron"
     _tensor_names = ("w1", "w2")
 
     def delta_fn(self, module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """x -> kron(w1, w2) applied to x, without the scale, its tensors bound now."""
+        """x -> kron(w1, w2) applied to x (its `rows`), without the scale, its tensors bound now."""
         w1_, w2_ = self.w1, self.w2
         a, b = w1_.shape
+        rows = self.rows
         if _is_linear(module):
             d = w2_.shape[0]
 
             def delta(x):
                 w1, w2 = _like(w1_, x), _like(w2_, x)
                 h = torch.matmul(x.reshape(-1, b, d), w2)  # [N, b, c]: w2 on each group of inputs
-                return torch.matmul(w1, h).view(*x.shape[:-1], -1)  # [N, a, c]: w1 across groups
+                out = torch.matmul(w1, h).view(*x.shape[:-1], -1)  # [N, a, c]: w1 across groups
+                return out if rows is None else out.narrow(-1, *rows)
             return delta
         stride, padding, dilation = _conv_args(module)
 
         def delta_conv(x):
             n = x.shape[0]
             h = _CONV[x.ndim - 2](x.reshape(n * b, -1, *x.shape[2:]), _like(w2_, x), None, stride, padding, dilation)
-            out = torch.matmul(_like(w1_, x), h.reshape(n, b, -1))  # [n, a, c * spatial]
-            return out.view(n, -1, *h.shape[2:])
+            out = torch.matmul(_like(w1_, x), h.reshape(n, b, -1)).view(n, -1, *h.shape[2:])  # [n, a * c, ...]
+            return out if rows is None else out.narrow(1, *rows)
         return delta_conv
 
     def bind(self, module, strength, prefix) -> Op:
@@ -251,7 +258,8 @@ class KronFactors(Form):
         w2 = self.w2.float().t() if self.w2.ndim == 2 else self.w2.float()
         for _ in range(w2.ndim - w1.ndim):
             w1 = w1.unsqueeze(-1)
-        return torch.kron(w1.contiguous(), w2.contiguous())  # torch.kron needs contiguous inputs
+        d = torch.kron(w1.contiguous(), w2.contiguous())  # torch.kron needs contiguous inputs
+        return d if self.rows is None else d.narrow(0, *self.rows)
 
     def merge_into(self, weight, strength) -> None:
         t = self.target(weight)
@@ -549,6 +557,15 @@ class Butterfly(Form):
         w.add_(t - w, alpha=float(strength))
 
 
+def with_weights(adapter: Any, weights: tuple) -> Any:
+    """A twin of a ComfyUI weight adapter that holds `weights`. A shallow copy, not the class's
+    constructor: what else the adapter carries (a LoKr's `row_offset` into a fused q/k/v product,
+    its `key`) stays, whichever fields this ComfyUI's adapter classes have."""
+    twin = copy.copy(adapter)
+    twin.weights = weights
+    return twin
+
+
 @dataclass(eq=False)
 class StockDelta(Form):
     """The adapter's own calculate_weight on the weight before it: the exact update of any
@@ -571,7 +588,7 @@ class StockDelta(Form):
 
     def move(self, device, pin) -> None:
         w = tuple(_moved(t, device, pin) if isinstance(t, torch.Tensor) else t for t in self.adapter.weights)
-        self.adapter = type(self.adapter)(self.adapter.loaded_keys, w)
+        self.adapter = with_weights(self.adapter, w)
         self.states.clear()
 
     def calculate(self, w: torch.Tensor, strength: float) -> torch.Tensor:

@@ -185,6 +185,122 @@ def test_fused_qkv_slices_for_every_type(pkg, flux_patcher):
         assert slices == [(0, 64), (64, 64), (128, 64)], (kind, slices)
 
 
+# A LoKr trained on a fused q/k/v projection, on a model with separate q, k, v layers: newer
+# ComfyUI loads it once per layer, each LoKrAdapter with its `key` and `row_offset`, and its merge
+# narrows kron(w1, w2) (3 layers' rows) to the layer's rows from row_offset. The hosts here have
+# neither field and their key maps make no such patches, so the adapters are ComfyUI's own
+# LoKrAdapter with the two fields set, and the reference is that narrowed product.
+FUSED_LOKR = {  # name -> (rows of w1 (the product's row blocks are 3 * rows / that), w2 as a product)
+    "blocks-across-layers": (4, True), "blocks-within-layers": (6, False),
+}
+
+
+def fused_qkv_lokr(patcher, w1_rows: int, w2_product: bool, seed: int = 11) -> tuple[dict, list[str]]:
+    """{q/k/v weight key: adapter} for the first self-attention of the SD model, and the paths."""
+    import comfy.weight_adapter
+    paths = [next(n for n, _ in patcher.model.named_modules() if n.endswith("attn1.to_q"))]
+    paths += [paths[0][: -len("to_q")] + p for p in ("to_k", "to_v")]
+    out_dim, in_dim = patcher.model.get_submodule(paths[0]).weight.shape
+    g = torch.Generator().manual_seed(seed)
+    a, c = w1_rows, 3 * out_dim // w1_rows
+    b, d = 4, in_dim // 4
+    sd = {"fused.lokr_w1": 0.5 * torch.randn(a, b, generator=g)}
+    if w2_product:
+        sd.update({"fused.lokr_w2_a": 0.2 * torch.randn(c, 4, generator=g),
+                   "fused.lokr_w2_b": 0.2 * torch.randn(4, d, generator=g)})
+        alpha = 2.0
+    else:
+        sd["fused.lokr_w2"] = 0.05 * torch.randn(c, d, generator=g)
+        alpha = None  # full factors: no rank to divide by (ComfyUI versions differ on alpha there)
+    patches = {}
+    for i, path in enumerate(paths):
+        adapter = comfy.weight_adapter.LoKrAdapter.load("fused", sd, alpha, None)
+        adapter.key, adapter.row_offset = path + ".weight", i * out_dim
+        patches[path + ".weight"] = adapter
+    return patches, paths
+
+
+def narrowed_kron(adapter, shape: tuple) -> torch.Tensor:
+    """Newer ComfyUI's LoKr update per unit strength on a fused product's layer, in float64:
+    kron(w1, w2) (each from its factors where given, alpha over the rank of the last one formed),
+    its rows from row_offset, shaped as the layer's weight."""
+    w1, w2, alpha, w1_a, w1_b, w2_a, w2_b, _t2, _dora = adapter.weights
+    dim = None
+    if w1 is None:
+        dim, w1 = w1_b.shape[0], w1_a.double() @ w1_b.double()
+    if w2 is None:
+        dim, w2 = w2_b.shape[0], w2_a.double() @ w2_b.double()
+    scale = alpha / dim if alpha is not None and dim is not None else 1.0
+    return scale * torch.kron(w1.double(), w2.double()).narrow(0, adapter.row_offset, shape[0]).reshape(shape)
+
+
+@pytest.mark.parametrize("name", list(FUSED_LOKR))
+def test_lokr_on_rows_of_a_fused_product_equals_the_narrowed_kron(pkg, sd_patcher, name):
+    """Each of q, k, v takes its rows of the fused product as kron factors (w1 cut to the row
+    blocks its rows fall in, the product narrowed where a block spans two layers): the layer's
+    forward and a merged copy equal the weight plus the narrowed kron, at several strengths."""
+    patches, paths = fused_qkv_lokr(sd_patcher, *FUSED_LOKR[name])
+    _, plan = build_patches(pkg, sd_patcher, patches)
+    assert plan.reason is None and "lokr: kron factors, the layer's rows of a fused product on 3" in plan.forms
+    spans = {p: plan.layers[p][0].rows for p in paths}
+    if name == "blocks-across-layers":  # 240-row blocks: k starts and v ends inside one
+        assert any(r is not None for r in spans.values()), spans
+    else:
+        assert all(r is None for r in spans.values()), spans
+    for path in paths:
+        module = sd_patcher.model.get_submodule(path)
+        weight = module.weight.detach().clone()
+        update = narrowed_kron(patches[path + ".weight"], tuple(weight.shape))
+        for s in (1.0, 0.6, -1.3):
+            pkg.layers.activate(module, [(plan.layers[path], s)])
+            try:
+                x = sample_input(module)
+                with torch.no_grad():
+                    got = module(x)
+            finally:
+                pkg.layers.deactivate(module)
+            assert_equals_merged(module, got, x, [weight, s * update], (path, s))
+            copy = pkg.copies.build(module, ((plan.layers[path], s),), pkg.copies.CopyKey((), ()),
+                                    weight.dtype, weight.device)
+            terms = [weight.double(), s * update]
+            tol = compare.tolerance(sum(t.abs() for t in terms), compare.reduction_length(weight) + 2, weight.dtype)
+            assert compare.error_ratio(copy.weight, sum(terms), tol) <= 1, (path, s)
+        assert torch.equal(module.weight, weight)
+
+
+def test_lokr_rows_that_do_not_fit_the_fused_product_name_the_problem(pkg, sd_patcher):
+    """Rows past the end of the product, or rows of another width: the node error names the
+    layer, the product's shape and the row offset."""
+    for change, row_offset in (("past the end", 1), ("another width", 0)):
+        patches, paths = fused_qkv_lokr(sd_patcher, 4, False)
+        adapter = patches[paths[2] + ".weight"]
+        if change == "past the end":
+            adapter.row_offset += row_offset
+        else:
+            w = list(adapter.weights)
+            w[1] = w[1][:, :-1]
+            adapter.weights = tuple(w)
+        with pytest.raises(pkg.adapters.LoraCacheError, match="do not make the layer's weight") as e:
+            build_patches(pkg, sd_patcher, patches)
+        assert paths[2] in str(e.value) and f"row_offset {adapter.row_offset}" in str(e.value), str(e.value)
+
+
+def test_rebuilt_adapters_keep_their_other_fields(pkg, sd_patcher):
+    """Where an adapter is rebuilt around moved tensors (ComfyUI's merge kept per strength, a
+    move between devices) it keeps what else it carries, such as a LoKr's row offset."""
+    patches, paths = fused_qkv_lokr(sd_patcher, 4, True)
+    adapter = patches[paths[1] + ".weight"]
+    twin = pkg.forms.with_weights(adapter, tuple(adapter.weights))
+    assert (twin.key, twin.row_offset, type(twin)) == (adapter.key, adapter.row_offset, type(adapter))
+    form = pkg.forms.StockDelta(adapter, adapter.key, None, None)
+    form.move(torch.device("cpu"), pin=False)
+    assert form.adapter is not adapter and form.adapter.row_offset == adapter.row_offset
+
+
+def build_patches(pkg, patcher, patches: dict, name: str = "t.safetensors"):
+    return patches, pkg.adapters.plan_dynamic(patches, patcher, name, torch.device("cpu"), torch.float32)
+
+
 def test_mixed_stack_in_any_order_equals_stock_chain(pkg, host, sd_patcher, flux_patcher):
     """A stack of every type on the same layers, in several orders and strengths, equals the
     chain of stock loaders in that order (order-dependent types included)."""
