@@ -44,12 +44,26 @@ def recent(limit: int = 50) -> list[dict]:
     return [e.as_dict() for e in list(_recent)[-limit:]]
 
 
-def record_sampling(info: dict) -> None:
+def record_sampling(info: dict) -> dict:
     """A sampling's start: which layers run merged copies, what was built and why the rest run
-    unmerged. The badges of the nodes whose adapters it runs show it under their own event."""
+    unmerged. The badges of the nodes whose adapters it runs show it under their own event.
+    Returns the record, which `amend_sampling` adds to."""
     info = {**info, "time": time.time()}
     _samplings.append(info)
     log.info("[LoRA Cache] sampling with %s: %s", ", ".join(info["adapters"]), info["reason"])
+    _notify_sampling(info)
+    return info
+
+
+def amend_sampling(info: dict, note: str, **fields) -> None:
+    """What the sampling found after its start (its first model call), added to its record: the
+    reason gets `note`, the badge line is drawn again."""
+    info.update(fields, reason=f"{info['reason']}; {note}")
+    log.info("[LoRA Cache] sampling with %s: %s", ", ".join(info["adapters"]), note)
+    _notify_sampling(info)
+
+
+def _notify_sampling(info: dict) -> None:
     instance = _server()
     if instance is not None and info.get("nodes"):
         instance.send_sync("lora_cache.sampling", info)

@@ -366,7 +366,7 @@ def weight_plan(active: Chain, weight: torch.Tensor) -> WeightPlan | None:
 
 class LayerSlot:
     __slots__ = ("active", "installed", "prev_forward", "plan", "chain", "chain_pre", "weight_plan",
-                 "weight_fn", "copy", "merged", "rows")
+                 "weight_fn", "copy", "merged", "rows", "probed", "cast", "bypassed")
 
     def __init__(self) -> None:
         self.active: Chain = ()
@@ -390,6 +390,14 @@ class LayerSlot:
         self.merged: MergedCopy | None = None
         # Input rows of the last unmerged call (the cost model's estimate of what a copy saves).
         self.rows: int | None = None
+        # While a sampling's first model call probes the layer (probe).
+        self.probed: _Probe | None = None
+        # A weight function of ours on the module (the probe's note, or the chain riding on
+        # ComfyUI's cast: serve_through_cast): the list put on the module, and the one it
+        # replaced (None: the class's).
+        self.cast: tuple[list, list | None] | None = None
+        # ComfyUI computed this layer without calling its forward in an earlier sampling.
+        self.bypassed = False
 
 
 @overload
@@ -416,7 +424,7 @@ def activate(module: torch.nn.Module, chain: Chain | list, merged: MergedCopy | 
     the chain merged in), or else runs the chain unmerged. What the forward needs is worked out
     here, once: ComfyUI's load for the sampling has set how the layer casts its weight."""
     slot = slot_of(module, create=True)
-    if slot.installed is not None:
+    if slot.installed is not None or slot.cast is not None:
         deactivate(module)
     slot.active = tuple(chain)
     slot.merged = merged
@@ -442,6 +450,12 @@ def deactivate(module: torch.nn.Module) -> None:
     slot.weight_fn = None
     slot.chain = ()
     slot.chain_pre = False
+    _uninstall(module, slot)
+    _leave_cast(module, slot)
+
+
+def _uninstall(module: torch.nn.Module, slot: LayerSlot) -> None:
+    slot.probed = None
     if slot.installed is not None:
         # Only undo our own forward; if something replaced it after us, leave theirs alone.
         if module.__dict__.get("forward") is slot.installed:
@@ -456,6 +470,116 @@ def deactivate(module: torch.nn.Module) -> None:
 def is_installed(module: torch.nn.Module) -> bool:
     slot = slot_of(module)
     return slot is not None and slot.installed is not None
+
+
+class Reached(NamedTuple):
+    """How ComfyUI computed a layer in the probed model call."""
+
+    forward: bool  # it called the layer's forward
+    cast: bool  # it cast the layer's weight outside that forward, for a product of its own
+
+
+@dataclass
+class _Probe:
+    serve: Callable  # the forward that serves the layer once the probe ends
+    forward: bool = False
+    cast: bool = False
+    depth: int = 0  # inside the layer's forward: a cast there is the forward's own
+
+
+def probe(module: torch.nn.Module) -> None:
+    """Until `end_probe`, the layer notes how ComfyUI computes it: a forward in front of the
+    installed one notes each call, and a weight function after the layer's own notes each cast
+    of its weight outside that forward (a fused kernel fed from `comfy.ops.cast_bias_weight`, as
+    `comfy.ops.linear_input_act` does). Both leave again with the probe, so the forward that
+    serves the rest of the sampling does nothing more per call."""
+    slot = slot_of(module)
+    if slot is None or slot.installed is None or module.__dict__.get("forward") is not slot.installed:
+        return
+    state = slot.probed = _Probe(cast(Callable, slot.installed))
+    serve = state.serve
+
+    def noting(*args, **kwargs):
+        state.forward = True
+        state.depth += 1
+        try:
+            return serve(*args, **kwargs)
+        finally:
+            state.depth -= 1
+
+    def noting_cast(weight: torch.Tensor) -> torch.Tensor:
+        if not state.depth:
+            state.cast = True
+        return weight
+    slot.installed = noting
+    module.__dict__["forward"] = noting
+    if hasattr(module, "weight_function"):
+        _put_weight_function(module, slot, noting_cast)
+
+
+def end_probe(module: torch.nn.Module) -> Reached:
+    """Puts the serving forward back in place of the noting one and takes the noting weight
+    function away; how ComfyUI computed the layer meanwhile (a layer not probed counts as
+    reached through its forward)."""
+    slot = slot_of(module)
+    state = slot.probed if slot is not None else None
+    if slot is None or state is None:
+        return Reached(True, False)
+    if module.__dict__.get("forward") is slot.installed:
+        module.__dict__["forward"] = state.serve
+        slot.installed = state.serve
+    slot.probed = None
+    _leave_cast(module, slot)
+    return Reached(state.forward, state.cast)
+
+
+def cast_carries(module: torch.nn.Module) -> bool:
+    """Whether ComfyUI's cast can carry a layer's chain as a weight function: the layer is one of
+    ComfyUI's ops with its stock cast, which hands weight functions the weight in the compute
+    dtype (the mechanism of ComfyUI's own lowvram patches); every way ComfyUI computes such a
+    layer goes through that cast (its forward takes the cast path while a weight function is
+    set, and the fused kernels call `cast_bias_weight`)."""
+    return hasattr(module, "weight_function") and copyable(module)
+
+
+def serve_through_cast(module: torch.nn.Module, fn: Callable) -> None:
+    """For the rest of the activation the layer's chain rides on ComfyUI's cast instead of its
+    forward: our forward goes and `fn` (weight -> the weight with the chain in it) follows the
+    layer's own weight functions (stock loaders' lowvram patches first, as in the chain of
+    loaders) in a new list, so the class's shared list is never written. ComfyUI applies weight
+    functions to the weight it casts or streams for one call and keeps none of their results,
+    so nothing resident changes and nothing is re-streamed."""
+    slot = slot_of(module, create=True)
+    _uninstall(module, slot)
+    _leave_cast(module, slot)
+    _put_weight_function(module, slot, fn)
+
+
+def _put_weight_function(module: torch.nn.Module, slot: LayerSlot, fn: Callable) -> None:
+    d = module.__dict__
+    prev = d.get("weight_function")
+    current = prev if prev is not None else cast(list, module.weight_function)
+    ours = d["weight_function"] = [*current, fn]
+    slot.cast = (ours, prev)
+
+
+def handing_over(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A weight function that hands over `weight` (a merged copy) in place of the one cast."""
+    return lambda cast_weight: _to(weight, cast_weight)
+
+
+def _leave_cast(module: torch.nn.Module, slot: LayerSlot) -> None:
+    if slot.cast is None:
+        return
+    ours, prev = slot.cast
+    slot.cast = None
+    d = module.__dict__
+    # A load of the model since (ComfyUI sets each layer's list at load) already dropped ours.
+    if d.get("weight_function") is ours:
+        if prev is None:
+            del d["weight_function"]
+        else:
+            d["weight_function"] = prev
 
 
 def _plan(active: Chain) -> tuple | None:
@@ -612,9 +736,7 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     else:
         w, b = copy.weight, copy.bias
         run = F.linear if isinstance(module, torch.nn.Linear) else cast(_ConvNd, module)._conv_forward
-
-        def swap(weight: torch.Tensor) -> torch.Tensor:
-            return _to(w, weight)
+        swap = handing_over(w)
 
         def forward(x, *args, **kwargs):
             # The adapted layer is its own product on the merged copy: nothing else per call.

@@ -4,7 +4,8 @@ The node returns a clone of the model patcher (or of the CLIP) that carries the 
 attachment (cloned along by later nodes) and activates them only while ComfyUI runs that
 clone:
 - diffusion model: ON_PRE_RUN (after ComfyUI loaded the model for sampling) and ON_CLEANUP
-  (in the `finally` after it), called on the sampling patcher only;
+  (in the `finally` after it), called on the sampling patcher only; the first model call in
+  between (APPLY_MODEL) checks that each adapted layer's forward was reached (reach.py);
 - text encoder: CLIP has no such callbacks, so a PatcherInjection: ComfyUI injects at the end
   of every load of that patcher (each encode loads it) and ejects when any patcher of the same
   text encoder loads next, is unloaded or is garbage collected.
@@ -29,7 +30,7 @@ from typing import NamedTuple
 import torch
 from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
-from . import adapter_forms, build, copies, events, files, layers, load_state, memory
+from . import adapter_forms, build, copies, events, files, layers, load_state, memory, reach
 from .errors import LoraCacheError
 from .memory import MEMORY
 from .store import Entry
@@ -45,6 +46,9 @@ log = logging.getLogger("lora_cache")
 class _Activation:
     owner: weakref.ref
     modules: list  # modules whose forward carries the adapters
+    # A sampling's layers to probe on its first model call (reach.py), and its event.
+    probing: list = field(default_factory=list)
+    sampling: dict | None = None
 
     def owned_by(self, patcher) -> bool:
         return self.owner() is patcher
@@ -100,8 +104,9 @@ def carry(patcher, entry: Entry, strength: float, mode: str = "auto", node: str 
                           (CallbacksMP.ON_DETACH, memory.on_detach)):
         n.remove_callbacks_with_key(call_type, KEY)
         n.add_callback_with_key(call_type, KEY, fn)
-    n.remove_wrappers_with_key(WrappersMP.OUTER_SAMPLE, KEY)
-    n.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
+    for wrapper_type, wrapper in ((WrappersMP.OUTER_SAMPLE, _outer_sample), (WrappersMP.APPLY_MODEL, _model_call)):
+        n.remove_wrappers_with_key(wrapper_type, KEY)
+        n.add_wrapper_with_key(wrapper_type, KEY, wrapper)
     return n
 
 
@@ -181,10 +186,18 @@ def _activate(patcher, sampling: bool = False) -> None:
     if sampling:
         # What the sampling needs comes before cached factors and copies it does not use.
         MEMORY.leave_room(patcher, _shapes.get(id(model)), keep={id(lc.module) for lc in chains})
-    merged = _copies(patcher, chains, items) if sampling else {}
+    merged, info = _copies(patcher, chains, items) if sampling else ({}, None)
     for lc in chains:
         layers.activate(lc.module, lc.chain, merged.get(id(lc.module)))
         act.modules.append(lc.module)
+    if info is not None:
+        began = reach.start(reach.Probed(lc.path, lc.module, tuple(lc.chain)) for lc in chains)
+        act.probing = began.probing
+        if began.served:
+            info["net"] = began.served
+            info["reason"] += (f"; {began.served} layers served through ComfyUI's cast (weight form): ComfyUI "
+                               f"computes them without calling their forward")
+        act.sampling = events.record_sampling(info)
 
 
 def _hooked_keys(patcher) -> set[str]:
@@ -193,7 +206,8 @@ def _hooked_keys(patcher) -> set[str]:
     return {key for patches in (getattr(patcher, "hook_patches", None) or {}).values() for key in patches}
 
 
-def _copies(patcher, chains: list[_LayerChain], items: list[StackItem]) -> dict[int, copies.MergedCopy]:
+def _copies(patcher, chains: list[_LayerChain],
+            items: list[StackItem]) -> tuple[dict[int, copies.MergedCopy], dict]:
     """The merged copies this sampling runs (module id -> copy), and the sampling's event. Layers
     that run unmerged give their copies up: they do not need them, and memory is better spent."""
     candidates = []
@@ -228,12 +242,11 @@ def _copies(patcher, chains: list[_LayerChain], items: list[StackItem]) -> dict[
             f"; {n} layers unmerged ({why})" for n, why in ((others, "their mode or layer type"),
                                                             (hooked, "hook patches rewrite their weights while "
                                                                      "sampling")) if n)
-    events.record_sampling({"adapters": [item.entry.lora for item in items],
-                            "nodes": [item.node for item in items if item.node is not None],
-                            "copies": len(served), "layers": len(chains),
-                            "bytes": choice.bytes if choice else 0, "built": choice.built if choice else 0,
-                            "build_ms": choice.build_ms if choice else 0.0, "reason": reason})
-    return served
+    return served, {"adapters": [item.entry.lora for item in items],
+                    "nodes": [item.node for item in items if item.node is not None],
+                    "copies": len(served), "layers": len(chains), "net": 0,
+                    "bytes": choice.bytes if choice else 0, "built": choice.built if choice else 0,
+                    "build_ms": choice.build_ms if choice else 0.0, "reason": reason}
 
 
 def _release(patcher) -> None:
@@ -253,6 +266,42 @@ def _owner_gone(model_id: int, ref: weakref.ref) -> None:
         _deactivate(model_id)
 
 
+class _Stranded(Exception):
+    """Raised out of a sampling's first model call: some adapted layer is computed without its
+    forward, through a cast that cannot carry its chain (reach.py)."""
+
+
+def _model_call(executor, *args, **kwargs):
+    """Around each model call of a sampling that carries adapters (APPLY_MODEL). The first one
+    probes whether ComfyUI reaches every adapted layer through its forward (reach.py); where it
+    did not, those layers are served through ComfyUI's cast and the call runs again, so no
+    output lacks the adapter. Every later call, and a first call that reached every layer, runs
+    as it is."""
+    act = _active.get(id(executor.class_obj))
+    if act is None or not act.probing:
+        return executor(*args, **kwargs)
+    probing, act.probing = act.probing, []
+    out = executor(*args, **kwargs)
+    found = reach.finish(executor.class_obj, probing)
+    if found.stranded:
+        raise _Stranded(", ".join(found.stranded))
+    notes = [f"{len(paths)} layers {what} ({_named(paths)}): served through ComfyUI's cast (weight form){then}"
+             for paths, what, then in ((found.served, "not reached through their forward",
+                                        "; the first model call ran again"),
+                                       (found.idle, "not computed in the first model call", "")) if paths]
+    if notes and act.sampling is not None:
+        events.amend_sampling(act.sampling, "; ".join(notes),
+                              net=act.sampling["net"] + len(found.served) + len(found.idle))
+    if not found.served:
+        return out
+    del out
+    return executor(*args, **kwargs)
+
+
+def _named(paths: list[str], shown: int = 3) -> str:
+    return ", ".join(paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+
 def _outer_sample(executor, *args, **kwargs):
     """Around one sampling: tells ON_PRE_RUN the latent shape, which the memory the sampling
     needs depends on (ON_PRE_RUN itself gets only the patcher). When the device runs out of
@@ -265,7 +314,7 @@ def _outer_sample(executor, *args, **kwargs):
     _shapes[id(patcher.model)] = tuple(noise.shape)
     try:
         try:
-            return executor(*args, **kwargs)
+            return _sampled(executor, patcher, *args, **kwargs)
         except torch.OutOfMemoryError:
             why = "the device ran out of memory while sampling"
             freed = MEMORY.shed_copies(patcher.load_device, why)
@@ -274,9 +323,20 @@ def _outer_sample(executor, *args, **kwargs):
                 raise
             log.warning("[LoRA Cache] out of memory while sampling: %d bytes of merged copies and unused cached "
                         "factors freed on %s; sampling again", freed, patcher.load_device)
-            return executor(*args, **kwargs)
+            return _sampled(executor, patcher, *args, **kwargs)
     finally:
         _shapes.pop(id(patcher.model), None)
+
+
+def _sampled(executor, patcher, *args, **kwargs):
+    """The sampling; once more with ComfyUI's patches where its first model call found layers
+    stranded. ComfyUI's cleanup ran in its `finally`, so the layers are bare again and the model
+    loads anew with the patches."""
+    try:
+        return executor(*args, **kwargs)
+    except _Stranded:
+        _splice_late_patches(patcher)
+        return executor(*args, **kwargs)
 
 
 def _additive(patch: tuple) -> bool:
@@ -333,7 +393,9 @@ def _splice_late_patches(patcher) -> None:
     Clones of it carry the splice on (SPLICED), and a later stock loader splices further."""
     items = stack_of(patcher).items
     done = patcher.get_attachment(SPLICED) or 0
-    n = _late_patched(patcher, items, done)
+    late = _late_patched(patcher, items, done)
+    stranded, paths = _stranded_items(patcher, items, done)
+    n = max(late, stranded)
     if n <= done:
         return
     if load_state.is_dynamic(patcher):
@@ -363,12 +425,29 @@ def _splice_late_patches(patcher) -> None:
             patches[at:at] = new
     patcher.set_attachments(SPLICED, n)
     last = items[n - 1].entry.lora
+    cause = ("a later node's patches on its layers apply, in the stock chain, to a weight that holds it"
+             if late == n else f"ComfyUI computes its layers {_named(paths)} without calling their forward, "
+                               f"through a cast that cannot carry it")
     for item in items[done:n]:
-        why = ("a later node's patches on its layers apply, in the stock chain, to a weight that holds it"
-               if item.entry.lora == last else
-               f"it comes before {last}, which a later node's patches send there")
+        why = (cause if item.entry.lora == last else
+               f"it comes before {last}, which " + ("a later node's patches send there" if late == n else
+                                                    "goes there: ComfyUI computes its layers without their forward"))
         events.record(events.Event(lora=item.entry.lora, path="full", node=item.node, ms=0.0,
                                    reason=f"ComfyUI's patches for this sampling, in chain order: {why}"))
+
+
+def _stranded_items(patcher, items: tuple[StackItem, ...], done: int) -> tuple[int, list[str]]:
+    """How many leading items must ride in ComfyUI's patches (at least `done`) because an earlier
+    sampling found some layer of theirs stranded (reach.py): up to the last such item, in chain
+    order; and the last one's stranded layers."""
+    stranded = reach.stranded_paths(patcher.model)
+    n, paths = done, []
+    if stranded:
+        for i in range(done, len(items)):
+            mine = stranded.intersection(items[i].entry.layers)
+            if mine:
+                n, paths = i + 1, sorted(mine)
+    return n, paths
 
 
 def _on_pre_run(patcher) -> None:

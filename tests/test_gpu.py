@@ -68,3 +68,21 @@ def test_gpu_graph_check():
         assert m["blocks"], m  # blocks holding adapted layers were captured
         for b in m["blocks"]:
             assert b["ok"], b  # replay equals eager bit for bit; no memory kept per call
+
+
+def test_gpu_reach_check():
+    """A layer ComfyUI computes without its forward (scripts/gpu_reach_check.py): served through
+    ComfyUI's cast under dynamic VRAM (where comfy-aimdo is active) and the classic patcher, in
+    merged copies and unmerged; the first sampling of an adapter set runs its first model call
+    once more, later ones not; nothing re-streamed or left behind."""
+    r = report("gpu_reach_check.py")
+    for name, config in r["configs"].items():
+        tol = REL_TOL * config["ref_max_abs"]
+        assert tol < config["missing_vs_stock"], (name, config)  # the layer's adapter shows
+        assert "ran again" in config["runs"][0]["reason"], (name, config["runs"][0])  # found on the model's first
+        for run in config["runs"]:
+            assert run["net"] == 1 and run["uuid_kept"] and run["streamed"] == 0, (name, run)
+            assert run["max_abs_diff_vs_stock"] <= tol, (name, run)
+            assert run["model_calls"] == config["stock_calls"] + (run["sampling"] == "first" and "ran again" in
+                                                                  run["reason"]), (name, run)
+            assert run.get("base_after_equal", True), (name, run)

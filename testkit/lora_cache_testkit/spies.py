@@ -1,4 +1,4 @@
-"""Counts calls of ComfyUI's own weight-moving methods while still running them."""
+"""Counts calls of ComfyUI's own methods (weight work, model calls) while still running them."""
 from __future__ import annotations
 
 import contextlib
@@ -48,3 +48,24 @@ def count_weight_work(only=None):
     finally:
         for (owner, name), orig in originals.items():
             setattr(owner, name, orig)
+
+
+@contextlib.contextmanager
+def count_model_calls():
+    """Counts the model calls (a batch through the diffusion model: BaseModel._apply_model, which
+    runs inside ComfyUI's APPLY_MODEL wrappers, so a wrapper's second run counts too) while still
+    running them."""
+    import comfy.model_base
+
+    counts: Counter = Counter()
+    orig = comfy.model_base.BaseModel._apply_model
+
+    def spy(self, *a, **kw):
+        counts["model_calls"] += 1
+        return orig(self, *a, **kw)
+
+    comfy.model_base.BaseModel._apply_model = spy
+    try:
+        yield counts
+    finally:
+        comfy.model_base.BaseModel._apply_model = orig
