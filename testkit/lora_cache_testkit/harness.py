@@ -147,6 +147,13 @@ class Host:
         folder_paths.add_model_folder_path("diffusion_models", str(self.unets), is_default=True)
         folder_paths.set_output_directory(str(base / "output"))
 
+        # ComfyUI's own custom_nodes/ may link another checkout of the package: the tests load
+        # the checkout they belong to (host.ROOT), from a custom_nodes folder of their own.
+        custom = base / "custom_nodes"
+        custom.mkdir(parents=True, exist_ok=True)
+        (custom / host.PACKAGE).symlink_to(host.ROOT, target_is_directory=True)
+        folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
+
         import execution
         import nodes
 
