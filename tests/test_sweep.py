@@ -222,3 +222,28 @@ def test_grid_node(fresh):
     assert two_rows.shape[2] == 48 and two_rows.shape[1] == 2 * out.shape[1]
     with pytest.raises(ValueError, match="3 images but 2 labels"):
         grid.labelled_grid(images, ["a", "b"])
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("name, images", [("lora_cache_sweep", 4), ("lora_cache_compare", 2)])
+def test_shipped_workflows_run_on_a_server(server, name, images):
+    """The API-format workflows in workflows/api/ run on a real server: the sweep's batch_size feeds
+    the latent, and the grid saves one picture with a labelled column per image."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from lora_cache_testkit import host
+    prompt = json.loads((host.ROOT / "workflows" / "api" / f"{name}.json").read_text())
+    res = server.run(prompt)
+    errors = [d for t, d in res["messages"] if t == "execution_error"]
+    assert res["status"] == 200 and not errors, (res.get("body"), errors)
+    pngs = server.output_images(res["prompt_id"])
+    assert len(pngs) == 1
+    grid_img = np.asarray(Image.open(io.BytesIO(pngs[0])).convert("RGB"), dtype=np.int16)
+    assert grid_img.shape[1] == images * 64 and grid_img.shape[0] > 64, grid_img.shape
+    cells = [grid_img[:64, i * 64:(i + 1) * 64] for i in range(images)]
+    assert all(np.abs(cells[0] - c).max() > 4 for c in cells[1:])  # each image has its own setting
+    assert all((grid_img[64:, i * 64:(i + 1) * 64] < 128).any() for i in range(images))  # a label under each
