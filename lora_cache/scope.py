@@ -201,7 +201,7 @@ def _activate(patcher, sampling: bool = False) -> None:
         # What the sampling needs comes before cached factors and copies it does not use.
         MEMORY.leave_room(patcher, _shapes.get(id(model)), keep={id(lc.module) for lc in chains})
     merged = _copies(patcher, chains, items) if sampling and chains else {}
-    posts = sweep.posts(patcher, sw, swept, {id(lc.module): lc.chain for lc in chains}) if sw else {}
+    posts = sweep.posts(patcher, sw, swept, {id(lc.module): lc.chain for lc in chains}, _additive) if sw else {}
     for lc in chains:
         layers.activate(lc.module, lc.chain, merged.get(id(lc.module)), posts.pop(id(lc.module), (None, None))[1])
         act.modules.append(lc.module)

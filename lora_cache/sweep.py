@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import events
 from .errors import LoraCacheError
 
 if TYPE_CHECKING:
@@ -257,10 +258,13 @@ def layer_post(module: torch.nn.Module, rows: Rows, adapters: list[tuple[int, tu
     return post
 
 
-def posts(patcher, sw: Sweep, entries: list[Entry], ordinary: dict[int, list]) -> dict[int, tuple]:
+def posts(patcher, sw: Sweep, entries: list[Entry], ordinary: dict[int, list],
+          additive: Callable[[tuple], bool]) -> dict[int, tuple]:
     """For the sampling starting on `patcher`: module id -> (module, its sweep update), for every
     layer a sweep adapter targets (`entries`: the sweep's entries serving this model). `ordinary`:
-    module id -> the chain of ordinary adapters the layer runs too."""
+    module id -> the chain of ordinary adapters the layer runs too; `additive(patch)`: whether a
+    ComfyUI patch that a node after the sweep added adds an update independent of the weight (then
+    the sweep's update commutes with it)."""
     rows = start(patcher.model, sw, patcher.load_device)
     per_module: dict[int, tuple[torch.nn.Module, list]] = {}
     for a, entry in enumerate(entries):
@@ -269,6 +273,11 @@ def posts(patcher, sw: Sweep, entries: list[Entry], ordinary: dict[int, list]) -
             if problem is not None:
                 raise LoraCacheError(f"LoRA Cache Sweep: '{entry.lora}' on {path}: {problem}; sweep LoRA, LoCon, "
                                      f"LoHa or LoKr files")
+            key = path + ".weight"
+            later = patcher.patches.get(key, [])[sw.seen.get(key, 0):]
+            if not all(additive(p) for p in later):
+                raise LoraCacheError(f"LoRA Cache Sweep: a loader after the sweep patches {path} with an update that "
+                                     f"reads the weight before it (per image, the sweep's); place it before the sweep")
             per_module.setdefault(id(module), (module, []))[1].append((a, forms))
     for mid in per_module:
         for forms, _strength in ordinary.get(mid, ()):
@@ -278,4 +287,8 @@ def posts(patcher, sw: Sweep, entries: list[Entry], ordinary: dict[int, list]) -
                         f"LoRA Cache Sweep: a LoRA Cache adapter on a swept layer has a {f.kind} form, which reads "
                         f"the weight before it (per image, the sweep's); apply it with a stock loader before the "
                         f"sweep, or leave it out")
+    events.record_sampling({"adapters": [e.lora for e in entries], "nodes": [sw.node] if sw.node else [],
+                            "copies": 0, "layers": len(per_module), "bytes": 0, "built": 0, "build_ms": 0.0,
+                            "reason": f"sweep of {sw.size} images: {len(per_module)} layers add each image's "
+                                      f"update unmerged (a merged copy holds one strength for the whole batch)"})
     return {mid: (module, layer_post(module, rows, ads)) for mid, (module, ads) in per_module.items()}

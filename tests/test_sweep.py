@@ -56,7 +56,7 @@ def _chain(p: dict, prefix: str, model_ref, rows: list[tuple[str, str, float]]):
 
 
 def sweep_prompt(loras: list[str], strengths: str, model: str = "sd", cfg: float = 1.5, before=(), after=(),
-                 batch=None) -> dict:
+                 batch=None, after_stock=()) -> dict:
     """UNET -> ordinary LoRA Cache loaders `before` -> sweep -> `after` -> KSampler on a latent of the
     sweep's batch_size (or `batch`) -> sink 'out'; the same model sampled bare -> sink 'base'."""
     p: dict = {}
@@ -67,6 +67,7 @@ def sweep_prompt(loras: list[str], strengths: str, model: str = "sd", cfg: float
         inputs[f"lora_{i + 1}"] = loras[i] if i < len(loras) else "None"
     p["sw"] = {"class_type": SWEEP, "inputs": inputs}
     ref = _chain(p, "a", ["sw", 0], [("LoraCacheLoaderModelOnly", n, s) for n, s in after])
+    ref = _chain(p, "t", ref, [("LoraLoaderModelOnly", n, s) for n, s in after_stock])
     p["3"]["inputs"]["batch_size"] = ["sw", 2] if batch is None else batch
     _sample(p, "5", ref, ["3", 0], "out", cfg)
     _sample(p, "6", ["1", 0], ["3", 0], "base", cfg)
@@ -131,6 +132,51 @@ def test_stacked_with_ordinary_loaders(fresh, loras, model):
     got = h.run(sweep_prompt([sw], "0, 1, -0.6", model, before=before, after=after))["out"]
     settings = [[*before, (sw, s), *after] if s else [*before, *after] for s in (0.0, 1.0, -0.6)]
     check_against_stock(h, got, settings, model, 1.5)
+
+
+def test_stock_loader_after_the_sweep(fresh, loras):
+    """A stock LoraLoader after the sweep merges its LoRA into the weight; the sweep's update per
+    image comes on top, as in the stock chain (both are additions)."""
+    h = fresh
+    sw, after = loras["sw_a"], [(loras["sw_b"], 0.7)]
+    got = h.run(sweep_prompt([sw], "0.9, -0.4", after_stock=after))["out"]
+    check_against_stock(h, got, [[(sw, 0.9), *after], [(sw, -0.4), *after]], "sd", 1.5)
+
+
+def test_clip_gets_one_strength(fresh, loras):
+    """With one LoRA, the text encoder gets strength_clip for every image: its encoding equals the
+    stock LoraLoader's at that strength."""
+    h = fresh
+    name = "sw_te.safetensors"
+    sd = dict(tiny_models.sd_lora_state_dict(h.unet_sd, seed=26, kinds=("attn",)))
+    g = torch.Generator().manual_seed(27)
+    for layer in range(2):
+        for proj in ("q_proj", "v_proj"):
+            k = f"lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}"
+            sd[k + ".lora_up.weight"] = 0.2 * torch.randn(64, 4, generator=g)
+            sd[k + ".lora_down.weight"] = 0.2 * torch.randn(4, 64, generator=g)
+    tiny_models.write_lora(h.loras / name, sd)
+    p = sweep_prompt([name], "0, 1")
+    p["c"] = {"class_type": "LCTestTinyClip", "inputs": {}}
+    p["sw"]["inputs"].update(clip=["c", 0], strength_clip=0.7)
+    p["te"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["sw", 1], "text": "a sweep"}}
+    p["tk"] = {"class_type": "LCTestCondSink", "inputs": {"conditioning": ["te", 0], "tag": "cond"}}
+    p["sl"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["c", 0], "lora_name": name,
+                                                      "strength_model": 1.0, "strength_clip": 0.7}}
+    p["se"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["sl", 1], "text": "a sweep"}}
+    p["sk"] = {"class_type": "LCTestCondSink", "inputs": {"conditioning": ["se", 0], "tag": "ref"}}
+    p["be"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["c", 0], "text": "a sweep"}}
+    p["bk"] = {"class_type": "LCTestCondSink", "inputs": {"conditioning": ["be", 0], "tag": "bare"}}
+    got = h.run(p)
+    assert close(got["cond"][0], got["ref"][0]) and not close(got["bare"][0], got["ref"][0])
+    ev = [e for e in h.events() if e["node"] == "sw"][-1]
+    assert "at strength 0.7 for every image" in ev["clip"], ev
+    p["sw"]["inputs"]["lora_2"] = loras["sw_b"]
+    h.new_executor()
+    got = h.run(p)
+    assert torch.equal(got["cond"][0], got["bare"][0])  # several LoRAs: the text encoder is the input
+    ev = [e for e in h.events() if e["node"] == "sw"][-1]
+    assert "unchanged" in ev["clip"], ev
 
 
 def test_batch_chunked_by_memory(fresh, loras, monkeypatch):
