@@ -136,6 +136,8 @@ class Rows:
         self.per_row: torch.Tensor | None = None  # [adapters, rows] for the call now running
         self.active: list[torch.Tensor | None] = []  # per adapter: the rows it changes (None: all)
         self._cast: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        # rows of a call -> its per-row strengths and active rows: a sampling has one or two layouts
+        self._layouts: dict[int, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
 
     def begin(self, rows: int, chunks: int | None) -> None:
         n = self.sweep.size
@@ -148,19 +150,19 @@ class Rows:
             raise LoraCacheError(
                 f"LoRA Cache Sweep: a model call has {rows} rows for {chunks} conds; the sweep's {n} settings "
                 f"need {chunks} x {n} (one row per image of the latent batch per cond)")
-        reps = rows // n
-        # Row r is image r % n: each cond's chunk is the whole latent batch, in order.
-        self.per_row = self.table.repeat(1, reps)
-        self.active = []
-        host = self.sweep.strengths()
-        for a in range(host.shape[0]):
-            nz = (host[a] != 0).nonzero().flatten()
-            if len(nz) == n:
-                self.active.append(None)
-            else:
-                idx = torch.cat([nz + k * n for k in range(reps)]) if reps else nz
-                self.active.append(idx.to(self.table.device))
         self._cast = {}
+        layout = self._layouts.get(rows)
+        if layout is None:
+            # Row r is image r % n: each cond's chunk is the whole latent batch, in order.
+            reps = rows // n
+            active: list[torch.Tensor | None] = []
+            host = self.sweep.strengths()
+            for a in range(host.shape[0]):
+                nz = (host[a] != 0).nonzero().flatten()
+                active.append(None if len(nz) == n else
+                              torch.cat([nz + k * n for k in range(reps)]).to(self.table.device))
+            layout = self._layouts[rows] = (self.table.repeat(1, reps), active)
+        self.per_row, self.active = layout
 
     def end(self) -> None:
         self.per_row = None
