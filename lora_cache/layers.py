@@ -366,7 +366,7 @@ def weight_plan(active: Chain, weight: torch.Tensor) -> WeightPlan | None:
 
 class LayerSlot:
     __slots__ = ("active", "installed", "prev_forward", "plan", "chain", "chain_pre", "weight_plan",
-                 "weight_fn", "copy", "merged", "rows", "probed", "cast", "bypassed")
+                 "weight_fn", "copy", "merged", "rows", "probed", "cast", "bypassed", "post")
 
     def __init__(self) -> None:
         self.active: Chain = ()
@@ -398,6 +398,9 @@ class LayerSlot:
         self.cast: tuple[list, list | None] | None = None
         # ComfyUI computed this layer without calling its forward in an earlier sampling.
         self.bypassed = False
+        # (x, y) -> y applied after everything above: a sweep's per-image update (sweep.py),
+        # which no merged copy can hold.
+        self.post: Callable | None = None
 
 
 @overload
@@ -418,7 +421,8 @@ def slot_of(module: torch.nn.Module, create: bool = False) -> LayerSlot | None:
     return slot
 
 
-def activate(module: torch.nn.Module, chain: Chain | list, merged: MergedCopy | None = None) -> None:
+def activate(module: torch.nn.Module, chain: Chain | list, merged: MergedCopy | None = None,
+             post: Callable | None = None) -> None:
     """Activates `chain` (every adapter on the layer, in chain order) for one sampling or text
     encoding: the forward multiplies by `merged` (a copies.MergedCopy of this layer's weight with
     the chain merged in), or else runs the chain unmerged. What the forward needs is worked out
@@ -428,6 +432,7 @@ def activate(module: torch.nn.Module, chain: Chain | list, merged: MergedCopy | 
         deactivate(module)
     slot.active = tuple(chain)
     slot.merged = merged
+    slot.post = post
     if merged is None:
         slot.plan = _plan(slot.active)
         weight = getattr(module, "weight", None)
@@ -445,6 +450,7 @@ def deactivate(module: torch.nn.Module) -> None:
         return
     slot.active = ()
     slot.merged = None
+    slot.post = None
     slot.plan = None
     slot.weight_plan = None
     slot.weight_fn = None
@@ -747,9 +753,17 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
             if x.dtype != w.dtype or x.device != w.device:
                 return run(x, _to(w, x), None if b is None else _to(b, x))
             return run(x, w, b)
+    if slot.post is not None:
+        forward = _then(forward, slot.post)
     slot.prev_forward = prev
     slot.installed = forward
     module.__dict__["forward"] = forward
+
+
+def _then(forward: Callable, post: Callable) -> Callable:
+    def with_post(x, *args, **kwargs):
+        return post(x, forward(x, *args, **kwargs))
+    return with_post
 
 
 def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, stock: bool,

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import torch
 from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
-from . import adapter_forms, build, copies, events, files, layers, load_state, memory, reach
+from . import adapter_forms, build, copies, events, files, layers, load_state, memory, reach, sweep
 from .errors import LoraCacheError
 from .memory import MEMORY
 from .store import Entry
@@ -100,6 +100,24 @@ def carry(patcher, entry: Entry, strength: float, mode: str = "auto", node: str 
     seen = {k: len(v) for k, v in patcher.patches.items()}
     item = StackItem(entry, strength, mode, seen, patcher.get_attachment(SPLICED) or 0, node)
     n.set_attachments(KEY, stack_of(patcher).with_adapter(item))
+    _hook(n)
+    return n
+
+
+def carry_sweep(patcher, sw: sweep.Sweep):
+    """A clone of the diffusion model's `patcher` that runs `sw`: image i of the latent batch
+    gets setting i (sweep.py), on top of the ordinary adapters it carries."""
+    if patcher.get_attachment(sweep.KEY) is not None:
+        raise LoraCacheError("LoRA Cache Sweep: the model already carries a sweep; one sweep per sampling")
+    n = patcher.clone()
+    n.set_attachments(sweep.KEY, sw)
+    _hook(n)
+    n.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, sweep.KEY)
+    n.add_wrapper_with_key(WrappersMP.APPLY_MODEL, sweep.KEY, sweep.apply_model_wrapper)
+    return n
+
+
+def _hook(n) -> None:
     for call_type, fn in ((CallbacksMP.ON_PRE_RUN, _on_pre_run), (CallbacksMP.ON_CLEANUP, _on_cleanup),
                           (CallbacksMP.ON_DETACH, memory.on_detach)):
         n.remove_callbacks_with_key(call_type, KEY)
@@ -174,22 +192,28 @@ def _activate(patcher, sampling: bool = False) -> None:
     where their modes allow them and memory and the cost model say so (copies.py); every other
     layer runs its chain unmerged."""
     stack = active_items(patcher)
-    if not stack:
+    sw = patcher.get_attachment(sweep.KEY) if sampling else None
+    if not stack and sw is None:
         return
     model = patcher.model
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
     items = [_current(item, patcher) for item in stack]
-    MEMORY.pin(id(model), [item.entry for item in items])  # never evicted while active; moved back if needed
+    swept = [_current(StackItem(e, 1.0, "dynamic"), patcher).entry for e in sw.entries] if sw else []
+    MEMORY.pin(id(model), [item.entry for item in items] + swept)  # never evicted while active; moved back if needed
     act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [])
     _active[id(model)] = act
     chains = _chains(items)
     if sampling:
         # What the sampling needs comes before cached factors and copies it does not use.
         MEMORY.leave_room(patcher, _shapes.get(id(model)), keep={id(lc.module) for lc in chains})
-    merged, info = _copies(patcher, chains, items) if sampling else ({}, None)
+    merged, info = _copies(patcher, chains, items) if sampling and chains else ({}, None)
+    posts = sweep.posts(patcher, sw, swept, {id(lc.module): lc.chain for lc in chains}, _additive) if sw else {}
     for lc in chains:
-        layers.activate(lc.module, lc.chain, merged.get(id(lc.module)))
+        layers.activate(lc.module, lc.chain, merged.get(id(lc.module)), posts.pop(id(lc.module), (None, None))[1])
         act.modules.append(lc.module)
+    for module, post in posts.values():
+        layers.activate(module, (), None, post)
+        act.modules.append(module)
     if info is not None:
         began = reach.start(reach.Probed(lc.path, lc.module, tuple(lc.chain)) for lc in chains)
         act.probing = began.probing
@@ -309,6 +333,9 @@ def _outer_sample(executor, *args, **kwargs):
     this sampling does not use, and the sampling runs once more."""
     patcher = executor.class_obj.model_patcher
     noise = args[0]
+    sw = patcher.get_attachment(sweep.KEY)
+    if sw is not None:
+        sweep.check_batch(sw, noise.shape[0])
     _splice_late_patches(patcher)
     items = active_items(patcher)
     _shapes[id(patcher.model)] = tuple(noise.shape)
@@ -451,7 +478,7 @@ def _stranded_items(patcher, items: tuple[StackItem, ...], done: int) -> tuple[i
 
 
 def _on_pre_run(patcher) -> None:
-    if not active_items(patcher):
+    if not active_items(patcher) and patcher.get_attachment(sweep.KEY) is None:
         return
     _activate(patcher, sampling=True)
     if patcher.model.model_lowvram:
@@ -468,5 +495,6 @@ def _deactivate(model_id: int) -> None:
     if act is None:
         return
     MEMORY.unpin(model_id)
+    sweep.stop(model_id)
     for module in act.modules:
         layers.deactivate(module)

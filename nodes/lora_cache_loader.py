@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import folder_paths
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.latest import io
 
 from .. import lora_cache
 
@@ -150,11 +150,3 @@ class LoraCacheStack(io.ComfyNode):
 
 NODES = [LoraCacheLoader, LoraCacheLoaderModelOnly, LoraCacheStack]
 
-
-class LoraCacheExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return NODES
-
-
-async def comfy_entrypoint() -> LoraCacheExtension:
-    return LoraCacheExtension()

@@ -92,7 +92,8 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     # a returning user: a fresh profile would open the template browser over the canvas
     assert server.request("POST", "/settings/Comfy.TutorialCompleted", True)[0] == 200
     templates = server.get("/workflow_templates")
-    assert sorted(templates["lora_cache_loader"]) == ["lora_cache_demo", "stock_lora_demo"]
+    assert sorted(templates["lora_cache_loader"]) == ["lora_cache_compare", "lora_cache_demo", "lora_cache_sweep",
+                                                      "stock_lora_demo"]
     page.goto(server.url)
     page.wait_for_function("() => window.app?.graph && app.extensionManager"
                            " && app.extensions?.some?.(e => e.name === 'lora_cache.panel')", timeout=90_000)
