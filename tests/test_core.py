@@ -163,8 +163,8 @@ def test_fast_path_flags_only_while_sampling(fresh, loras, monkeypatch):
     during = {}
     real = layers.activate
 
-    def activate(module, chain, merged=None):
-        real(module, chain, merged)
+    def activate(module, chain, *args):
+        real(module, chain, *args)
         slot = layers.slot_of(module)
         during[id(module)] = (slot.active, layers.is_installed(module))
     monkeypatch.setattr(layers, "activate", activate)
