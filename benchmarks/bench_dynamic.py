@@ -24,6 +24,13 @@ Checks (a failed check makes the exit status 1, the numbers are written either w
     python3 benchmarks/bench_dynamic.py --model sdxl --configs dynamic --rounds 3 --out DIR
     python3 benchmarks/bench_dynamic.py --tiny --model sdxl --configs classic --rounds 2 --out DIR  # CPU smoke
 
+With `--sweep 0,0.5,0.8,1`, a round is instead a base image, then one LoRA at each of those
+strengths as separate queue runs with stock and with ours, then the LoRA Cache Sweep with the
+same strengths as one sampling of a latent batch (image i at strength i); each run of stock and
+ours gets the noise of batch position i, so image i of the sweep is checked against stock's run i.
+
+    python3 benchmarks/bench_dynamic.py --model sdxl --configs dynamic --rounds 3 --sweep 0,0.5,0.8,1 --out DIR
+
 `dynamic@14` leaves about 14 GiB of the card free before the model loads (the rest is taken by a
 filler allocation), so a large model streams part of its weights every step.
 """
@@ -33,6 +40,7 @@ import argparse
 import gc
 import importlib
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -57,6 +65,9 @@ def parse(argv=None):
                    help="the adapter type of both files (LoHa and LoKr as benchmarks/models.py draws them)")
     p.add_argument("--rank", type=int, default=None, help="rank of the factors (default 32 for lora, 8 otherwise)")
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU (classic only): a smoke run")
+    p.add_argument("--sweep", default=None, metavar="STRENGTHS",
+                   help="the sweep rounds instead of the 8-event series: these strengths as separate runs "
+                        "(stock, ours) and as one LoRA Cache Sweep")
     p.add_argument("--out", default="benchmarks/out")
     return p.parse_args(argv)
 
@@ -94,7 +105,8 @@ def main(argv=None) -> int:
             aimdo = bool(comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()))
 
     out_dir = Path(args.out)
-    result_name = f"dynamic-{args.model}" + ("" if args.adapter == "lora" else f"-{args.adapter}") + ".json"
+    result_name = (("sweep-" if args.sweep else "dynamic-") + args.model
+                   + ("" if args.adapter == "lora" else f"-{args.adapter}") + ".json")
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lc_dyn_"))
     folder_paths.add_model_folder_path("loras", str(work), is_default=True)
@@ -180,7 +192,7 @@ def main(argv=None) -> int:
     noise = comfy.sample.prepare_noise(latent, 42)
     lora_sd = {tag: comfy.utils.load_torch_file(str(work / n), safe_load=True) for tag, n in names.items()}
 
-    def sample(m, steps):
+    def sample(m, steps, noise=noise, latent=latent):
         out = comfy.sample.sample(m, noise, steps, cfg, "euler", "simple", cond, cond, latent,
                                   seed=42, disable_pbar=True)
         sync()
@@ -245,6 +257,137 @@ def main(argv=None) -> int:
         if not ok:
             failed.append(name)
 
+    def sweep_rounds(base, res: dict, config: str) -> None:
+        """The --sweep rounds: a base image, the strengths as separate runs of stock and of ours
+        (run i with the noise of batch position i), then the sweep as one batched sampling."""
+        sweep_service = importlib.import_module(lc.__name__ + ".sweep_service")
+        strengths = [float(x) for x in args.sweep.split(",") if x.strip()]
+        n = len(strengths)
+        latent_n = torch.zeros((n, *latent.shape[1:]), dtype=latent.dtype)
+        noise_n = comfy.sample.prepare_noise(latent_n, 42)
+        outs: dict[str, list] = {}
+        res["strengths"] = strengths
+
+        def fresh():
+            mm.unload_all_models()
+            lc.purge()
+            gc.collect()
+
+        def runs(loader: str) -> dict:
+            fresh()
+            rows = []
+            for i, s in enumerate(strengths):
+                sync()
+                t = time.perf_counter()
+                if loader == "stock":
+                    m = comfy.sd.load_lora_for_models(base, None, lora_sd["a"], s, 0)[0]
+                else:
+                    m = lc.apply(base, None, names["a"], s, 0.0, True, "auto", node_id="bench")[0]
+                t_node = time.perf_counter()
+                outs.setdefault(loader, []).append(sample(m, args.steps, noise_n[i:i + 1], latent))
+                rows.append({"strength": s, "node_ms": (t_node - t) * 1000.0, "run_s": time.perf_counter() - t})
+            total = sum(r["run_s"] for r in rows)
+            print(f"  {loader:6s} {n} runs {total:7.3f} s: " + ", ".join(f"{r['run_s']:.2f}" for r in rows), flush=True)
+            return {"s": total, "runs": rows}
+
+        def batched() -> dict:
+            fresh()
+            sync()
+            t = time.perf_counter()
+            r = sweep_service.apply_sweep(base, None, [names["a"]], args.sweep, node_id="bench-sweep")
+            t_node = time.perf_counter()
+            outs["sweep"] = list(sample(r.model, args.steps, noise_n, latent_n).split(1))
+            total = time.perf_counter() - t
+            s = lc.stats()["samplings"][-1]
+            print(f"  sweep  batch of {r.batch_size} {total:7.3f} s (node {(t_node - t) * 1000:.2f} ms): "
+                  f"{s['reason']}", flush=True)
+            return {"s": total, "node_ms": (t_node - t) * 1000.0, "batch": r.batch_size, "labels": r.labels,
+                    "sampling": s["reason"]}
+
+        for r in range(args.rounds):
+            print(f" round {r + 1}", flush=True)
+            rnd = {"base": base_image(base), "stock": runs("stock"), "ours": runs("ours"), "sweep": batched()}
+            res["rounds"].append(rnd)
+            report["configs"][config] = res
+            (out_dir / result_name).write_text(json.dumps(report, indent=1))
+        med = {k: statistics.median(rnd[k]["s"] for rnd in res["rounds"]) for k in ("base", "stock", "ours", "sweep")}
+        summary = res["summary"] = {**{f"{k}_s": v for k, v in med.items()},
+                                    "stock_over_sweep": med["stock"] / med["sweep"],
+                                    "ours_over_sweep": med["ours"] / med["sweep"]}
+        print(f"  medians over {args.rounds} rounds: base image {med['base']:.2f} s; {n} runs stock "
+              f"{med['stock']:.2f} s, ours {med['ours']:.2f} s; sweep {med['sweep']:.2f} s: "
+              f"{summary['stock_over_sweep']:.2f}x faster than "
+              f"stock's runs, {summary['ours_over_sweep']:.2f}x than ours", flush=True)
+        diff = {k: max(float((a - b).abs().max()) for a, b in zip(outs[k], outs["stock"], strict=True))
+                for k in ("ours", "sweep")}
+        res["parity"] = {"max_abs_ours_vs_stock": diff["ours"], "max_abs_sweep_vs_stock": diff["sweep"]}
+        check(f"{config}: sweep image i within the rounding of stock's run i",
+              diff["sweep"] <= max(2 * diff["ours"], 1e-3),
+              f"sweep {diff['sweep']:.4g}, ours' runs {diff['ours']:.4g} (max |latent - stock|)")
+
+    def series_rounds(base, res: dict, config: str) -> None:
+        """The 8-event series rounds, their summary, parity and checks, then the memory soak."""
+        kind = config.partition("@")[0]
+        outs: dict[str, dict] = {}
+        for r in range(args.rounds):
+            print(f" round {r + 1}", flush=True)
+            rnd = {"base": base_image(base), "loaders": {}}
+            for loader in loaders:
+                rnd["loaders"][loader] = series(loader, base, outs)
+            res["rounds"].append(rnd)
+            report["configs"][config] = res  # written after every round: a run stopped at its limit keeps it
+            (out_dir / result_name).write_text(json.dumps(report, indent=1))
+        summary = res["summary"] = summarize(res, loaders, len(EVENTS))
+        base_med = summary["base_image_s"]
+        print(f"  medians over {args.rounds} rounds, events 2-8: ceiling {7 * base_med:.2f} s; " + "; ".join(
+            f"{ld} {summary[ld]['median_s']:.2f} s ({summary[ld]['over_ceiling']:.3f} x ceiling"
+            + (f", {summary[ld]['vs_stock']:.2f}x stock" if "vs_stock" in summary[ld] else "") + ")"
+            for ld in loaders), flush=True)
+        # parity: ours and bypass around stock, per state
+        spread, ours_diff = 0.0, 0.0
+        for state, ref in outs.get("stock", {}).items():
+            if state[0] is None:
+                continue
+            if "bypass" in outs:
+                spread = max(spread, float((outs["bypass"][state] - ref).abs().max()))
+            for loader in ("ours", "ours-unmerged"):
+                if loader in outs:
+                    ours_diff = max(ours_diff, float((outs[loader][state] - ref).abs().max()))
+        res["parity"] = {"max_abs_ours_vs_stock": ours_diff, "max_abs_bypass_vs_stock": spread}
+        if "bypass" in outs and "stock" in outs:
+            check(f"{config}: outputs within the bypass loader's spread", ours_diff <= max(1.5 * spread, 1e-3),
+                  f"ours {ours_diff:.4g} vs bypass {spread:.4g} (max |latent - stock|)")
+        if "ours" in loaders:
+            ours_rows = [rnd["loaders"]["ours"] for rnd in res["rounds"]]
+            reenable = [rws[2]["built"] for rws in ours_rows]
+            first = [rws[0]["built"] for rws in ours_rows]
+            check(f"{config}: a re-enable builds no copy", all(b == 0 for b in reenable),
+                  f"copies built by event 3 per round: {reenable}; by event 1: {first}")
+            if kind == "dynamic":
+                steady = max(rnd["base"]["bytes"] for rnd in res["rounds"])
+                worst = max(r["streamed_bytes"] for rws in ours_rows for r in rws[1:])
+                check(f"{config}: toggles keep patches_uuid", all(r["uuid_kept"] for rws in ours_rows for r in rws),
+                      "uuid unchanged on every event of ours")
+                check(f"{config}: nothing re-streamed by a toggle", worst <= steady + (64 << 20),
+                      f"events 2-8 stream at most {worst / 2**20:.1f} MiB vs {steady / 2**20:.1f} MiB for a "
+                      f"base image")
+        # memory over many events of ours (1 step each)
+        if args.soak and "ours" in loaders:
+            apply = loader_fn("ours", base)
+            mem = []
+            cycle = EVENTS[1:]
+            for i in range(args.soak):
+                _, tag, strength = cycle[i % len(cycle)]
+                sample(apply(tag, strength), 1)
+                mem.append(torch.cuda.memory_allocated() if cuda else 0)
+            settled = mem[len(mem) // 10:]
+            res["soak"] = {"events": args.soak, "allocated_min": min(settled), "allocated_max": max(settled),
+                           "cache_bytes": sum(e.nbytes for e in lc.STORE.entries()),
+                           "copies": lc.stats()["memory"]["copies"]}
+            check(f"{config}: device memory flat over {args.soak} events",
+                  max(settled) - min(settled) <= (64 << 20),
+                  f"allocated {min(settled) / 2**20:.0f}-{max(settled) / 2**20:.0f} MiB after the first tenth")
+
     for config in configs:
         kind, _, free_gib = config.partition("@")
         if kind == "dynamic" and not aimdo:
@@ -259,67 +402,9 @@ def main(argv=None) -> int:
         res = {"patcher": type(base).__name__, "free_gib": float(free_gib) if free_gib else None,
                "rounds": []}
         print(f"== {spec.label} {config}: {res['patcher']}", flush=True)
-        outs: dict[str, dict] = {}
         with torch.inference_mode():
             sample(base, args.steps)  # warm-up: kernels, the model's first load
-            for r in range(args.rounds):
-                print(f" round {r + 1}", flush=True)
-                rnd = {"base": base_image(base), "loaders": {}}
-                for loader in loaders:
-                    rnd["loaders"][loader] = series(loader, base, outs)
-                res["rounds"].append(rnd)
-                report["configs"][config] = res  # written after every round: a run stopped at its limit keeps it
-                (out_dir / result_name).write_text(json.dumps(report, indent=1))
-            summary = res["summary"] = summarize(res, loaders, len(EVENTS))
-            base_med = summary["base_image_s"]
-            print(f"  medians over {args.rounds} rounds, events 2-8: ceiling {7 * base_med:.2f} s; " + "; ".join(
-                f"{ld} {summary[ld]['median_s']:.2f} s ({summary[ld]['over_ceiling']:.3f} x ceiling"
-                + (f", {summary[ld]['vs_stock']:.2f}x stock" if "vs_stock" in summary[ld] else "") + ")"
-                for ld in loaders), flush=True)
-            # parity: ours and bypass around stock, per state
-            spread, ours_diff = 0.0, 0.0
-            for state, ref in outs.get("stock", {}).items():
-                if state[0] is None:
-                    continue
-                if "bypass" in outs:
-                    spread = max(spread, float((outs["bypass"][state] - ref).abs().max()))
-                for loader in ("ours", "ours-unmerged"):
-                    if loader in outs:
-                        ours_diff = max(ours_diff, float((outs[loader][state] - ref).abs().max()))
-            res["parity"] = {"max_abs_ours_vs_stock": ours_diff, "max_abs_bypass_vs_stock": spread}
-            if "bypass" in outs and "stock" in outs:
-                check(f"{config}: outputs within the bypass loader's spread", ours_diff <= max(1.5 * spread, 1e-3),
-                      f"ours {ours_diff:.4g} vs bypass {spread:.4g} (max |latent - stock|)")
-            if "ours" in loaders:
-                ours_rows = [rnd["loaders"]["ours"] for rnd in res["rounds"]]
-                reenable = [rws[2]["built"] for rws in ours_rows]
-                first = [rws[0]["built"] for rws in ours_rows]
-                check(f"{config}: a re-enable builds no copy", all(b == 0 for b in reenable),
-                      f"copies built by event 3 per round: {reenable}; by event 1: {first}")
-                if kind == "dynamic":
-                    steady = max(rnd["base"]["bytes"] for rnd in res["rounds"])
-                    worst = max(r["streamed_bytes"] for rws in ours_rows for r in rws[1:])
-                    check(f"{config}: toggles keep patches_uuid", all(r["uuid_kept"] for rws in ours_rows for r in rws),
-                          "uuid unchanged on every event of ours")
-                    check(f"{config}: nothing re-streamed by a toggle", worst <= steady + (64 << 20),
-                          f"events 2-8 stream at most {worst / 2**20:.1f} MiB vs {steady / 2**20:.1f} MiB for a "
-                          f"base image")
-            # memory over many events of ours (1 step each)
-            if args.soak and "ours" in loaders:
-                apply = loader_fn("ours", base)
-                mem = []
-                cycle = EVENTS[1:]
-                for i in range(args.soak):
-                    _, tag, strength = cycle[i % len(cycle)]
-                    sample(apply(tag, strength), 1)
-                    mem.append(torch.cuda.memory_allocated() if cuda else 0)
-                settled = mem[len(mem) // 10:]
-                res["soak"] = {"events": args.soak, "allocated_min": min(settled), "allocated_max": max(settled),
-                               "cache_bytes": sum(e.nbytes for e in lc.STORE.entries()),
-                               "copies": lc.stats()["memory"]["copies"]}
-                check(f"{config}: device memory flat over {args.soak} events",
-                      max(settled) - min(settled) <= (64 << 20),
-                      f"allocated {min(settled) / 2**20:.0f}-{max(settled) / 2**20:.0f} MiB after the first tenth")
+            (sweep_rounds if args.sweep else series_rounds)(base, res, config)
         report["configs"][config] = res
         # written after every configuration: a run stopped at its time limit keeps what it measured
         (out_dir / result_name).write_text(json.dumps(report, indent=1))

@@ -50,3 +50,23 @@ def test_benchmark_tiny_run_and_report(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tiny SDXL, classic patcher" in proc.stdout and "ceiling (7 x base)" in proc.stdout
     assert png.stat().st_size > 1000
+
+
+def test_benchmark_tiny_sweep(tmp_path):
+    """--sweep: the strengths as separate runs of stock and of ours, and as one sweep batch whose
+    image i equals stock's run i (the noise of batch position i)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_dynamic.py"), "--tiny", "--configs", "classic",
+           "--rounds", "2", "--steps", "2", "--sweep", "0,0.5,-1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((out / "sweep-sdxl.json").read_text())
+    res = r["configs"]["classic"]
+    assert res["strengths"] == [0.0, 0.5, -1.0] and len(res["rounds"]) == 2
+    for rnd in res["rounds"]:
+        assert [x["strength"] for x in rnd["stock"]["runs"]] == [x["strength"] for x in rnd["ours"]["runs"]] \
+            == [0.0, 0.5, -1.0]
+        assert rnd["sweep"]["batch"] == 3 and "sweep of 3 images" in rnd["sweep"]["sampling"], rnd["sweep"]
+    assert all(c["ok"] for c in r["checks"]), r["checks"]
+    assert res["parity"]["max_abs_sweep_vs_stock"] <= 1e-3, res["parity"]
+    assert set(res["summary"]) >= {"base_s", "stock_s", "ours_s", "sweep_s", "stock_over_sweep"}
