@@ -24,7 +24,8 @@ Checks (a failed check makes the exit status 1, the numbers are written either w
     python3 benchmarks/bench_dynamic.py --model sdxl --configs dynamic --rounds 3 --out DIR
     python3 benchmarks/bench_dynamic.py --tiny --model sdxl --configs classic --rounds 2 --out DIR  # CPU smoke
 
-With `--sweep 0,0.5,0.8,1`, a round is instead a base image, then one LoRA at each of those
+With `--sweep 0,0.5,0.8,1`, a round is instead a base image and a base batch of that size (the
+sweep's ceiling), then one LoRA at each of those
 strengths as separate queue runs with stock and with ours, then the LoRA Cache Sweep with the
 same strengths as one sampling of a latent batch (image i at strength i); each run of stock and
 ours gets the noise of batch position i, so image i of the sweep is checked against stock's run i.
@@ -213,10 +214,10 @@ def main(argv=None) -> int:
         ours.last = None
         return ours
 
-    def base_image(base) -> dict:
+    def base_image(base, *batch) -> dict:
         streamed.update(bytes=0, modules=0)
         t = time.perf_counter()
-        sample(base, args.steps)
+        sample(base, args.steps, *batch)
         return {"s": time.perf_counter() - t, **streamed}
 
     def series(loader, base, outs) -> list[dict]:
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
             failed.append(name)
 
     def sweep_rounds(base, res: dict, config: str) -> None:
-        """The --sweep rounds: a base image, the strengths as separate runs of stock and of ours
+        """The --sweep rounds: a base image and a base batch, the strengths as separate runs of stock and of ours
         (run i with the noise of batch position i), then the sweep as one batched sampling."""
         sweep_service = importlib.import_module(lc.__name__ + ".sweep_service")
         strengths = [float(x) for x in args.sweep.split(",") if x.strip()]
@@ -276,6 +277,7 @@ def main(argv=None) -> int:
         def runs(loader: str) -> dict:
             fresh()
             rows = []
+            outs[loader] = []  # the last round's images are compared
             for i, s in enumerate(strengths):
                 sync()
                 t = time.perf_counter()
@@ -284,7 +286,7 @@ def main(argv=None) -> int:
                 else:
                     m = lc.apply(base, None, names["a"], s, 0.0, True, "auto", node_id="bench")[0]
                 t_node = time.perf_counter()
-                outs.setdefault(loader, []).append(sample(m, args.steps, noise_n[i:i + 1], latent))
+                outs[loader].append(sample(m, args.steps, noise_n[i:i + 1], latent))
                 rows.append({"strength": s, "node_ms": (t_node - t) * 1000.0, "run_s": time.perf_counter() - t})
             total = sum(r["run_s"] for r in rows)
             print(f"  {loader:6s} {n} runs {total:7.3f} s: " + ", ".join(f"{r['run_s']:.2f}" for r in rows), flush=True)
@@ -306,15 +308,19 @@ def main(argv=None) -> int:
 
         for r in range(args.rounds):
             print(f" round {r + 1}", flush=True)
-            rnd = {"base": base_image(base), "stock": runs("stock"), "ours": runs("ours"), "sweep": batched()}
+            rnd = {"base": base_image(base), "base_batch": base_image(base, noise_n, latent_n),
+                   "stock": runs("stock"), "ours": runs("ours"), "sweep": batched()}
             res["rounds"].append(rnd)
             report["configs"][config] = res
             (out_dir / result_name).write_text(json.dumps(report, indent=1))
-        med = {k: statistics.median(rnd[k]["s"] for rnd in res["rounds"]) for k in ("base", "stock", "ours", "sweep")}
+        med = {k: statistics.median(rnd[k]["s"] for rnd in res["rounds"])
+               for k in ("base", "base_batch", "stock", "ours", "sweep")}
         summary = res["summary"] = {**{f"{k}_s": v for k, v in med.items()},
                                     "stock_over_sweep": med["stock"] / med["sweep"],
-                                    "ours_over_sweep": med["ours"] / med["sweep"]}
-        print(f"  medians over {args.rounds} rounds: base image {med['base']:.2f} s; {n} runs stock "
+                                    "ours_over_sweep": med["ours"] / med["sweep"],
+                                    "sweep_over_base_batch": med["sweep"] / med["base_batch"]}
+        print(f"  medians over {args.rounds} rounds: base image {med['base']:.2f} s, a base batch of {n} "
+              f"{med['base_batch']:.2f} s; {n} runs stock "
               f"{med['stock']:.2f} s, ours {med['ours']:.2f} s; sweep {med['sweep']:.2f} s: "
               f"{summary['stock_over_sweep']:.2f}x faster than "
               f"stock's runs, {summary['ours_over_sweep']:.2f}x than ours", flush=True)

@@ -131,9 +131,43 @@ def main() -> None:
     p.add_argument("--chart")
     a = p.parse_args()
     results = [json.loads(Path(f).read_text()) for f in a.results]
-    print(tables(results))
+    series = [r for r in results if _kind(r) == "series"]
+    print(tables(series))
+    print(sweep_tables([r for r in results if _kind(r) == "sweep"]))
     if a.chart:
-        chart(results, Path(a.chart))
+        chart(series, Path(a.chart))
+
+
+def _kind(r: dict) -> str | None:
+    """"series" (the 8-event series), "sweep" (--sweep rounds), or None (another JSON: a GPU check)."""
+    rounds = [rnd for res in r.get("configs", {}).values() for rnd in res.get("rounds", [])]
+    if not rounds:
+        return None
+    return "series" if "loaders" in rounds[0] else "sweep" if "sweep" in rounds[0] else None
+
+
+def _seconds(v: float) -> str:
+    return "-" if v != v else f"{v:.2f} s"  # nan: not measured in that run
+
+
+def sweep_tables(results: list[dict]) -> str:
+    """Per model and configuration: the sweep as one batched sampling against the same strengths as
+    separate runs of stock and of ours, medians over rounds."""
+    if not results:
+        return ""
+    out = ["| model, configuration | rounds | strengths | base image | base batch | stock's runs | ours' runs |"
+           " the sweep | stock / sweep | ours / sweep |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for config, res in r["configs"].items():
+            rounds = res["rounds"]
+            med = {k: median([rnd[k]["s"] for rnd in rounds if k in rnd])
+                   for k in ("base", "base_batch", "stock", "ours", "sweep")}
+            out.append(f"| {r['model']}, {CONFIGS.get(config, config)} | {len(rounds)} | "
+                       f"{', '.join(f'{x:g}' for x in res['strengths'])} | {med['base']:.2f} s | "
+                       f"{_seconds(med['base_batch'])} | {med['stock']:.2f} s | {med['ours']:.2f} s | "
+                       f"**{med['sweep']:.2f} s** | "
+                       f"{med['stock'] / med['sweep']:.2f}x | {med['ours'] / med['sweep']:.2f}x |")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def main() -> int:
     run("b after free_memory", "b")
     report["memory"] = lc.stats()["memory"]
     for state in ("LOW_VRAM", "NO_VRAM"):
-        report[state] = apply_under_vram_state(lc, base, sample, stock["a"], state)
+        report[state] = apply_under_vram_state(lc, base, sample, tmp / "a.safetensors", state)
     print(json.dumps(report, indent=1))
     return 0
 

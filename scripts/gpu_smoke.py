@@ -54,7 +54,7 @@ def main() -> int:
     entry = [e for e in lc.STORE.entries()][0]
     report["factor_device"] = entry.device
     report["factor_bytes"] = entry.nbytes
-    report["novram"] = apply_under_vram_state(lc, base, sample, stock, "NO_VRAM")
+    report["novram"] = apply_under_vram_state(lc, base, sample, tmp / "a.safetensors", "NO_VRAM")
     print(json.dumps(report, indent=1))
     return 0
 

@@ -69,4 +69,5 @@ def test_benchmark_tiny_sweep(tmp_path):
         assert rnd["sweep"]["batch"] == 3 and "sweep of 3 images" in rnd["sweep"]["sampling"], rnd["sweep"]
     assert all(c["ok"] for c in r["checks"]), r["checks"]
     assert res["parity"]["max_abs_sweep_vs_stock"] <= 1e-3, res["parity"]
-    assert set(res["summary"]) >= {"base_s", "stock_s", "ours_s", "sweep_s", "stock_over_sweep"}
+    assert set(res["summary"]) >= {"base_s", "base_batch_s", "stock_s", "ours_s", "sweep_s", "stock_over_sweep",
+                                   "sweep_over_base_batch"}

@@ -30,15 +30,20 @@ def stock_lora(base, path: Path, strength: float = 1.0):
     return comfy.sd.load_lora_for_models(base, None, comfy.utils.load_torch_file(str(path)), strength, 0)[0]
 
 
-def apply_under_vram_state(lc, base, sample, stock: torch.Tensor, state: str, lora: str = "a.safetensors") -> dict:
-    """One apply of `lora` (lora_cache.apply, as the node calls it) and a sample while ComfyUI's
-    vram_state is `state` (LOW_VRAM, NO_VRAM: what --lowvram / --novram set): the path taken,
-    why, and the output's largest difference to `stock`."""
+def apply_under_vram_state(lc, base, sample, lora_path: Path, state: str) -> dict:
+    """One apply of the LoRA at `lora_path` (lora_cache.apply, as the node calls it) and a sample
+    while ComfyUI's vram_state is `state` (LOW_VRAM, NO_VRAM: what --lowvram / --novram set): the
+    path taken, why, and the output's largest difference to the stock loader's sampled in the
+    same state (ComfyUI's patch path there: equal) and in the normal state (ComfyUI's lowvram
+    patches round differently from its merged weights)."""
     old = mm.vram_state
+    normal = sample(stock_lora(base, lora_path))
     mm.vram_state = getattr(mm.VRAMState, state)
     try:
-        m, _, ev = lc.apply(base, None, lora, 1.0, 0.0, True, "auto")
+        stock = sample(stock_lora(base, lora_path))
+        m, _, ev = lc.apply(base, None, lora_path.name, 1.0, 0.0, True, "auto")
         out = sample(m)
     finally:
         mm.vram_state = old
-    return {"path": ev.path, "reason": ev.reason, "max_abs_diff_vs_stock": float((out - stock).abs().max())}
+    return {"path": ev.path, "reason": ev.reason, "max_abs_diff_vs_stock": float((out - stock).abs().max()),
+            "stock_vs_stock_normal_state": float((stock - normal).abs().max())}
