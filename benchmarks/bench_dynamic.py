@@ -152,8 +152,10 @@ def main(argv=None) -> int:
               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     try:
         import comfy_aimdo
-        report["aimdo_version"] = getattr(comfy_aimdo, "__version__", None) or __import__(
-            "importlib.metadata").metadata.version("comfy-aimdo")
+        # The version of the module imported (its _version.py), not of whichever distribution's
+        # metadata is found first on the path.
+        report["aimdo_version"] = getattr(importlib.import_module("comfy_aimdo._version"), "__version__", None)
+        report["aimdo_file"] = comfy_aimdo.__file__
     except Exception:
         report["aimdo_version"] = None
 

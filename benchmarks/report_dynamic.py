@@ -55,7 +55,9 @@ def _summary(r: dict, res: dict) -> dict:
 
 def _title(r: dict, config: str, res: dict) -> str:
     kind = "" if r.get("adapter", "lora") == "lora" else f" {ADAPTERS[r['adapter']]} (rank {r['rank']})"
-    return (f"{r['model']}{kind}, {CONFIGS.get(config, config)} ({res['patcher']}, {r['steps']} steps, "
+    host = f"ComfyUI {r['comfyui']}" + (f", comfy-aimdo {r['aimdo_version']}"
+                                         if config.startswith("dynamic") and r.get("aimdo_version") else "")
+    return (f"{r['model']}{kind}, {CONFIGS.get(config, config)} ({host}, {res['patcher']}, {r['steps']} steps, "
             f"{len(res['rounds'])} rounds)")
 
 
@@ -107,7 +109,8 @@ def chart(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(f"{r['model']}\n{CONFIGS.get(c, c)}", _summary(r, res))
+    groups = [(f"{r['model']}{'' if r.get('adapter', 'lora') == 'lora' else ' ' + ADAPTERS[r['adapter']]}\n"
+               f"{CONFIGS.get(c, c)}\nComfyUI {r['comfyui']}", _summary(r, res))
               for r in results for c, res in r["configs"].items()]
     bars = ["ceiling", "stock", "bypass", "ours"]
     fig, ax = plt.subplots(figsize=(2.4 * len(groups) + 2, 4))
@@ -119,7 +122,7 @@ def chart(results: list[dict], path: Path) -> None:
                color="#bbbbbb" if bar == "ceiling" else None)
     ax.set_xticks(range(len(groups)), [g for g, _ in groups], fontsize=8)
     ax.set_ylabel("events 2-8, median seconds (lower is better)")
-    ax.set_title(f"8-event LoRA series, ComfyUI {results[0]['comfyui']}, {results[0]['device']}")
+    ax.set_title(f"8-event LoRA series, {results[0]['device']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

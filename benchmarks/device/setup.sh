@@ -57,4 +57,5 @@ import _standin
 _standin.install($roots)
 PY
 export PYTHONPATH="/tmp/standins:/tmp/site:$ROOT/testkit${PYTHONPATH:+:$PYTHONPATH}"
-echo "[device setup] ComfyUI at $COMFYUI_DIR ($(sed -n "s/^__version__ = //p" "$COMFYUI_DIR/comfyui_version.py")), comfy-aimdo ${LORA_CACHE_AIMDO:-as carried}; stand-ins for $roots"
+aimdo="$(python3 -c 'import comfy_aimdo._version as v, comfy_aimdo; print(v.__version__, "from", comfy_aimdo.__file__)' 2>&1 | tail -1)"
+echo "[device setup] ComfyUI at $COMFYUI_DIR ($(sed -n "s/^__version__ = //p" "$COMFYUI_DIR/comfyui_version.py")), comfy-aimdo $aimdo; stand-ins for $roots"

@@ -105,6 +105,13 @@ class ComfyServer:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                # Stuck: ComfyUI's faulthandler writes where the main thread is on SIGABRT (log).
+                self.proc.send_signal(signal.SIGABRT)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+            if self.proc.poll() is None:
                 self.proc.terminate()
                 try:
                     self.proc.wait(timeout=20)
