@@ -27,6 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A test command started in the background of a non-interactive shell (a CI step, `cmd &`)
+    # has SIGINT ignored, and a child inherits that: Python then never raises KeyboardInterrupt,
+    # and Ctrl-C (stop()) would not stop the server. A user's terminal gives the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def make_base_dir(base: Path, cpu_as_device: bool = False) -> Path:
     """A ComfyUI base directory with this package in custom_nodes/ (as a user would clone it).
 
@@ -58,13 +65,16 @@ class ComfyServer:
         self.ws = None
 
     def start(self, timeout: float = 120.0) -> ComfyServer:
-        cmd = [sys.executable, str(host.COMFY_DIR / "main.py"), "--cpu", "--listen", "127.0.0.1",
-               "--port", str(self.port), "--disable-auto-launch", "--base-directory", str(self.base),
+        # -X faulthandler: a server that has to be aborted writes every thread's stack to its log.
+        cmd = [sys.executable, "-X", "faulthandler", str(host.COMFY_DIR / "main.py"), "--cpu",
+               "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
+               "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", "--disable-api-nodes", *self.extra_args]
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - the server writes to it until stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(cmd, cwd=str(host.COMFY_DIR), stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     preexec_fn=_ctrl_c_as_in_a_terminal)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
