@@ -60,7 +60,7 @@ def parse(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--loaders", default="stock,bypass,ours",
-                   help="comma list of stock, bypass, ours, ours-unmerged (ours with mode dynamic: no copies)")
+                   help="comma list of stock, bypass, ours, ours-unmerged (ours with mode unmerged: no copies)")
     p.add_argument("--soak", type=int, default=100, help="extra events of ours for the memory check")
     p.add_argument("--adapter", default="lora", choices=("lora", "loha", "lokr"),
                    help="the adapter type of both files (LoHa and LoKr as benchmarks/models.py draws them)")
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         if loader in ("stock", "bypass"):
             load = comfy.sd.load_lora_for_models if loader == "stock" else comfy.sd.load_bypass_lora_for_models
             return lambda tag, s: base if tag is None else load(base, None, lora_sd[tag], s, 0)[0]
-        mode = "dynamic" if loader == "ours-unmerged" else "auto"
+        mode = "unmerged" if loader == "ours-unmerged" else "auto"
 
         def ours(tag, s):
             if tag is None:

@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 LABELS = {"stock": "stock LoraLoaderModelOnly", "bypass": "LoraLoaderBypassModelOnly",
-          "ours": "LoRA Cache Loader (auto)", "ours-unmerged": "LoRA Cache Loader (mode dynamic: unmerged)"}
+          "ours": "LoRA Cache Loader (auto)", "ours-unmerged": "LoRA Cache Loader (mode unmerged)"}
 CONFIGS = {"dynamic": "dynamic VRAM, whole card", "dynamic@14": "dynamic VRAM, 14 GiB free",
            "classic": "classic patcher"}
 ADAPTERS = {"loha": "LoHa", "lokr": "LoKr"}

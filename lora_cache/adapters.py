@@ -110,7 +110,7 @@ def describe_adapter(adapter) -> str:
 
 @dataclass
 class Plan:
-    """What the dynamic path would install: module path -> forms, or why it can't.
+    """What the cached path would install: module path -> forms, or why it can't.
     `forms`: which form the adapter types other than plain LoRA took, for the build reason."""
 
     layers: dict[str, tuple] | None
@@ -162,8 +162,8 @@ def module_path(t: Target) -> str:
     return t.key[: -len(".weight")]
 
 
-def plan_dynamic(patches: dict, model_patcher, lora_name: str, device, dtype, progress=None) -> Plan:
-    """Forms for the dynamic path. Raises on shapes that cannot belong to the layer.
+def plan_cached(patches: dict, model_patcher, lora_name: str, device, dtype, progress=None) -> Plan:
+    """Forms for the cached path. Raises on shapes that cannot belong to the layer.
     `patches`: target -> adapter, a Patches (its `sources` name the file's keys in messages) or
     ComfyUI's load_lora result as it is.
     `progress(done)` is called every few layers: a large adapter's build shows in the UI."""

@@ -21,7 +21,7 @@ import json
 import os
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import torch
 
@@ -110,6 +110,13 @@ def _total(device: torch.device) -> int:
         return 0
 
 
+class Limit(NamedTuple):
+    """A byte limit and where the number comes from (the stats route and the panel show both)."""
+
+    bytes: int
+    source: str
+
+
 class Budget:
     """Byte limits per tier. `overrides` (device string -> bytes) let tests and callers set a
     limit for one device, the CPU included, without touching the environment."""
@@ -119,29 +126,30 @@ class Budget:
         self.host_override: int | None = None
         self.copy_overrides: dict[str, int] = {}
 
-    def device_limit(self, device: torch.device | str) -> tuple[int, str]:
-        """(bytes, where the number comes from)."""
+    def device_limit(self, device: torch.device | str) -> Limit:
         d = torch.device(device)
         if str(d) in self.overrides:
-            return self.overrides[str(d)], "set by the caller"
+            return Limit(self.overrides[str(d)], "set by the caller")
         env = _env_mb(ENV_DEVICE)
         if env is not None:
-            return int(env * _MB), f"{ENV_DEVICE}"
+            return Limit(int(env * _MB), f"{ENV_DEVICE}")
         s = setting_mb()
         if s is not None:
-            return int(s * _MB), f"ComfyUI setting {SETTING_ID}"
-        return int(_total(d) * DEFAULT_FRACTION), f"default: {DEFAULT_FRACTION:.0%} of {d} memory"
+            return Limit(int(s * _MB), f"ComfyUI setting {SETTING_ID}")
+        return Limit(int(_total(d) * DEFAULT_FRACTION), f"default: {DEFAULT_FRACTION:.0%} of {d} memory")
 
-    def host_limit(self) -> tuple[int, str]:
+    def host_limit(self) -> Limit:
         if self.host_override is not None:
-            return self.host_override, "set by the caller"
+            return Limit(self.host_override, "set by the caller")
         env = _env_mb(ENV_HOST)
         if env is not None:
-            return int(env * _MB), f"{ENV_HOST}"
-        return int(_total(torch.device("cpu")) * DEFAULT_FRACTION), f"default: {DEFAULT_FRACTION:.0%} of system RAM"
+            return Limit(int(env * _MB), f"{ENV_HOST}")
+        return Limit(int(_total(torch.device("cpu")) * DEFAULT_FRACTION),
+                     f"default: {DEFAULT_FRACTION:.0%} of system RAM")
 
     def copy_limit(self, device: torch.device | str) -> tuple[int | None, str]:
-        """The cap on merged copies per device (None: only free memory limits them)."""
+        """The cap on merged copies per device (None: only free memory limits them), and where it
+        comes from."""
         d = str(torch.device(device))
         if d in self.copy_overrides:
             return self.copy_overrides[d], "set by the caller"

@@ -66,7 +66,7 @@ def _plan(entry: Entry, patcher) -> None:
         return
     pbar = comfy.utils.ProgressBar(max(len(entry.patches), 1))
     device, dtype = device_dtype(patcher, entry.patches)
-    planned = adapters.plan_dynamic(entry.patches, patcher, entry.lora, device, dtype,
+    planned = adapters.plan_cached(entry.patches, patcher, entry.lora, device, dtype,
                                     progress=lambda done: pbar.update_absolute(done))
     entry.plan_reason = planned.reason
     entry.forms = planned.forms

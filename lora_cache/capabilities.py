@@ -1,9 +1,9 @@
-"""Whether this ComfyUI host, and the model patcher the node was given, let the dynamic path
+"""Whether this ComfyUI host, and the model patcher the node was given, let the cached path
 run safely. Every check looks at features (attributes, methods, what a method does), never at
 a version string: ComfyUI forks and custom patchers (GGUF, Nunchaku, multi-GPU) ship their own
 classes, and the same version can run with or without dynamic VRAM.
 
-`dynamic_path_problem(patcher)` returns a reason string (shown in the node's event) or None.
+`cached_path_problem(patcher)` returns a reason string (shown in the node's event) or None.
 What holds for ComfyUI's library and for a patcher class is worked out once and kept; only the
 facts of the patcher and model at hand are looked at on every execution.
 docs/compat.md says which ComfyUI behaviour each check stands for.
@@ -23,7 +23,7 @@ import torch
 
 from . import load_state
 
-# What the dynamic path calls on the patcher it is given (service, scope, decision).
+# What the cached path calls on the patcher it is given (service, scope, decision).
 _PATCHER_METHODS = ("clone", "get_attachment", "set_attachments", "add_callback_with_key",
                     "remove_callbacks_with_key", "pre_run", "cleanup", "model_size")
 # What decision.py reads to tell fast / build / full; ComfyUI's ModelPatcher.__init__ sets the
@@ -38,7 +38,7 @@ _CALLBACKS = (("pre_run", "ON_PRE_RUN"), ("cleanup", "ON_CLEANUP"))
 
 @functools.cache
 def host_problem() -> str | None:
-    """What the dynamic path needs from ComfyUI's library, whatever the patcher."""
+    """What the cached path needs from ComfyUI's library, whatever the patcher."""
     callbacks = getattr(comfy.patcher_extension, "CallbacksMP", None)
     for _, name in _CALLBACKS:
         if not hasattr(callbacks, name):
@@ -141,8 +141,8 @@ def _class_problem(cls: type) -> str | None:
     return _class_problems[cls]
 
 
-def dynamic_path_problem(patcher) -> str | None:
-    """Why the dynamic path cannot be made safe for this patcher on this host, or None."""
+def cached_path_problem(patcher) -> str | None:
+    """Why the cached path cannot be made safe for this patcher on this host, or None."""
     problem = host_problem() or _class_problem(type(patcher))
     if problem is not None:
         return problem

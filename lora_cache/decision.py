@@ -9,13 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-MODES = ("auto", "dynamic", "merged")
+MODES = ("auto", "merged", "unmerged")
+# Saved workflows name a mode by a former value: "dynamic" was the unmerged mode (the word now
+# means only ComfyUI's dynamic VRAM).
+MODE_ALIASES = {"dynamic": "unmerged"}
 PATHS = ("fast", "build", "full", "off")
 
 Path = Literal["fast", "build", "full", "off"]
 # How the node's output carries the adapter: our clone that activates cached factors ("cache"),
 # ComfyUI's own add_patches ("comfy"), or not at all: the inputs come back ("none").
 Via = Literal["cache", "comfy", "none"]
+
+
+def mode_of(value: str) -> str | None:
+    """The mode a widget value names (a former value included), or None for an unknown one."""
+    mode = MODE_ALIASES.get(value, value)
+    return mode if mode in MODES else None
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,7 @@ class Facts:
     placement_problem: str | None = None  # ComfyUI would not hold the whole model on its device
     attach_problem: str | None = None  # a cached entry's factors are not ready on its layers
     merged_problem: str | None = None  # another patcher's patches are merged into the weights
-    layers: int = 0
+    layer_count: int = 0
     nbytes: int = 0
     device: str | None = None
     forms: str | None = None  # the cached forms types other than plain LoRA took ("lokr as kron factors")
@@ -73,7 +82,8 @@ def decide(f: Facts) -> Decision:
            else f"{when}: unmerged")
     if f.found != "cached":
         forms = f"; {f.forms}" if f.forms else ""
-        return Decision("build", f"{f.found}: {f.layers} layers, {f.nbytes / 1024:.0f} KiB on {f.device}{forms}; {how}")
+        return Decision("build", f"{f.found}: {f.layer_count} layers, {f.nbytes / 1024:.0f} KiB on {f.device}{forms}; "
+                                 f"{how}")
     suffix = f"; {f.change}" if f.change else ""
     for problem in (f.attach_problem, f.merged_problem):
         if problem is not None:

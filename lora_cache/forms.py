@@ -33,11 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
-from .layers import LayerFactors, LayerForm, Op, _moved, weight_of
+from .layers import CONV, LayerFactors, LayerForm, Op, moved, to_input, weight_of
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _STATES = 4  # derived states kept per form (weights and prefixes seen recently)
 
 
@@ -66,14 +64,6 @@ def _writable(y: torch.Tensor) -> torch.Tensor:
 
 def _sliced(y: torch.Tensor, module: torch.nn.Module, out_slice) -> torch.Tensor:
     return y if out_slice is None else y.narrow(_channel_dim(module), out_slice[0], out_slice[1])
-
-
-def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    # The tensors are stored in the model's compute dtype on its load device; an input in
-    # another dtype or place (lowvram casts, a text encoder in fp32) gets a transient copy.
-    if t.dtype == ref.dtype and t.device == ref.device:
-        return t
-    return t.to(device=ref.device, dtype=ref.dtype)
 
 
 def _conv_args(module: torch.nn.Module) -> tuple:
@@ -180,7 +170,7 @@ class Form:
         for n in self._tensor_names:
             v = getattr(self, n)
             if isinstance(v, torch.Tensor):
-                setattr(self, n, _moved(v, device, pin))
+                setattr(self, n, moved(v, device, pin))
             elif v is not None:  # a form inside this one (DoRA's core)
                 v.move(device, pin)
         states = self.__dict__.get("states")
@@ -228,7 +218,7 @@ class KronFactors(Form):
             d = w2_.shape[0]
 
             def delta(x):
-                w1, w2 = _like(w1_, x), _like(w2_, x)
+                w1, w2 = to_input(w1_, x), to_input(w2_, x)
                 h = torch.matmul(x.reshape(-1, b, d), w2)  # [N, b, c]: w2 on each group of inputs
                 out = torch.matmul(w1, h).view(*x.shape[:-1], -1)  # [N, a, c]: w1 across groups
                 return out if rows is None else out.narrow(-1, *rows)
@@ -237,8 +227,8 @@ class KronFactors(Form):
 
         def delta_conv(x):
             n = x.shape[0]
-            h = _CONV[x.ndim - 2](x.reshape(n * b, -1, *x.shape[2:]), _like(w2_, x), None, stride, padding, dilation)
-            out = torch.matmul(_like(w1_, x), h.reshape(n, b, -1)).view(n, -1, *h.shape[2:])  # [n, a * c, ...]
+            h = CONV[x.ndim - 2](x.reshape(n * b, -1, *x.shape[2:]), to_input(w2_, x), None, stride, padding, dilation)
+            out = torch.matmul(to_input(w1_, x), h.reshape(n, b, -1)).view(n, -1, *h.shape[2:])  # [n, a * c, ...]
             return out if rows is None else out.narrow(1, *rows)
         return delta_conv
 
@@ -280,9 +270,9 @@ class DenseDelta(Form):
     def delta_fn(self, module) -> Callable[[torch.Tensor], torch.Tensor]:
         dw = self.delta_w
         if _is_linear(module):
-            return lambda x: (x.reshape(-1, x.shape[-1]) @ _like(dw, x)).view(*x.shape[:-1], -1)
+            return lambda x: (x.reshape(-1, x.shape[-1]) @ to_input(dw, x)).view(*x.shape[:-1], -1)
         stride, padding, dilation = _conv_args(module)
-        return lambda x: _CONV[x.ndim - 2](x, _like(dw, x), None, stride, padding, dilation)
+        return lambda x: CONV[x.ndim - 2](x, to_input(dw, x), None, stride, padding, dilation)
 
     def bind(self, module, strength, prefix) -> Op:
         alpha = float(strength) * self.scale
@@ -294,7 +284,7 @@ class DenseDelta(Form):
                 y2 = y.view(-1, y.shape[-1])
                 if sl is not None:
                     y2 = y2[:, sl[0]:sl[0] + sl[1]]
-                y2.addmm_(x.reshape(-1, x.shape[-1]), _like(dw, x), alpha=alpha)
+                y2.addmm_(x.reshape(-1, x.shape[-1]), to_input(dw, x), alpha=alpha)
                 return y
             return Op(None, post)
         delta = self.delta_fn(module)
@@ -331,11 +321,11 @@ class InputLowRank(Form):
         if _is_linear(module):
             def pre(x):
                 x2 = x.reshape(-1, x.shape[-1])
-                return torch.addmm(x2, x2 @ _like(d_, x), _like(u_, x), alpha=alpha).view(x.shape)
+                return torch.addmm(x2, x2 @ to_input(d_, x), to_input(u_, x), alpha=alpha).view(x.shape)
         else:
             def pre(x):
-                conv = _CONV[x.ndim - 2]
-                return torch.add(x, conv(conv(x, _like(d_, x)), _like(u_, x)), alpha=alpha)
+                conv = CONV[x.ndim - 2]
+                return torch.add(x, conv(conv(x, to_input(d_, x)), to_input(u_, x)), alpha=alpha)
         return Op(pre, None)
 
     def ud(self) -> torch.Tensor:
@@ -406,8 +396,8 @@ class DoRA(Form):
                 delta, gain_in = core.delta_fn(module), _per_channel(gain.to(dtype), module)
 
                 def add(x, y):
-                    return _writable(y).add_(delta(x * _like(gain_in, x)))
-            return Op(lambda x: x * _like(keep_in, x), add)
+                    return _writable(y).add_(delta(x * to_input(gain_in, x)))
+            return Op(lambda x: x * to_input(keep_in, x), add)
         # y' = keep * y + (1 - keep) * b + gain * core(x): the bias passes through unchanged
         bias = _bias(module, sl, torch.float32, c.device)
         shift = None if bias is None else _per_channel(((1 - keep.float()) * bias).to(dtype), module)
@@ -418,14 +408,14 @@ class DoRA(Form):
             delta, gain_out = core.delta_fn(module), _per_channel(gain.to(dtype), module)
 
             def add(x, y):
-                _sliced(y, module, sl).addcmul_(delta(x), _like(gain_out, y))
+                _sliced(y, module, sl).addcmul_(delta(x), to_input(gain_out, y))
                 return y
 
         def post(x, y):
             y = _writable(y)
-            ys = _sliced(y, module, sl).mul_(_like(keep_out, y))
+            ys = _sliced(y, module, sl).mul_(to_input(keep_out, y))
             if shift is not None:
-                ys.add_(_like(shift, y))
+                ys.add_(to_input(shift, y))
             return add(x, y)
         return Op(None, post)
 
@@ -457,7 +447,7 @@ def _output_op(module, out_slice, delta_of: Callable, alpha: float, shift: torch
         ys = _channels_last(_sliced(y, module, out_slice), module)
         ys.add_(delta_of(ys), alpha=alpha)
         if shift is not None:
-            ys.sub_(_like(shift, y))
+            ys.sub_(to_input(shift, y))
         return y
     return Op(None, post)
 
@@ -484,7 +474,7 @@ class BlockRotation(Form):
                                            ).flatten().to(a.dtype)
 
         def rotated_minus_y(ys):
-            return torch.einsum("...kn,knm->...km", ys.unflatten(-1, (k, n)), _like(a, ys)).flatten(-2)
+            return torch.einsum("...kn,knm->...km", ys.unflatten(-1, (k, n)), to_input(a, ys)).flatten(-2)
         return _output_op(module, sl, rotated_minus_y, alpha, shift)
 
     def merge_into(self, weight, strength) -> None:
@@ -542,9 +532,9 @@ class Butterfly(Form):
             shift = (s * (t - bias)).to(dtype)
 
         def transformed_minus_y(ys):
-            t = apply(_like(stages, ys), ys)
+            t = apply(to_input(stages, ys), ys)
             if rescale is not None:
-                t.mul_(_like(rescale, ys))
+                t.mul_(to_input(rescale, ys))
             return t.sub_(ys)
         return _output_op(module, sl, transformed_minus_y, s, shift)
 
@@ -587,7 +577,7 @@ class StockDelta(Form):
         return _tensors_in(self.adapter.weights)
 
     def move(self, device, pin) -> None:
-        w = tuple(_moved(t, device, pin) if isinstance(t, torch.Tensor) else t for t in self.adapter.weights)
+        w = tuple(moved(t, device, pin) if isinstance(t, torch.Tensor) else t for t in self.adapter.weights)
         self.adapter = with_weights(self.adapter, w)
         self.states.clear()
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 SLOT_ATTR = "lora_cache_slot"
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class Op(NamedTuple):
@@ -91,7 +91,7 @@ def weight_of(module: torch.nn.Module) -> torch.Tensor:
     return w
 
 
-def _to(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def to_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # Stored in the model's compute dtype on its load device; an input in another dtype or
     # place (lowvram casts, a text encoder in fp32) gets a transient copy.
     return t if t.dtype == x.dtype and t.device == x.device else t.to(device=x.device, dtype=x.dtype)
@@ -136,19 +136,19 @@ class LayerFactors:
         down, mid, up = self.down, self.mid, self.up
         if self.kind == "linear":
             def delta(x):
-                d, u = _to(down, x), _to(up, x)
+                d, u = to_input(down, x), to_input(up, x)
                 return (x.reshape(-1, x.shape[-1]) @ d @ u).view(*x.shape[:-1], -1)
             return delta
         assert isinstance(module, _ConvNd), "factors other than Linear ones target a convolution (adapters.resolve)"
         stride, padding, dilation = module.stride, module.padding, module.dilation
 
         def delta_conv(x: torch.Tensor) -> torch.Tensor:
-            conv = _CONV[x.ndim - 2]
+            conv = CONV[x.ndim - 2]
             if mid is None:
-                h = conv(x, _to(down, x), None, stride, padding, dilation)
+                h = conv(x, to_input(down, x), None, stride, padding, dilation)
             else:
-                h = conv(conv(x, _to(down, x)), _to(mid, x), None, stride, padding, dilation)
-            return conv(h, _to(up, x))
+                h = conv(conv(x, to_input(down, x)), to_input(mid, x), None, stride, padding, dilation)
+            return conv(h, to_input(up, x))
         return delta_conv
 
     def dense(self) -> torch.Tensor:
@@ -188,7 +188,7 @@ class LayerFactors:
         start, stop = (None, None) if self.out_slice is None else (self.out_slice[0], sum(self.out_slice))
 
         def post(x, y):
-            d, u = _to(down, x), _to(up, x)
+            d, u = to_input(down, x), to_input(up, x)
             h = x.reshape(-1, x.shape[-1]) @ d
             if not y.is_contiguous() or (torch.is_grad_enabled() and y.requires_grad):
                 delta = (h @ u).mul_(alpha).view(*y.shape[:-1], -1)
@@ -206,7 +206,7 @@ class LayerFactors:
         return Op(None, post)
 
 
-def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+def moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
     if device.type != "cpu":
         return t.to(device, non_blocking=True)
     out = t.detach().to(device, copy=True)
@@ -231,16 +231,16 @@ def move_layer(factors: tuple[LayerForm, ...], device: torch.device, pin: bool =
         if f.shared_down is not None:
             key = id(f.shared_down)
             if key not in shared:
-                shared[key] = _moved(f.shared_down, device, pin)
+                shared[key] = moved(f.shared_down, device, pin)
             f.shared_down = shared[key]
             assert f.shared_cols is not None, "share_down sets both"
             lo, hi = f.shared_cols
             f.down = f.shared_down[:, lo:hi]
         else:
-            f.down = _moved(f.down, device, pin)
-        f.up = _moved(f.up, device, pin)
+            f.down = moved(f.down, device, pin)
+        f.up = moved(f.up, device, pin)
         if f.mid is not None:
-            f.mid = _moved(f.mid, device, pin)
+            f.mid = moved(f.mid, device, pin)
 
 
 def copy_layer(factors: tuple[LayerForm, ...], device: torch.device) -> tuple[LayerForm, ...]:
@@ -571,7 +571,7 @@ def _put_weight_function(module: torch.nn.Module, slot: LayerSlot, fn: Callable)
 
 def handing_over(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """A weight function that hands over `weight` (a merged copy) in place of the one cast."""
-    return lambda cast_weight: _to(weight, cast_weight)
+    return lambda cast_weight: to_input(weight, cast_weight)
 
 
 def _leave_cast(module: torch.nn.Module, slot: LayerSlot) -> None:
@@ -751,7 +751,7 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
                 return _through_weight_function(module, swap, base, x, *args, **kwargs)
             every_op()
             if x.dtype != w.dtype or x.device != w.device:
-                return run(x, _to(w, x), None if b is None else _to(b, x))
+                return run(x, to_input(w, x), None if b is None else to_input(b, x))
             return run(x, w, b)
     if slot.post is not None:
         forward = _then(forward, slot.post)

@@ -18,7 +18,7 @@ class AdapterStats(TypedDict):
     bytes: int
     device: str | None
     resident: bool
-    dynamic: bool
+    cached: bool  # the adapter takes the cached path (else `reason` says why not)
     reason: str | None
     layers: int
     model: str | None
@@ -36,7 +36,7 @@ def stats() -> dict:
             "bytes": e.nbytes,
             "device": e.device,
             "resident": e.resident,
-            "dynamic": e.plan_reason is None,
+            "cached": e.plan_reason is None,
             "reason": e.plan_reason,
             "layers": len(e.layers),
             "model": type(model).__name__ if model is not None else None,

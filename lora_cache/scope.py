@@ -133,7 +133,7 @@ def carry_clip(clip, entry: Entry, strength: float, node: str | None = None):
     n = clip.clone()
     p = n.patcher
     seen = {k: len(v) for k, v in clip.patcher.patches.items()}
-    p.set_attachments(KEY, stack_of(clip.patcher).with_adapter(StackItem(entry, strength, "dynamic", seen, 0, node)))
+    p.set_attachments(KEY, stack_of(clip.patcher).with_adapter(StackItem(entry, strength, "unmerged", seen, 0, node)))
     p.set_injections(KEY, [PatcherInjection(inject=_activate_text_encoder, eject=_release)])
     return n
 
@@ -198,7 +198,7 @@ def _activate(patcher, sampling: bool = False) -> None:
     model = patcher.model
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
     items = [_current(item, patcher) for item in stack]
-    swept = [_current(StackItem(e, 1.0, "dynamic"), patcher).entry for e in sw.entries] if sw else []
+    swept = [_current(StackItem(e, 1.0, "unmerged"), patcher).entry for e in sw.entries] if sw else []
     MEMORY.pin(id(model), [item.entry for item in items] + swept)  # never evicted while active; moved back if needed
     act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [])
     _active[id(model)] = act
@@ -259,7 +259,7 @@ def _copies(patcher, chains: list[_LayerChain],
         if id(lc.module) not in served:
             copies.REGISTRY.drop(lc.module)
     if choice is None:
-        reason = f"unmerged: {len(chains)} layers (mode dynamic)"
+        reason = f"unmerged: {len(chains)} layers (mode unmerged)"
     else:
         others = len(chains) - len(candidates) - hooked
         reason = choice.describe() + "".join(

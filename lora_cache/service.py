@@ -82,12 +82,12 @@ def _facts(side: _Side, found: build.Found, mode: str, run_key: tuple[str, str] 
     return Facts(
         side=side.name, mode=mode, found=found.how, has_patches=bool(entry.patches),
         adapter_problem=entry.plan_reason,
-        host_problem=capabilities.dynamic_path_problem(patcher) or load_state.weight_patched_at_cast(patcher, entry),
+        host_problem=capabilities.cached_path_problem(patcher) or load_state.weight_patched_at_cast(patcher, entry),
         placement_problem=load_state.placement_problem(patcher, extra_bytes=0 if cached else entry.nbytes),
         attach_problem=load_state.unattached_problem(entry) if cached else None,
         merged_problem=load_state.merged_problem(patcher) if cached else None,
         # only a build names the size: summing it is per-layer work the fast path does not need
-        layers=len(entry.layers), nbytes=0 if cached else entry.nbytes, device=entry.device, forms=entry.forms,
+        layer_count=len(entry.layers), nbytes=0 if cached else entry.nbytes, device=entry.device, forms=entry.forms,
         change=_what_changed(run_key, entry, entry.lora, side.strength) if cached else None)
 
 
@@ -131,8 +131,10 @@ def apply(model, clip, lora_name: str, strength_model: float, strength_clip: flo
 
     if not enabled:
         return model, clip, done(Decision("off", "disabled", via="none"))
-    if mode not in decision.MODES:
+    known = decision.mode_of(mode)
+    if known is None:
         raise LoraCacheError(f"LoRA '{lora_name}': unknown mode {mode!r} (one of {', '.join(decision.MODES)})")
+    mode = known
     adapters.check_strength(lora_name, strength_model=strength_model, strength_clip=strength_clip)
     use_model = model is not None and strength_model != 0
     use_clip = clip is not None and strength_clip != 0

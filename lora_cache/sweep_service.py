@@ -64,7 +64,7 @@ def apply_sweep(model, clip, lora_names: list[str], strengths_text: str, strengt
                              f"put its strengths in the strengths list")
     adapters.check_strength(names[0], strength_clip=strength_clip)
     settings = sweep.settings(names, sweep.parse_strengths(strengths_text))
-    problem = capabilities.dynamic_path_problem(model)
+    problem = capabilities.cached_path_problem(model)
     if problem is not None:
         raise LoraCacheError(f"LoRA Cache Sweep: per-image strengths need the cached path, which this model "
                              f"cannot take: {problem}")

@@ -11,7 +11,7 @@ _STRENGTH = dict(default=1.0, min=-100.0, max=100.0, step=0.01)
 _MODE_TIP = ("auto: each adapted layer runs a merged copy of its weight (built once on the device, kept "
              "across runs) where memory holds one and it saves time, the rest unmerged in the layer's "
              "forward; the text encoder unmerged. merged: a merged copy wherever memory holds one (text "
-             "encoder: ComfyUI's patch path). dynamic: always unmerged, no copies. ComfyUI's own weights "
+             "encoder: ComfyUI's patch path). unmerged: always unmerged, no copies. ComfyUI's own weights "
              "are never changed; where the cache cannot serve, ComfyUI's patch path.")
 _DESCRIPTION = ("Applies a LoRA like the stock LoRA loader, but keeps it cached on the model's device "
                 "and applies it in the sampling's layers (merged copies of their weights, kept across "
@@ -32,6 +32,14 @@ def _check_names(*names) -> bool | str:
     for name in names:
         if name is not None and name != "None" and name not in known:
             return f"LoRA file '{name}' not found in the loras folders"
+    return True
+
+
+def _check_mode(mode) -> bool | str:
+    """validate_inputs: a workflow saved with a former mode value (see lora_cache.MODE_ALIASES)
+    must still run, so the node checks the mode itself instead of ComfyUI's list of options."""
+    if lora_cache.mode_of(mode) is None:
+        return f"unknown mode {mode!r} (one of {', '.join(lora_cache.MODES)})"
     return True
 
 
@@ -68,8 +76,9 @@ class _OneLoRA(io.ComfyNode):
         return lora_cache.fingerprint(lora_name, enabled)
 
     @classmethod
-    def validate_inputs(cls, lora_name=None):
-        return _check_names(lora_name)
+    def validate_inputs(cls, lora_name=None, mode="auto"):
+        ok = _check_names(lora_name)
+        return _check_mode(mode) if ok is True else ok
 
 
 class LoraCacheLoader(_OneLoRA):
@@ -136,8 +145,9 @@ class LoraCacheStack(io.ComfyNode):
                      for i in range(1, STACK_ROWS + 1))
 
     @classmethod
-    def validate_inputs(cls, lora_1=None, lora_2=None, lora_3=None, lora_4=None):
-        return _check_names(lora_1, lora_2, lora_3, lora_4)
+    def validate_inputs(cls, lora_1=None, lora_2=None, lora_3=None, lora_4=None, mode="auto"):
+        ok = _check_names(lora_1, lora_2, lora_3, lora_4)
+        return _check_mode(mode) if ok is True else ok
 
     @classmethod
     def execute(cls, model, mode="auto", clip=None, **rows) -> io.NodeOutput:

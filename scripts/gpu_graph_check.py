@@ -9,7 +9,7 @@ to memory from one call to the next.
 
 The tiny SD-type model runs on the GPU in fp16 with a LoRA on its attention, feed-forward and
 resnet convolutions, sampled through ComfyUI (comfy.sample) with our loader in mode `auto`
-(every layer gets a merged copy) and mode `dynamic` (the unmerged forms). On the first model
+(every layer gets a merged copy) and mode `unmerged` (the unmerged forms). On the first model
 call, hooks record each top-level block that holds an adapted layer: its inputs and its eager
 output. Each such block is then captured (torch.cuda.graph), replayed on the recorded input and
 on a perturbed one, and compared bit for bit with eager calls of the same inputs; five more eager
@@ -156,7 +156,7 @@ def main() -> int:
     base = comfy.sd.load_diffusion_model_state_dict(dict(unet_sd16))
     sample = tiny_sd_sampler()
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "modes": []}
-    for mode in ("auto", "dynamic"):
+    for mode in ("auto", "unmerged"):
         report["modes"].append(check_mode(lc, base, sample, mode))
         lc.purge()
     report["ok"] = all(r["ok"] for r in report["modes"])

@@ -114,7 +114,7 @@ def main() -> int:
                 "base_again_vs_first": float((base_again - base_out).abs().max()),
                 "ref_max_abs": float(stock.abs().max()),
                 "missing_vs_stock": float((missing - stock).abs().max()), "runs": []}
-        for mode in ("auto", "dynamic"):
+        for mode in ("auto", "unmerged"):
             m, _, ev = lc.apply(base, None, "a.safetensors", 1.0, 0.0, True, mode)
             for attempt in ("first", "again"):
                 out, calls, n_streamed = sample(m)

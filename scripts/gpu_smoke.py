@@ -1,4 +1,4 @@
-"""GPU check of the dynamic path on real ComfyUI code, for the device machine (no server).
+"""GPU check of the cached path on real ComfyUI code, for the device machine (no server).
 
 Builds the tiny SD-type model on the GPU in its default dtype, toggles a LoRA through
 lora_cache.apply and sampling (comfy.sample) next to the stock patch path, and reports paths,
@@ -43,7 +43,7 @@ def main() -> int:
     ref_base = sample(base)
     for label, enabled, mode in [("on", True, "auto"), ("off", False, "auto"), ("on again", True, "auto"),
                                  ("off", False, "auto"), ("on again", True, "auto"), ("merged", True, "merged"),
-                                 ("unmerged", True, "dynamic")]:
+                                 ("unmerged", True, "unmerged")]:
         with count_weight_work() as counts:
             m, _, ev = lc.apply(base, None, "a.safetensors", 1.0, 0.0, enabled, mode)
             out = sample(m)

@@ -68,7 +68,7 @@ def forms_of(h, lora: str) -> set[str]:
     return {f.kind for e in h.lc.STORE.entries() if e.lora == lora for fs in e.layers.values() for f in fs}
 
 
-@pytest.mark.parametrize("mode", ["auto", "dynamic"])
+@pytest.mark.parametrize("mode", ["auto", "unmerged"])
 @pytest.mark.parametrize("name", list(TYPES))
 def test_type_history_matches_stock_and_reenable_is_fast(fresh, typed, name, mode):
     """build, off, on again, a strength change (negative), in merged copies (auto) and unmerged
@@ -105,7 +105,7 @@ def test_switching_between_cached_types_is_fast_and_matches_stock(fresh, typed):
         assert dict(work) == {}, (name, dict(work))
 
 
-@pytest.mark.parametrize("mode", ["auto", "dynamic"])
+@pytest.mark.parametrize("mode", ["auto", "unmerged"])
 def test_stacks_mixing_types_in_any_order_match_stock_chain(fresh, typed, mode):
     """Chains of three LoRA Cache nodes of different types on the same layers, in different
     orders, toggled and re-weighted, in merged copies (auto) and unmerged (dynamic): each equals
@@ -245,7 +245,7 @@ def test_stock_loader_after_order_dependent_type_matches_stock_chain(fresh, type
     assert evs["l2"]["path"] == "full" and "l0" not in evs, evs
 
 
-@pytest.mark.parametrize("mode", ["auto", "dynamic"])
+@pytest.mark.parametrize("mode", ["auto", "unmerged"])
 @pytest.mark.parametrize("name", ["loha", "lokr", "glora", "oft", "boft", "dora", "lokr_dora_in"])
 def test_flux_fused_qkv_every_type_matches_stock(fresh, typed, name, mode):
     """On Flux, diffusers q/k/v of every type land on the fused qkv / linear1 weights as output

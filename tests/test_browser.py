@@ -98,13 +98,21 @@ def test_badge_and_panel_in_real_chromium(browser_context, server, tmp_path):
     page.wait_for_function("() => window.app?.graph && app.extensionManager"
                            " && app.extensions?.some?.(e => e.name === 'lora_cache.panel')", timeout=90_000)
     names = page.evaluate("() => app.extensions.map(e => e.name)")
-    assert "lora_cache.badge" in names and "lora_cache.panel" in names
+    assert {"lora_cache.badge", "lora_cache.panel", "lora_cache.saved_workflows"} <= set(names)
 
     # the shipped UI workflow loads, and the frontend turns it into the shipped API workflow
     prompt = page.evaluate("async wf => { await app.loadGraphData(wf, true, true, 'lora_cache_demo');"
                            " return (await app.graphToPrompt()).output; }", ui_wf)
     assert {k: (v["class_type"], v["inputs"]) for k, v in prompt.items()} == \
         {k: (v["class_type"], v["inputs"]) for k, v in api_wf.items()}
+
+    # a workflow saved with the unmerged mode's former value shows it under its name
+    old = json.loads(json.dumps(ui_wf))
+    next(n for n in old["nodes"] if n["id"] == LORA_NODE)["widgets_values"][-1] = "dynamic"
+    migrated = page.evaluate("async wf => { await app.loadGraphData(wf, true, true, 'old');"
+                             " return (await app.graphToPrompt()).output; }", old)
+    assert migrated[str(LORA_NODE)]["inputs"]["mode"] == "unmerged"
+    page.evaluate("async wf => { await app.loadGraphData(wf, true, true, 'lora_cache_demo'); }", ui_wf)
 
     first = _queue_and_wait(page, server, "build")
     assert first["event"]["lora"] == "style.safetensors" and first["event"]["reason"].startswith("first use")

@@ -1,5 +1,5 @@
 """The capability checks. The real hosts (ComfyUI 0.3.75 and 0.33.0, on CPU) are capable; a
-patcher or host that lacks what the dynamic path relies on (or runs ComfyUI's dynamic VRAM)
+patcher or host that lacks what the cached path relies on (or runs ComfyUI's dynamic VRAM)
 makes the node take ComfyUI's patch path with the reason, and the output still equals the
 stock LoraLoader's.
 
@@ -121,13 +121,13 @@ def tiny_patcher():
 def test_real_host_and_patcher_are_capable(fresh, lora, caps):
     h = fresh
     assert caps.host_problem() is None
-    assert caps.dynamic_path_problem(tiny_patcher()) is None
+    assert caps.cached_path_problem(tiny_patcher()) is None
     stock = h.run(wf.sd([wf.stock(lora)]))["out"]
     out = h.run(wf.sd([wf.ours(lora)]))["out"]
     ev = h.last_event()
     assert ev["path"] == "build", ev
     assert close(out, stock)
-    assert caps.dynamic_path_problem(loaded_base_patcher()) is None
+    assert caps.cached_path_problem(loaded_base_patcher()) is None
 
 
 @pytest.mark.parametrize("variant, words", [
@@ -141,13 +141,13 @@ def test_patcher_lacking_a_capability_takes_full_path(fresh, lora, variant_node,
     stock = h.run(with_variant(variant, [wf.stock(lora, 0.8)]))["out"]
     base = h.run(with_variant(variant, []))["out"]
     assert not close(base, stock)
-    # mode "dynamic" asks for the dynamic path explicitly and still gets the patch path
-    out = h.run(with_variant(variant, [wf.ours(lora, 0.8, mode="dynamic")]))["out"]
+    # mode "unmerged" asks for the cached path explicitly and still gets the patch path
+    out = h.run(with_variant(variant, [wf.ours(lora, 0.8, mode="unmerged")]))["out"]
     ev = h.last_event()
     assert ev["path"] == "full", ev
     assert words in ev["reason"] and ev["reason"].endswith("ComfyUI patch path"), ev
     assert close(out, stock), (variant, (out - stock).abs().max())
-    # the same model through a capable patcher is back on the dynamic path
+    # the same model through a capable patcher is back on the cached path
     out = h.run(wf.sd([wf.ours(lora, 0.8)]))["out"]
     assert h.last_event()["path"] in ("build", "fast") and close(out, stock)
 
@@ -162,7 +162,7 @@ def test_model_patcher_dynamic_class_is_capable(caps, host):
     from lora_cache_loader.lora_cache import load_state
     cpu = torch.device("cpu")
     plain = cls(torch.nn.Linear(4, 4), load_device=cpu, offload_device=cpu)
-    assert type(plain) is comfy.model_patcher.ModelPatcher and caps.dynamic_path_problem(plain) is None
+    assert type(plain) is comfy.model_patcher.ModelPatcher and caps.cached_path_problem(plain) is None
     dynamic = object.__new__(cls)
     assert load_state.is_dynamic(dynamic) and not load_state.is_dynamic(plain)
     assert caps._class_problem(cls) is None
@@ -207,19 +207,19 @@ def test_host_without_lora_adapter_class_takes_full_path(fresh, lora, monkeypatc
 def test_probes_on_real_patcher_instances(caps, monkeypatch):
     """Checks without a sampling run: each missing piece of state gives its own reason."""
     p = tiny_patcher()
-    assert caps.dynamic_path_problem(p) is None
+    assert caps.cached_path_problem(p) is None
 
     clone = p.clone()
     clone.set_additional_models("multigpu", [p.clone()])
-    assert caps.dynamic_path_problem(clone) == "multi-GPU clones sample on other copies of the model"
+    assert caps.cached_path_problem(clone) == "multi-GPU clones sample on other copies of the model"
 
     q = p.clone()
     del q.model.lowvram_patch_counter
-    assert "has no 'lowvram_patch_counter' load state" in caps.dynamic_path_problem(q)
+    assert "has no 'lowvram_patch_counter' load state" in caps.cached_path_problem(q)
 
     r = tiny_patcher()
     del r.backup
-    assert caps.dynamic_path_problem(r) == "the model patcher (ModelPatcher) has no 'backup'"
+    assert caps.cached_path_problem(r) == "the model patcher (ModelPatcher) has no 'backup'"
 
     # An override that defers to ComfyUI's pre_run through super() keeps the callbacks.
     class Deferring(comfy.model_patcher.ModelPatcher):
@@ -228,8 +228,8 @@ def test_probes_on_real_patcher_instances(caps, monkeypatch):
 
     s = tiny_patcher()
     s.__class__ = Deferring
-    assert caps.dynamic_path_problem(s) is None
+    assert caps.cached_path_problem(s) is None
 
     monkeypatch.delattr(comfy.lora, "model_lora_keys_unet")
     caps.forget()
-    assert caps.dynamic_path_problem(tiny_patcher()) == "this ComfyUI has no comfy.lora.model_lora_keys_unet"
+    assert caps.cached_path_problem(tiny_patcher()) == "this ComfyUI has no comfy.lora.model_lora_keys_unet"

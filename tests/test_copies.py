@@ -29,7 +29,7 @@ def lc(host):
 
 def flux_with_factors(lc, dtype, seed: int = 3):
     """A tiny Flux model in `dtype` and a rank-4 LoRA's factors for it, built as the node builds
-    them (ComfyUI's key map and load_lora, then adapters.plan_dynamic): its fused qkv / linear1
+    them (ComfyUI's key map and load_lora, then adapters.plan_cached): its fused qkv / linear1
     weights take diffusers q/k/v LoRAs as output slices."""
     cfg = comfy.supported_models.Flux(tiny_models.flux_config())
     cfg.set_inference_dtype(dtype, None)
@@ -38,7 +38,7 @@ def flux_with_factors(lc, dtype, seed: int = 3):
     patcher = comfy.model_patcher.ModelPatcher(model, CPU, mm.unet_offload_device())
     sd = tiny_models.flux_lora_state_dict(rank=RANK, seed=seed)
     patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(model, {}))
-    plan = lc.adapters.plan_dynamic(patches, patcher, "t.safetensors", CPU, dtype)
+    plan = lc.adapters.plan_cached(patches, patcher, "t.safetensors", CPU, dtype)
     assert plan.reason is None
     return patcher, patches, plan.layers
 
@@ -201,7 +201,7 @@ def test_weights_bit_identical_over_50_toggles_strengths_and_switches(fresh, cop
 def test_budget_gives_way_without_changing_outputs(fresh, copy_loras):
     """A copy budget below what every copy needs: the copies that save the most per byte are
     built, the other layers run unmerged, the event says how many and why, the output is the
-    same; a lower budget drops copies at the next sampling; mode dynamic builds none and gives
+    same; a lower budget drops copies at the next sampling; mode unmerged builds none and gives
     the layers' copies up."""
     h = fresh
     a, _ = copy_loras
@@ -223,9 +223,9 @@ def test_budget_gives_way_without_changing_outputs(fresh, copy_loras):
             assert "capped at" in s["reason"], s["reason"]
             assert sum(1 for _, m, _ in entry(h, a).modules() if m.lora_cache_slot.copy is None) == n_all - len(kept)
         budget.copy_overrides.pop("cpu")
-        out = h.run(wf.sd([wf.ours(a, 0.9, mode="dynamic")], seed=45))["out"]
+        out = h.run(wf.sd([wf.ours(a, 0.9, mode="unmerged")], seed=45))["out"]
         s = h.lc.stats()["samplings"][-1]
-        assert close(out, stock[45]) and s["copies"] == 0 and s["reason"] == f"unmerged: {n_all} layers (mode dynamic)"
+        assert close(out, stock[45]) and s["copies"] == 0 and s["reason"] == f"unmerged: {n_all} layers (mode unmerged)"
         assert not copy_objects(model) and h.lc.copies.REGISTRY.bytes("cpu") == 0
     finally:
         budget.copy_overrides.pop("cpu", None)
@@ -322,9 +322,9 @@ def test_layers_a_hook_lora_rewrites_run_unmerged(fresh, copy_loras):
         return p
     stock = h.run(hooked([wf.stock(a, 0.9)]))["out"]
     assert not close(stock, h.run(wf.sd([wf.stock(a, 0.9)]))["out"])  # the hook changes the output
-    for mode in ("auto", "merged", "dynamic"):
+    for mode in ("auto", "merged", "unmerged"):
         out = h.run(hooked([wf.ours(a, 0.9, mode=mode)]))["out"]
         assert close(out, stock), mode
         s = h.lc.stats()["samplings"][-1]
-        if mode != "dynamic":
+        if mode != "unmerged":
             assert 0 < s["copies"] < s["layers"] and "hook patches rewrite their weights" in s["reason"], s

@@ -50,7 +50,7 @@ def test_every_path_matches_stock(fresh, loras, model):
 
     runs = [("build", dict(strength=0.8)), ("off", dict(strength=0.8, enabled=False)),
             ("fast", dict(strength=0.8)), ("fast", dict(strength=0.8, mode="merged")),
-            ("fast", dict(strength=0.8, mode="dynamic"))]
+            ("fast", dict(strength=0.8, mode="unmerged"))]
     for expected, kw in runs:
         out = h.run(wf.sd([wf.ours(lora, **kw)], model=model))["out"]
         ev = h.last_event()
@@ -89,7 +89,7 @@ def test_conv_locon_matches_stock(fresh, loras):
 
 def test_clip_and_model_match_stock(fresh, loras, host):
     """LoraCacheLoader with model and CLIP: the sampled latent and the text conditioning equal
-    the stock LoraLoader's; the text encoder takes the dynamic path too."""
+    the stock LoraLoader's; the text encoder takes the cached path too."""
     h = fresh
     sd_clip = dict(tiny_models.sd_lora_state_dict(h.unet_sd, seed=5))
     g = torch.Generator().manual_seed(9)
@@ -207,7 +207,7 @@ def test_forward_after_comfy_bypass_loader_is_the_direct_one(fresh, loras, monke
             bypass = h.run(prompt((before, {"lora_name": lora, "strength_model": 0.8})))["out"]
             assert close(bypass, stock)
         served.clear()
-        out = h.run(prompt(wf.ours(lora, 0.8, mode="dynamic")))["out"]  # unmerged: the forward under test
+        out = h.run(prompt(wf.ours(lora, 0.8, mode="unmerged")))["out"]  # unmerged: the forward under test
         assert h.last_event()["path"] in ("build", "fast")
         assert close(out, stock), (out - stock).abs().max()
         counts.append(len(served))
@@ -265,7 +265,7 @@ def test_partial_load_takes_full_path(fresh, loras):
     patcher = next(lm.model for lm in loaded if type(lm.model.model).__name__ == "BaseModel")
     patcher.partially_unload(patcher.offload_device, patcher.model_size() // 2)
     assert patcher.model.model_lowvram
-    out = h.run(wf.sd([wf.ours(loras["a"], enabled=True, strength=1.0, mode="dynamic")]))["out"]
+    out = h.run(wf.sd([wf.ours(loras["a"], enabled=True, strength=1.0, mode="unmerged")]))["out"]
     ev = h.last_event()
     assert ev["path"] == "full" and "partially loaded" in ev["reason"], ev
     assert close(out, stock)

@@ -13,7 +13,7 @@ def d(host):
 
 
 def facts(d, **kw):
-    base = dict(side="model", mode="auto", found="cached", layers=30, nbytes=4096, device="cuda:0")
+    base = dict(side="model", mode="auto", found="cached", layer_count=30, nbytes=4096, device="cuda:0")
     return d.Facts(**{**base, **kw})
 
 
@@ -23,7 +23,7 @@ def test_cached_and_ready_is_fast(d):
     auto = "at sampling: merged copies where they fit, the rest unmerged"
     assert out.reason == f"cached adapter, nothing built or moved; {auto}"
     assert d.decide(facts(d, change="strength 1->0.6")).reason.endswith("; strength 1->0.6")
-    assert d.decide(facts(d, mode="dynamic")).reason == "cached adapter, nothing built or moved; at sampling: unmerged"
+    assert d.decide(facts(d, mode="unmerged")).reason == "cached adapter, nothing built or moved; at sampling: unmerged"
     assert d.decide(facts(d, side="clip")).reason == "cached adapter, nothing built or moved; at encoding: unmerged"
 
 
@@ -43,7 +43,7 @@ def test_cached_but_not_ready_reattaches(d, problem):
 
 @pytest.mark.parametrize("problem", ["adapter_problem", "host_problem", "placement_problem"])
 def test_what_rules_out_the_cache_takes_comfyuis_patch_path(d, problem):
-    for mode in ("auto", "dynamic", "merged"):
+    for mode in ("auto", "unmerged", "merged"):
         out = d.decide(facts(d, mode=mode, **{problem: "some reason"}))
         assert (out.path, out.via) == ("full", "comfy")
         assert out.reason == "some reason; ComfyUI patch path"
@@ -79,3 +79,11 @@ def test_decide_reads_nothing_but_its_facts(d):
     assert d.decide(f) == d.decide(f)
     with pytest.raises(ValueError, match="unknown path 'sometimes'"):
         d.Decision("sometimes", "no such path")
+
+
+def test_mode_values_and_the_former_name(d):
+    """The modes, and "dynamic", the unmerged mode's former value, which saved workflows carry."""
+    assert d.MODES == ("auto", "merged", "unmerged")
+    assert [d.mode_of(m) for m in ("auto", "merged", "unmerged", "dynamic")] == ["auto", "merged", "unmerged",
+                                                                                  "unmerged"]
+    assert d.mode_of("fastest") is None

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 # The tiny model samples in fp16 on the GPU, summing in fp32: stock rounds its merged weights to
-# fp16, the dynamic path rounds its low-rank product and the sum with the output to fp16. The
+# fp16, the cached path rounds its low-rank product and the sum with the output to fp16. The
 # tolerance of compare.close with those roundings (at most 7 of eps / 2 per layer between the two,
 # as tests/test_forms.py counts them for the half-precision forms); measured: about 1e-4 of the
 # output's range.
@@ -63,7 +63,7 @@ def test_gpu_graph_check():
     r = report("gpu_graph_check.py")
     by_mode = {m["mode"]: m for m in r["modes"]}
     assert by_mode["auto"]["sampling"]["copies"] == by_mode["auto"]["sampling"]["layers"] > 0, by_mode["auto"]
-    assert by_mode["dynamic"]["sampling"]["copies"] == 0, by_mode["dynamic"]
+    assert by_mode["unmerged"]["sampling"]["copies"] == 0, by_mode["unmerged"]
     for m in r["modes"]:
         assert m["blocks"], m  # blocks holding adapted layers were captured
         for b in m["blocks"]:

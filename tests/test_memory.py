@@ -262,7 +262,7 @@ def test_flux_fused_qkv_factors_leave_and_return_as_one(mem):
     tiny_models.write_lora(h.loras / "m_flux.safetensors", tiny_models.flux_lora_state_dict(seed=64))
     tiny_models.write_lora(h.loras / "m_flux2.safetensors", tiny_models.flux_lora_state_dict(seed=65))
     stock = h.run(wf.sd([wf.stock("m_flux.safetensors", 0.8)], model="flux"))["out"]
-    out = h.run(wf.sd([wf.ours("m_flux.safetensors", 0.8, mode="dynamic")], model="flux"))["out"]
+    out = h.run(wf.sd([wf.ours("m_flux.safetensors", 0.8, mode="unmerged")], model="flux"))["out"]
     assert close(out, stock)
     e = entry(h, "m_flux.safetensors")
     shared = [fs for fs in e.layers.values() if len(fs) > 1]
@@ -274,7 +274,7 @@ def test_flux_fused_qkv_factors_leave_and_return_as_one(mem):
 
     # a second adapter with a budget that fits one: e leaves the device
     owner.budget.overrides["cpu"] = e.nbytes + 1
-    h.run(wf.sd([wf.ours("m_flux2.safetensors", 0.8, mode="dynamic")], model="flux"))
+    h.run(wf.sd([wf.ours("m_flux2.safetensors", 0.8, mode="unmerged")], model="flux"))
     assert not e.resident and "memory budget" in e.offload_reason
     gc.collect()
     assert all(r() is None for r in held), "a tensor of the moved entry is still alive on the device"
@@ -282,7 +282,7 @@ def test_flux_fused_qkv_factors_leave_and_return_as_one(mem):
     assert owner.stats()["moved_to_cpu"]["bytes"] == e.nbytes
 
     # back on the device once, each byte once, and the output equals stock again
-    out = h.run(wf.sd([wf.ours("m_flux.safetensors", 0.8, mode="dynamic")], model="flux"))["out"]
+    out = h.run(wf.sd([wf.ours("m_flux.safetensors", 0.8, mode="unmerged")], model="flux"))["out"]
     assert e.resident and h.last_event()["path"] == "build"
     assert close(out, stock)
     assert sum(_storages(e).values()) == e.nbytes
@@ -332,18 +332,18 @@ def test_out_of_memory_while_sampling_moves_unused_factors_first(mem, loras):
     h.nodes.NODE_CLASS_MAPPINGS["LCTestFailOnce"] = _FailOnce
     try:
         stock = h.run(wf.sd([wf.stock(loras["m_a"], 0.7)]))["out"]
-        h.run(wf.sd([wf.ours(loras["m_b"], 0.7, mode="dynamic")]))  # cached, not used by the next sampling
+        h.run(wf.sd([wf.ours(loras["m_b"], 0.7, mode="unmerged")]))  # cached, not used by the next sampling
         b = entry(h, loras["m_b"])
         _FailOnce.calls = 0
-        out = h.run(_with_fail_once(wf.sd([wf.ours(loras["m_a"], 0.7, mode="dynamic")])))["out"]
+        out = h.run(_with_fail_once(wf.sd([wf.ours(loras["m_a"], 0.7, mode="unmerged")])))["out"]
         assert _FailOnce.calls == 2 and close(out, stock)
         assert not b.resident and b.offload_reason == "the device ran out of memory while sampling"
         assert entry(h, loras["m_a"]).resident
 
         _FailOnce.calls = 0  # nothing of ours left to move: the sampling fails as it would without us
-        err = h.run(_with_fail_once(wf.sd([wf.ours(loras["m_a"], 0.5, mode="dynamic")])), expect_error=True)
+        err = h.run(_with_fail_once(wf.sd([wf.ours(loras["m_a"], 0.5, mode="unmerged")])), expect_error=True)
         assert "out of memory" in err["exception_message"] and _FailOnce.calls == 1
-        out = h.run(wf.sd([wf.ours(loras["m_a"], 0.7, mode="dynamic")]))["out"]
+        out = h.run(wf.sd([wf.ours(loras["m_a"], 0.7, mode="unmerged")]))["out"]
         assert close(out, stock)
     finally:
         h.nodes.NODE_CLASS_MAPPINGS.pop("LCTestFailOnce", None)

@@ -84,7 +84,7 @@ def bare(module: torch.nn.Module) -> bool:
     return "forward" not in module.__dict__ and not module.weight_function
 
 
-@pytest.mark.parametrize("mode", ["auto", "dynamic"])
+@pytest.mark.parametrize("mode", ["auto", "unmerged"])
 def test_a_layer_computed_without_its_forward_is_served_through_comfyuis_cast(fresh, fused_node, reach_loras,
                                                                              mode):
     """auto (merged copies on the CPU host) and dynamic (unmerged): the first sampling finds
@@ -131,7 +131,7 @@ def test_every_layer_reached_through_its_forward_runs_each_model_call_once(fresh
     layer served another way."""
     h = fresh
     a, _ = reach_loras
-    for mode in ("auto", "dynamic"):
+    for mode in ("auto", "unmerged"):
         stock, stock_calls = run_counted(h, wf.sd([wf.stock(a, 0.9)]))
         out, calls = run_counted(h, wf.sd([wf.ours(a, 0.9, mode=mode)]))
         s = sampling(h)

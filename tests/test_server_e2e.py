@@ -125,3 +125,16 @@ def test_build_progress_reaches_the_client(server):
     again = server.run(demo.workflow(dict(lora_name="detail.safetensors", strength_model=0.7, enabled=True)))
     assert [d["path"] for t, d in again["messages"] if t == "lora_cache.event"] == ["fast"]
     assert not [d for t, d in again["messages"] if t == "progress" and d["node"] == node_id]
+
+
+def test_saved_mode_value_dynamic_runs_unmerged_and_unknown_mode_is_refused(server):
+    """A workflow saved with the unmerged mode's former value ("dynamic") still runs, unmerged;
+    a mode the node does not know is refused at POST /prompt, naming it."""
+    res = server.run(demo.workflow(dict(lora_name="style.safetensors", strength_model=0.8, enabled=True,
+                                        mode="dynamic")))
+    assert not [d for t, d in res["messages"] if t == "execution_error"], res["messages"]
+    sampling = server.get("/lora_cache/stats")["samplings"][-1]
+    assert sampling["copies"] == 0 and sampling["reason"].endswith("(mode unmerged)"), sampling
+    status, body = server.queue(demo.workflow(dict(lora_name="style.safetensors", strength_model=0.8,
+                                                   enabled=True, mode="fastest")))
+    assert status == 400 and "unknown mode 'fastest'" in str(body["node_errors"]["2"]["errors"]), (status, body)

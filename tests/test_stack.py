@@ -105,7 +105,7 @@ def test_switch_a_b_a_and_strength_sweep_are_fast_with_reasons(fresh, pool):
 
 
 def test_clip_strengths_dynamic_match_stock_and_base_clip_stays_exact(fresh, pool):
-    """The text encoder takes the dynamic path: builds once, then every re-enable and strength
+    """The text encoder takes the cached path: builds once, then every re-enable and strength
     change is fast with no weight work on the text encoder, the conditioning equals the stock
     LoraLoader's, and an encode from the base CLIP in the same prompt is exactly the base."""
     h = fresh

@@ -75,7 +75,7 @@ def tiny_clip():
     import comfy.supported_models_base
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    # fp32 weights: stock rounds its merged weights to the weights' dtype, the dynamic path does
+    # fp32 weights: stock rounds its merged weights to the weights' dtype, the cached path does
     # not, so with fp16 weights the two differ by fp16 rounding (about 1e-3), not by our error.
     clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": dict(TINY_CLIP_CONFIG),
                                                 "dtype": torch.float32})

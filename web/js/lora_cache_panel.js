@@ -82,7 +82,7 @@ class Panel {
     const table = el("table", { "data-lora-cache": "adapters", style: { width: "100%", borderCollapse: "collapse" } },
       el("tr", {}, ...["name", "bytes", "device", "applied"].map((h) => el("th", { style: cell }, h))));
     for (const a of adapters) {
-      const how = a.dynamic === false ? `full: ${a.reason ?? ""}` : "cache";
+      const how = a.cached === false ? `full: ${a.reason ?? ""}` : "cache";
       table.append(el("tr", { "data-lora-cache": "adapter", "data-name": a.name },
         el("td", { style: cell }, a.name),
         el("td", { style: cell, title: `${a.bytes} bytes` }, formatBytes(a.bytes)),
