@@ -134,7 +134,8 @@ class Rows:
         self.sweep = sweep
         self.table = sweep.strengths().to(device)  # [adapters, images]
         self.per_row: torch.Tensor | None = None  # [adapters, rows] for the call now running
-        self.active: list[torch.Tensor | None] = []  # per adapter: the rows it changes (None: all)
+        # per adapter: the rows it changes, where it changes at most half of them (None: every row)
+        self.active: list[torch.Tensor | None] = []
         self._cast: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
         # rows of a call -> its per-row strengths and active rows: a sampling has one or two layouts
         self._layouts: dict[int, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
@@ -159,7 +160,9 @@ class Rows:
             host = self.sweep.strengths()
             for a in range(host.shape[0]):
                 nz = (host[a] != 0).nonzero().flatten()
-                active.append(None if len(nz) == n else
+                # Picking the rows an adapter changes copies them in and out; where it changes
+                # most of them, its update on every row, times 0 where it is off, moves less.
+                active.append(None if 2 * len(nz) > n else
                               torch.cat([nz + k * n for k in range(reps)]).to(self.table.device))
             layout = self._layouts[rows] = (self.table.repeat(1, reps), active)
         self.per_row, self.active = layout

@@ -22,19 +22,14 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 from lora_cache_testkit import host
 
 host.boot(cpu=False)
 
-import comfy.sd
-import folder_paths
 import torch
 
-from lora_cache_testkit import tiny_models
-from lora_cache_testkit.sampling import tiny_sd_sampler
+from lora_cache_testkit.sampling import tiny_fp16_model_and_lora, tiny_sd_sampler
 
 
 def _blocks(diffusion_model: torch.nn.Module, is_installed) -> list[tuple[str, torch.nn.Module]]:
@@ -146,14 +141,7 @@ def check_mode(lc, base, sample, mode: str) -> dict:
 
 def main() -> int:
     lc = host.load_package().lora_cache
-    tmp = Path(tempfile.mkdtemp())
-    folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
-    unet_sd = tiny_models.sd_unet_state_dict(seed=0)
-    unet_sd16 = {k: v.half() for k, v in unet_sd.items()}
-    lora_sd = tiny_models.sd_lora_state_dict({k: v.float() for k, v in unet_sd16.items()}, seed=1,
-                                              kinds=("attn", "ff", "conv"))
-    tiny_models.write_lora(tmp / "a.safetensors", lora_sd)
-    base = comfy.sd.load_diffusion_model_state_dict(dict(unet_sd16))
+    base, _ = tiny_fp16_model_and_lora()
     sample = tiny_sd_sampler()
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "modes": []}
     for mode in ("auto", "unmerged"):

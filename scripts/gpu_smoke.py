@@ -10,36 +10,24 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 from lora_cache_testkit import host
 
 host.boot(cpu=False)
 
-import comfy.sd
-import folder_paths
 import torch
 
-from lora_cache_testkit import tiny_models
-from lora_cache_testkit.sampling import apply_under_vram_state, stock_lora, tiny_sd_sampler
+from lora_cache_testkit.sampling import apply_under_vram_state, stock_lora, tiny_fp16_model_and_lora, tiny_sd_sampler
 from lora_cache_testkit.spies import count_weight_work
 
 
 def main() -> int:
     lc = host.load_package().lora_cache
-    tmp = Path(tempfile.mkdtemp())
-    folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
-    unet_sd = tiny_models.sd_unet_state_dict(seed=0)
-    unet_sd16 = {k: v.half() for k, v in unet_sd.items()}
-    lora_sd = tiny_models.sd_lora_state_dict({k: v.float() for k, v in unet_sd16.items()}, seed=1,
-                                              kinds=("attn", "ff", "conv"))
-    tiny_models.write_lora(tmp / "a.safetensors", lora_sd)
-    base = comfy.sd.load_diffusion_model_state_dict(dict(unet_sd16))
+    base, lora_path = tiny_fp16_model_and_lora()
     sample = tiny_sd_sampler()
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "dtype": str(base.model_dtype()),
               "runs": []}
-    stock = sample(stock_lora(base, tmp / "a.safetensors"))
+    stock = sample(stock_lora(base, lora_path))
     ref_base = sample(base)
     for label, enabled, mode in [("on", True, "auto"), ("off", False, "auto"), ("on again", True, "auto"),
                                  ("off", False, "auto"), ("on again", True, "auto"), ("merged", True, "merged"),
@@ -54,7 +42,7 @@ def main() -> int:
     entry = [e for e in lc.STORE.entries()][0]
     report["factor_device"] = entry.device
     report["factor_bytes"] = entry.nbytes
-    report["novram"] = apply_under_vram_state(lc, base, sample, tmp / "a.safetensors", "NO_VRAM")
+    report["novram"] = apply_under_vram_state(lc, base, sample, lora_path, "NO_VRAM")
     print(json.dumps(report, indent=1))
     return 0
 

@@ -12,6 +12,9 @@ wheels=("$ROOT"/.whl/*.whl)
 if [ -n "${LORA_CACHE_AIMDO:-}" ]; then
   wheels=($(printf '%s\n' "${wheels[@]}" | grep -v /comfy_aimdo-) "$ROOT"/.whl/extra/comfy_aimdo-"$LORA_CACHE_AIMDO"-*.whl)
 fi
+# A warm machine keeps /tmp/site between calls: pip --target replaces a package's folder but keeps
+# the other version's metadata, so the switch starts from no comfy-aimdo at all.
+rm -rf /tmp/site/comfy_aimdo /tmp/site/comfy_aimdo-*.dist-info
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
 tree="$ROOT/hosts/ComfyUI-0.33.0.tar.gz"
 [ "${LORA_CACHE_COMFY:-}" = "0.3.75" ] && tree="$ROOT/.whl/extra/ComfyUI-0.3.75.tar.gz"

@@ -2,6 +2,7 @@
 fixed noise and random conditioning, and the stock LoRA path to compare with."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -9,6 +10,22 @@ import comfy.sample
 import comfy.sd
 import comfy.utils
 import torch
+
+
+def tiny_fp16_model_and_lora(name: str = "a.safetensors"):
+    """The tiny SD-type UNet in fp16 (a ModelPatcher) and a rank-4 LoRA on its attention,
+    feed-forward and resnet convolutions, written as `name` into a new loras folder: (base, the
+    LoRA file's path)."""
+    import folder_paths
+
+    from . import tiny_models
+    tmp = Path(tempfile.mkdtemp())
+    folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
+    unet_sd16 = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
+    lora_sd = tiny_models.sd_lora_state_dict({k: v.float() for k, v in unet_sd16.items()}, seed=1,
+                                              kinds=("attn", "ff", "conv"))
+    tiny_models.write_lora(tmp / name, lora_sd)
+    return comfy.sd.load_diffusion_model_state_dict(dict(unet_sd16)), tmp / name
 
 
 def tiny_sd_sampler(steps: int = 4, seed: int = 42):
