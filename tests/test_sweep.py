@@ -220,10 +220,10 @@ def test_row_layout_of_a_model_call(pkg, host):
         rows.of(torch.zeros(1))
     # a strength sweep with a 0: the adapter changes 3 of 4 images, so it runs on every row (times 0
     # on the first image's) rather than on picked rows
-    one = sweep.Sweep((object(),), sweep.settings(["a.safetensors"], [0.0, 0.5, 0.8, 1.0]))  # type: ignore[arg-type]
+    one = sweep.Sweep((object(),), sweep.settings(["a.safetensors"], [0.0, 0.5, 0.75, 1.0]))  # type: ignore[arg-type]
     rows = sweep.Rows(one, torch.device("cpu"))
     rows.begin(8, 2)
-    assert rows.active == [None] and rows.of(torch.zeros(1)).tolist() == [[0.0, 0.5, 0.8, 1.0] * 2]
+    assert rows.active == [None] and rows.of(torch.zeros(1)).tolist() == [[0.0, 0.5, 0.75, 1.0] * 2]
 
 
 def test_batch_mismatch_is_a_node_error(fresh, loras):
