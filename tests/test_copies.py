@@ -112,12 +112,7 @@ def test_choice_takes_required_then_most_saving_per_byte(lc):
 
 @pytest.fixture(scope="module")
 def copy_loras(host):
-    names = []
-    for name, seed, kinds in (("cp_a", 61, ("attn", "ff", "conv")), ("cp_b", 62, ("attn",))):
-        tiny_models.write_lora(host.loras / f"{name}.safetensors",
-                               tiny_models.sd_lora_state_dict(host.unet_sd, seed=seed, kinds=kinds))
-        names.append(f"{name}.safetensors")
-    return names
+    return list(host.sd_loras({"cp_a": (61, ("attn", "ff", "conv")), "cp_b": (62, ("attn",))}).values())
 
 
 def entry(h, lora):

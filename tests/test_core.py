@@ -17,14 +17,8 @@ from lora_cache_testkit.spies import count_weight_work
 
 @pytest.fixture(scope="module")
 def loras(host):
-    names = {}
-    for name, seed, kinds in (("a", 1, ("attn", "ff")), ("b", 2, ("attn",)), ("conv", 3, ("attn", "conv"))):
-        tiny_models.write_lora(host.loras / f"{name}.safetensors",
-                               tiny_models.sd_lora_state_dict(host.unet_sd, seed=seed, kinds=kinds))
-        names[name] = f"{name}.safetensors"
-    tiny_models.write_lora(host.loras / "flux.safetensors", tiny_models.flux_lora_state_dict(seed=4))
-    names["flux"] = "flux.safetensors"
-    return names
+    names = host.sd_loras({"a": (1, ("attn", "ff")), "b": (2, ("attn",)), "conv": (3, ("attn", "conv"))})
+    return {**names, "flux": host.flux_lora("flux", 4)}
 
 
 def paths(host, n):

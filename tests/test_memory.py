@@ -20,12 +20,7 @@ from lora_cache_testkit.cpu_device import cpu_as_device
 
 @pytest.fixture(scope="module")
 def loras(host):
-    names = {}
-    for name, seed, kinds in (("m_a", 61, ("attn", "ff")), ("m_b", 62, ("attn",)), ("m_c", 63, ("attn", "ff"))):
-        tiny_models.write_lora(host.loras / f"{name}.safetensors",
-                               tiny_models.sd_lora_state_dict(host.unet_sd, seed=seed, kinds=kinds))
-        names[name] = f"{name}.safetensors"
-    return names
+    return host.sd_loras({"m_a": (61, ("attn", "ff")), "m_b": (62, ("attn",)), "m_c": (63, ("attn", "ff"))})
 
 
 @pytest.fixture

@@ -22,11 +22,8 @@ from lora_cache_testkit.spies import count_weight_work
 def pool(host):
     """Four LoRA files on different layer sets, and the reference copy of the model."""
     shutil.copyfile(host.unets / "tiny_sd.safetensors", host.unets / "tiny_sd_ref.safetensors")
-    specs = {"s_a": (11, ("attn", "ff")), "s_b": (12, ("attn",)), "s_c": (13, ("ff",)), "s_d": (14, ("attn", "ff"))}
-    for name, (seed, kinds) in specs.items():
-        tiny_models.write_lora(host.loras / f"{name}.safetensors",
-                               tiny_models.sd_lora_state_dict(host.unet_sd, seed=seed, kinds=kinds))
-    return [f"{n}.safetensors" for n in specs]
+    return list(host.sd_loras({"s_a": (11, ("attn", "ff")), "s_b": (12, ("attn",)), "s_c": (13, ("ff",)),
+                               "s_d": (14, ("attn", "ff"))}).values())
 
 
 def our_model(h):

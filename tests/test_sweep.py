@@ -16,15 +16,9 @@ SWEEP = "LoraCacheSweep"
 
 @pytest.fixture(scope="module")
 def loras(host):
-    names = {}
-    for name, seed, kinds in (("sw_a", 21, ("attn", "ff")), ("sw_b", 22, ("attn",)), ("sw_c", 23, ("ff",)),
-                              ("sw_conv", 24, ("attn", "conv"))):
-        tiny_models.write_lora(host.loras / f"{name}.safetensors",
-                               tiny_models.sd_lora_state_dict(host.unet_sd, seed=seed, kinds=kinds))
-        names[name] = f"{name}.safetensors"
-    tiny_models.write_lora(host.loras / "sw_flux.safetensors", tiny_models.flux_lora_state_dict(seed=25))
-    names["flux"] = "sw_flux.safetensors"
-    return names
+    names = host.sd_loras({"sw_a": (21, ("attn", "ff")), "sw_b": (22, ("attn",)), "sw_c": (23, ("ff",)),
+                           "sw_conv": (24, ("attn", "conv"))})
+    return {**names, "flux": host.flux_lora("sw_flux", 25)}
 
 
 def _base(p: dict, model: str, batch) -> None:

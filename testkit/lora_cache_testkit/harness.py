@@ -172,6 +172,19 @@ class Host:
         self.unet_sd = {k: v.half().float() for k, v in unet_sd.items()}
         tiny_models.write_sd_unet(self.unets / "tiny_sd.safetensors", seed=0)
 
+    def sd_loras(self, specs: dict[str, tuple[int, tuple[str, ...]]]) -> dict[str, str]:
+        """LoRA files for the tiny SD model in the loras folder: name -> (seed, layer kinds as
+        tiny_models.sd_lora_state_dict takes them); returns name -> file name."""
+        for name, (seed, kinds) in specs.items():
+            tiny_models.write_lora(self.loras / f"{name}.safetensors",
+                                   tiny_models.sd_lora_state_dict(self.unet_sd, seed=seed, kinds=kinds))
+        return {name: f"{name}.safetensors" for name in specs}
+
+    def flux_lora(self, name: str, seed: int) -> str:
+        """A LoRA file for the tiny Flux model in the loras folder; its file name."""
+        tiny_models.write_lora(self.loras / f"{name}.safetensors", tiny_models.flux_lora_state_dict(seed=seed))
+        return f"{name}.safetensors"
+
     def new_executor(self):
         self.executor = self.execution.PromptExecutor(self.server, cache_type=self.execution.CacheType.CLASSIC,
                                                          cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
