@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
 
-if TYPE_CHECKING:
-    from .copies import MergedCopy
-
 from . import weight_form
 from .form_base import Chain, LayerForm, Op, to_input
+
+if TYPE_CHECKING:
+    from .copies import MergedCopy
 
 SLOT_ATTR = "lora_cache_slot"
 
