@@ -2,7 +2,7 @@
 
 One builder per `comfy.weight_adapter` class (LoRA, LoHa, LoKr, GLoRA, OFT, BOFT), each reading
 the adapter's `weights` tuple in the layout that class defines and ComfyUI's `calculate_weight`
-reads, and choosing the cheapest exact form (forms.py, layers.LayerFactors):
+reads, and choosing the cheapest exact form (forms.py, low_rank.LayerFactors):
 
   lora   low-rank factors (LoCon: with its mid kernel)                 strength: runtime scalar
   loha   low-rank of rank r1*r2: (A1 B1) * (A2 B2) = (A1 . A2)(B1 . B2)
@@ -36,6 +36,7 @@ import torch
 from torch.nn.modules.conv import _ConvNd
 
 from .errors import LoraCacheError
+from .form_base import weight_of
 from .forms import (
     BlockRotation,
     Butterfly,
@@ -47,7 +48,7 @@ from .forms import (
     layer_weight,
     with_weights,
 )
-from .layers import LayerFactors, weight_of
+from .low_rank import LayerFactors
 
 
 class NoForm(Exception):

@@ -19,7 +19,7 @@ import torch
 from .adapter_forms import BuildContext, Built, NoForm, Target, forms_for
 from .errors import LoraCacheError
 from .files import FileIdentity
-from .layers import share_down
+from .low_rank import share_down
 
 
 class Patches(dict):

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import comfy.utils
 import torch
 
-from . import adapters, capabilities, layers
+from . import adapters, capabilities, low_rank
 from .errors import LoraCacheError
 from .files import FileIdentity
 from .memory import MEMORY
@@ -121,7 +121,7 @@ def twin(entry: Entry, patcher) -> Entry:
         if other is None or type(other) is not type(module) or getattr(other.weight, "shape", None) != shape:
             raise LoraCacheError(f"LoRA '{entry.lora}': a node after the LoRA Cache Loader replaced the model "
                                  f"with one whose layer {path} differs; place that node before the LoRA Cache Loader")
-        twin_layers[path] = layers.copy_layer(factors, device)
+        twin_layers[path] = low_rank.copy_layer(factors, device)
     new = Entry(lora=entry.lora, identity=entry.identity, model_ref=weakref.ref(model), model_id=id(model),
                 patches=entry.patches, plan_reason=entry.plan_reason, layers=twin_layers, home=device,
                 last_strength=entry.last_strength, planned=True)

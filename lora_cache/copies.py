@@ -28,8 +28,9 @@ from typing import NamedTuple
 import comfy.ops
 import torch
 
-from . import cost_model, layers
-from .layers import Chain, LayerFactors
+from . import cost_model, layers, weight_form
+from .form_base import Chain, weight_of
+from .low_rank import LayerFactors
 from .store import STORE
 
 _MIB = 1024 ** 2
@@ -72,9 +73,9 @@ def merged(weight: torch.Tensor, chain: Chain) -> torch.Tensor:
     Where each row gets at most one low-rank update (one adapter, or Flux's q/k/v slices of one
     fused weight) one addmm per factor writes the copy (fp32 accumulation, one rounding);
     otherwise an fp32 copy of the weight takes every form's merge in chain order."""
-    wp = layers.weight_plan(chain, weight) if _addmm_ready(chain, weight) else None
-    if wp is not None and (len(wp.steps) == wp.tiles or (len(wp.steps) == 1 and wp.steps[0][3] is None)):
-        return layers.merged_weight(weight, wp)
+    wp = weight_form.weight_plan(chain, weight) if _addmm_ready(chain, weight) else None
+    if wp is not None and (len(wp.steps) == wp.tiles or (len(wp.steps) == 1 and wp.steps[0].start is None)):
+        return weight_form.merged_weight(weight, wp)
     w32 = weight.to(torch.float32, copy=True)
     for forms, strength in chain:
         for f in forms:
@@ -95,7 +96,7 @@ def build(module: torch.nn.Module, chain: Chain, key: CopyKey, dtype: torch.dtyp
     it is a view of memory comfy-aimdo may hand to another layer later)."""
     if not hasattr(module, "weight_function"):  # a torch layer, not one of ComfyUI's ops
         bias = getattr(module, "bias", None)
-        return MergedCopy(key, merged(layers.weight_of(module).detach().to(device, dtype), chain),
+        return MergedCopy(key, merged(weight_of(module).detach().to(device, dtype), chain),
                           None if bias is None else bias.detach().to(device, dtype, copy=True))
     weight, bias, stream = comfy.ops.cast_bias_weight(module, dtype=dtype, device=device, bias_dtype=dtype,
                                                       offloadable=True)
@@ -231,12 +232,12 @@ class Choice(NamedTuple):
 def saving(layer: Layer, costs: cost_model.DeviceCosts, element: int) -> float:
     """Seconds per call the unmerged forms cost on `layer` over its own product (`element`: the
     bytes of one value in the compute dtype)."""
-    w = layers.weight_of(layer.module)
-    wp = layers.weight_plan(layer.chain, w)  # None unless every form is a Linear's low-rank factors
+    w = weight_of(layer.module)
+    wp = weight_form.weight_plan(layer.chain, w)  # None unless every form is a Linear's low-rank factors
     if wp is None:
         return cost_model.chain_saving(w.numel() * element, sum(len(fs) for fs, _ in layer.chain), costs)
     out_f, in_f = w.shape
-    covered = sum(out_f if start is None or stop is None else stop - start for _, _, _, start, stop in wp.steps)
+    covered = sum(out_f if s.start is None or s.stop is None else s.stop - s.start for s in wp.steps)
     slot = layers.slot_of(layer.module)
     return cost_model.unmerged_saving(out_f, in_f, slot.rows if slot is not None else None, len(wp.steps),
                                       len(layer.chain), covered, element, costs)
@@ -252,7 +253,7 @@ def choose(layer_list: Iterable[Layer], budget: int, device: torch.device, dtype
     costs = cost_model.device_costs(device)
     element = dtype.itemsize
     wanted, _ = cost_model.choose(
-        [cost_model.LayerCost(id(ly.module), layers.weight_of(ly.module).numel() * element,
+        [cost_model.LayerCost(id(ly.module), weight_of(ly.module).numel() * element,
                               saving(ly, costs, element), ly.required)
          for ly in layer_list], budget)
     # Stale copies and copies of layers left unmerged go before anything is built.

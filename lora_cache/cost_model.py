@@ -75,7 +75,7 @@ def device_costs(device: torch.device | str) -> DeviceCosts:
 def unmerged_saving(out_f: int, in_f: int, rows: int | None, steps: int, adapters: int, covered: int,
                     element_size: int, costs: DeviceCosts) -> float:
     """Seconds per call that a copy saves over the cheaper of the two unmerged forms of a
-    Linear's low-rank update (layers.py): the weight form reads the weight and writes a new one
+    Linear's low-rank update (weight_form.py): the weight form reads the weight and writes a new one
     (a launch per factor step); the output form reads the input again per adapter and reads and
     writes the output columns each step covers (a launch per adapter and per step). `covered`:
     the output rows the steps cover together; `rows`: the input rows of this layer's last call,

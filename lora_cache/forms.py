@@ -20,9 +20,9 @@ Forms whose update depends on the weight before them on the layer (`order_sensit
                or partial target): the adapter's own calculate_weight on the weight before it,
                kept as a dense update per (weight, strength) on the device
 
-Every form counts its tensors in `nbytes`, reports `device`, moves with `move` (layers.move_layer),
+Every form counts its tensors in `nbytes`, reports `device`, moves with `move` (low_rank.move_layer),
 can be merged into a weight (`merge_into`, merged mode and the weight before a later form), and
-`bind`s to a strength as a layers.Op for one activation.
+`bind`s to a strength as a form_base.Op for one activation.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from typing import Any, Protocol
 
 import torch
 
-from .layers import CONV, LayerFactors, LayerForm, Op, moved, to_input, weight_of
+from .form_base import CONV, LayerForm, Op, moved, to_input, weight_of
+from .low_rank import LayerFactors
 
 _STATES = 4  # derived states kept per form (weights and prefixes seen recently)
 

@@ -32,7 +32,7 @@ from typing import TypeGuard
 import comfy.model_management as mm
 import torch
 
-from . import copies, layers, load_state
+from . import copies, load_state, low_rank
 from .budget import Budget, LRUPolicy
 from .store import STORE, AdapterStore, Entry
 
@@ -52,7 +52,7 @@ def can_offload(home: torch.device | None) -> TypeGuard[torch.device]:
 
 
 def move_factors(entry: Entry, to_host: bool) -> None:
-    """Moves every layer's factors of `entry` in place (layers.move_layer: the objects the layers
+    """Moves every layer's factors of `entry` in place (low_rank.move_layer: the objects the layers
     hold stay the same, a shared down projection moves as one)."""
     # Callers move only entries with factors (ensure_resident, offload), which have a home.
     assert entry.home is not None, f"{entry.lora}: no factors to move"
@@ -60,7 +60,7 @@ def move_factors(entry: Entry, to_host: bool) -> None:
     dest = HOST if to_host else home
     pin = to_host and home.type == "cuda" and torch.cuda.is_available()
     for fs in entry.layers.values():
-        layers.move_layer(fs, dest, pin=pin)
+        low_rank.move_layer(fs, dest, pin=pin)
     if not to_host and home.type == "cuda":
         torch.cuda.current_stream(home).synchronize()
 

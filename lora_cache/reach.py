@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from . import copies, layers
-from .layers import Chain
+from .form_base import Chain
 
 # model -> paths of its layers that ComfyUI computes without their forward through a cast that
 # cannot carry a chain: their adapters go to ComfyUI's patches before the model loads.

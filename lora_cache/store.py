@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .files import FileIdentity
-from .layers import LayerForm
+from .form_base import LayerForm
 
 _uids = itertools.count(1)
 

@@ -34,7 +34,7 @@ from . import events
 from .errors import LoraCacheError
 
 if TYPE_CHECKING:
-    from .layers import LayerForm
+    from .form_base import LayerForm
     from .store import Entry
 
 # The patcher attachment that carries a Sweep (cloned along by later nodes).

@@ -180,15 +180,15 @@ def test_forward_after_comfy_bypass_loader_is_the_direct_one(fresh, loras, monke
     is smaller than its activations) and matches stock, before and after the bypass loader."""
     import nodes
 
-    from lora_cache_loader.lora_cache import layers
+    from lora_cache_loader.lora_cache import layers, weight_form
 
     h = fresh
     if "LoraLoaderBypassModelOnly" not in nodes.NODE_CLASS_MAPPINGS:
         pytest.skip("this ComfyUI has no bypass loader (0.3.75)")
     lora = loras["a"]
     served = []
-    real = layers.merged_weight
-    monkeypatch.setattr(layers, "merged_weight", lambda w, wp: served.append(w.shape) or real(w, wp))
+    real = weight_form.merged_weight
+    monkeypatch.setattr(weight_form, "merged_weight", lambda w, wp: served.append(w.shape) or real(w, wp))
 
     def prompt(loader):  # 256x256: more rows of activations than the tiny layers' weights have
         p = wf.sd([loader])
@@ -219,7 +219,7 @@ def test_fast_reenable_node_call_does_no_per_layer_work(fresh, loras, kind):
     so its cost does not grow with the number of layers (700 on SDXL)."""
     import comfy.sd
 
-    from lora_cache_loader.lora_cache import forms, layers
+    from lora_cache_loader.lora_cache import forms, low_rank
 
     h = fresh
     lora = loras["a"]
@@ -231,7 +231,7 @@ def test_fast_reenable_node_call_does_no_per_layer_work(fresh, loras, kind):
     lc = h.lc
     assert lc.apply(base, None, lora, 1.0, 0.0, True, "auto", node_id="n")[2].path == "build"
     reads = []
-    spied = [(cls, "tensors", cls.tensors) for cls in (layers.LayerFactors, forms.Form)]
+    spied = [(cls, "tensors", cls.tensors) for cls in (low_rank.LayerFactors, forms.Form)]
     spied.append((forms._States, "nbytes", forms._States.nbytes))
     for cls, name, orig in spied:
         if isinstance(orig, property):

@@ -323,14 +323,14 @@ def test_mixed_stack_in_any_order_equals_stock_chain(pkg, host, sd_patcher, flux
 
 
 def count_weight_form(pkg, monkeypatch) -> list:
-    """Wraps layers.merged_weight (this package's weight form) to count the layers it serves."""
+    """Wraps weight_form.merged_weight (this package's weight form) to count the layers it serves."""
     calls: list = []
-    real = pkg.layers.merged_weight
+    real = pkg.weight_form.merged_weight
 
     def counted(weight, wp):
-        calls.append("tiles" if wp.tiles else "whole" if wp.steps[0][3] is None else "copy")
+        calls.append("tiles" if wp.tiles else "whole" if wp.steps[0].start is None else "copy")
         return real(weight, wp)
-    monkeypatch.setattr(pkg.layers, "merged_weight", counted)
+    monkeypatch.setattr(pkg.weight_form, "merged_weight", counted)
     return calls
 
 
@@ -437,7 +437,7 @@ def test_copy_equals_stock_merge_for_every_type(pkg, host, sd_patcher):
 
 
 def test_move_layer_moves_every_form_and_counts_bytes(pkg, host, sd_patcher):
-    """layers.move_layer moves every tensor a form holds (DoRA's core and magnitude, kron
+    """low_rank.move_layer moves every tensor a form holds (DoRA's core and magnitude, kron
     factors, rotations, the adapter inside ComfyUI's own merge) and `nbytes` counts them."""
     patcher = sd_patcher
     for i, (kind, kw) in enumerate(CASES):
@@ -450,7 +450,7 @@ def test_move_layer_moves_every_form_and_counts_bytes(pkg, host, sd_patcher):
             assert before > 0
             old = [t for f in fs for t in f_tensors(pkg, f)]  # kept alive: no storage is reused
             ptrs = {t.untyped_storage().data_ptr() for t in old}
-            pkg.layers.move_layer(fs, torch.device("cpu"), pin=False)
+            pkg.low_rank.move_layer(fs, torch.device("cpu"), pin=False)
             after = [t for f in fs for t in f_tensors(pkg, f)]
             assert len(after) == len(old), kind
             assert not {t.untyped_storage().data_ptr() for t in after} & ptrs, kind  # every tensor moved
@@ -459,7 +459,7 @@ def test_move_layer_moves_every_form_and_counts_bytes(pkg, host, sd_patcher):
 
 
 def f_tensors(pkg, f) -> list:
-    if isinstance(f, pkg.layers.LayerFactors):
+    if isinstance(f, pkg.low_rank.LayerFactors):
         return [t for t in (f.down, f.up, f.mid) if t is not None]
     return f.tensors()
 
@@ -514,18 +514,19 @@ def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, sha
         for start, length in parts:
             down = (torch.randn(K, 8, generator=gg) * K ** -0.5).to(device, dtype)
             up = (torch.randn(8, length, generator=gg) * 8 ** -0.5).to(device, dtype)
-            fs.append(pkg.layers.LayerFactors("linear", down, up, 0.75,
-                                              out_slice=None if slices is None else (start, length)))
+            fs.append(pkg.low_rank.LayerFactors("linear", down, up, 0.75,
+                                                out_slice=None if slices is None else (start, length)))
         return tuple(fs)
     stacks = [[(adapter(1), 1.0)], [(adapter(2), 0.0)], [(adapter(3), -1.4), (adapter(4), 0.6)]]
     calls = count_weight_form(pkg, monkeypatch)
-    real_plan = pkg.layers._weight_plan
+    real_plan = pkg.weight_form.as_weight_plan
     for stack in stacks:
         for rows in (1, 7, 300, 1031):
             x = torch.randn(rows, K, generator=g).to(device, dtype)
             outs = {}
             for form in ("weight", "output"):
-                monkeypatch.setattr(pkg.layers, "_weight_plan", real_plan if form == "weight" else (lambda p, w: None))
+                monkeypatch.setattr(pkg.weight_form, "as_weight_plan",
+                                    real_plan if form == "weight" else (lambda p, w: None))
                 pkg.layers.activate(lin, stack)
                 try:
                     with torch.no_grad():
@@ -568,7 +569,7 @@ def test_weight_form_only_through_comfy_stock_cast(pkg, monkeypatch):
             lin.weight.copy_(torch.randn(32, 32, generator=g) / 8)
             lin.bias.copy_(torch.randn(32, generator=g) / 8)
         down, up = torch.randn(32, 4, generator=g) / 6, torch.randn(4, 32, generator=g) / 2
-        pkg.layers.activate(lin, [((pkg.layers.LayerFactors("linear", down, up, 0.5),), 0.8)])
+        pkg.layers.activate(lin, [((pkg.low_rank.LayerFactors("linear", down, up, 0.5),), 0.8)])
         try:
             x = torch.randn(512, 32, generator=g)
             calls.clear()
