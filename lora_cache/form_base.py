@@ -33,7 +33,7 @@ class LayerForm(Protocol):
     layer's slot, the memory owner and the merge use a layer's forms only through these."""
 
     kind: str
-    order_sensitive: bool  # its update depends on the weight before it (see order_sensitive())
+    order_sensitive: bool  # its update depends on the weight before it (DoRA, OFT, BOFT, GLoRA): order matters
     out_slice: tuple[int, int] | None
 
     def tensors(self) -> list[torch.Tensor]: ...
@@ -81,9 +81,3 @@ def moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
         except RuntimeError:
             pass
     return out
-
-
-def order_sensitive(layers: dict[str, tuple[LayerForm, ...]]) -> bool:
-    """Whether some form's update depends on the weight before it (DoRA, OFT, BOFT, GLoRA,
-    ComfyUI's own merge): then the order of the adapters on a layer matters."""
-    return any(f.order_sensitive for fs in layers.values() for f in fs)
