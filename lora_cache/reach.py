@@ -103,3 +103,8 @@ def cast_fn(module: torch.nn.Module, chain: Chain) -> Callable[[torch.Tensor], t
 
 def stranded_paths(model: torch.nn.Module) -> set[str]:
     return _stranded.get(model, set())
+
+
+def named(paths: list[str], shown: int = 3) -> str:
+    """Layer paths for a message: the first few, then how many more."""
+    return ", ".join(paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")

@@ -22,23 +22,17 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
-from . import adapter_forms, build, copies, events, files, layers, load_state, memory, reach, sweep
+from . import build, chain_order, copies, events, files, layers, memory, reach, sweep
 from .errors import LoraCacheError
 from .memory import MEMORY
+from .stack import KEY, SPLICED, StackItem, active_items, stack_of
 from .store import Entry
 
-KEY = "lora_cache"
-# On a sampling patcher: how many leading items of its stack ride in ComfyUI's own patches
-# (see _splice_late_patches).
-SPLICED = "lora_cache_spliced"
 log = logging.getLogger("lora_cache")
 
 
@@ -60,36 +54,6 @@ _active: dict[int, _Activation] = {}
 _shapes: dict[int, tuple[int, ...]] = {}
 # Modes whose adapters a merged copy may serve (the text encoder runs unmerged).
 _COPY_MODES = {"auto": False, "merged": True}  # mode -> whether it asks for a copy whatever it saves
-
-
-class StackItem(NamedTuple):
-    entry: Entry
-    strength: float
-    mode: str  # auto, dynamic, merged
-    # ComfyUI patches per weight key on the patcher the node carried the adapter onto; more at
-    # sampling time means a later node patched the same layer.
-    seen: Mapping[str, int] = {}
-    seen_spliced: int = 0  # how many items before it were in those patches already (SPLICED)
-    node: str | None = None  # the node that carried it, for the badge
-
-
-@dataclass(frozen=True)
-class AdapterStack:
-    """The ordered adapters a patcher carries. Immutable: clones share it."""
-
-    items: tuple[StackItem, ...] = ()
-
-    def with_adapter(self, item: StackItem) -> AdapterStack:
-        return AdapterStack(self.items + (item,))
-
-
-def stack_of(patcher) -> AdapterStack:
-    return patcher.get_attachment(KEY) or AdapterStack()
-
-
-def active_items(patcher) -> tuple[StackItem, ...]:
-    """The stack items that our layers run for `patcher` (those before are in its patches)."""
-    return stack_of(patcher).items[patcher.get_attachment(SPLICED) or 0:]
 
 
 def carry(patcher, entry: Entry, strength: float, mode: str = "auto", node: str | None = None):
@@ -140,10 +104,10 @@ def carry_clip(clip, entry: Entry, strength: float, node: str | None = None):
 
 def _activate_text_encoder(patcher) -> None:
     # The diffusion model's chain is spliced into its patches before it loads
-    # (_splice_late_patches); the text encoder has no hook before its load, so the order is
-    # not kept there: the log says so.
+    # (chain_order.splice_late_patches); the text encoder has no hook before its load, so the
+    # order is not kept there: the log says so.
     items = stack_of(patcher).items
-    late = _late_patched(patcher, items, 0)
+    late = chain_order.late_patched(patcher, items, 0)
     if late:
         log.warning("[LoRA Cache] %s: a node after it adds patches to the same text encoder layers that, in "
                     "the stock chain, apply to a weight holding it; the encoding differs from the stock chain. "
@@ -207,7 +171,8 @@ def _activate(patcher, sampling: bool = False) -> None:
         # What the sampling needs comes before cached factors and copies it does not use.
         MEMORY.leave_room(patcher, _shapes.get(id(model)), keep={id(lc.module) for lc in chains})
     merged, info = _copies(patcher, chains, items) if sampling and chains else ({}, None)
-    posts = sweep.posts(patcher, sw, swept, {id(lc.module): lc.chain for lc in chains}, _additive) if sw else {}
+    posts = (sweep.posts(patcher, sw, swept, {id(lc.module): lc.chain for lc in chains}, chain_order.additive)
+             if sw else {})
     for lc in chains:
         layers.activate(lc.module, lc.chain, merged.get(id(lc.module)), posts.pop(id(lc.module), (None, None))[1])
         act.modules.append(lc.module)
@@ -309,7 +274,7 @@ def _model_call(executor, *args, **kwargs):
     found = reach.finish(executor.class_obj, probing)
     if found.stranded:
         raise _Stranded(", ".join(found.stranded))
-    notes = [f"{len(paths)} layers {what} ({_named(paths)}): served through ComfyUI's cast (weight form){then}"
+    notes = [f"{len(paths)} layers {what} ({reach.named(paths)}): served through ComfyUI's cast (weight form){then}"
              for paths, what, then in ((found.served, "not reached through their forward",
                                         "; the first model call ran again"),
                                        (found.idle, "not computed in the first model call", "")) if paths]
@@ -322,10 +287,6 @@ def _model_call(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
-def _named(paths: list[str], shown: int = 3) -> str:
-    return ", ".join(paths[:shown]) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
-
-
 def _outer_sample(executor, *args, **kwargs):
     """Around one sampling: tells ON_PRE_RUN the latent shape, which the memory the sampling
     needs depends on (ON_PRE_RUN itself gets only the patcher). When the device runs out of
@@ -336,7 +297,7 @@ def _outer_sample(executor, *args, **kwargs):
     sw = patcher.get_attachment(sweep.KEY)
     if sw is not None:
         sweep.check_batch(sw, noise.shape[0])
-    _splice_late_patches(patcher)
+    chain_order.splice_late_patches(patcher)
     items = active_items(patcher)
     _shapes[id(patcher.model)] = tuple(noise.shape)
     try:
@@ -362,119 +323,8 @@ def _sampled(executor, patcher, *args, **kwargs):
     try:
         return executor(*args, **kwargs)
     except _Stranded:
-        _splice_late_patches(patcher)
+        chain_order.splice_late_patches(patcher)
         return executor(*args, **kwargs)
-
-
-def _additive(patch: tuple) -> bool:
-    """Whether a ComfyUI patch entry (strength, adapter, strength_model, offset, function) adds
-    an update that does not depend on the weight it is applied to, so that ours before it may
-    stay in the layers' forward: LoRA, LoHa, LoKr without DoRA, or a `diff`, at model strength 1."""
-    _, adapter, strength_model, _offset, function = patch[:5]
-    if strength_model != 1.0 or function is not None:
-        return False
-    if isinstance(adapter, tuple):  # ComfyUI's tuple form: ("diff", (tensor,)), ("set", ...), ...
-        return bool(adapter) and adapter[0] == "diff"
-    return adapter_forms.plain_addition(adapter)
-
-
-def _late_patched(patcher, items: tuple[StackItem, ...], done: int) -> int:
-    """How many leading items must ride in ComfyUI's patches (at least `done`, those that do):
-    up to the last one on whose layer a node after it added a patch that, in the stock chain,
-    applies to a weight that holds ours. Our forms run on the weight as ComfyUI loads it, so
-    that is exact only where our form does not read the weight before it (DoRA, OFT, ...) and
-    the later patch is a plain addition."""
-    n = done
-    if not patcher.patches:  # nothing patched after ours (nor before): the usual case
-        return n
-    for i in range(done, len(items)):
-        item = items[i]
-        # ours before it that the patcher it was carried onto did not hold in its patches yet,
-        # but this one does now (spliced): they come before the later patches too
-        ours_since = [_patch_counts(items[j].entry) for j in range(item.seen_spliced, done)]
-        for path, factors in item.entry.layers.items():
-            key = path + ".weight"
-            patches = patcher.patches.get(key)
-            if not patches:
-                continue
-            later = patches[item.seen.get(key, 0) + sum(c[key] for c in ours_since):]
-            if later and (any(f.order_sensitive for f in factors) or not all(_additive(p) for p in later)):
-                n = i + 1
-                break
-    return n
-
-
-def _patch_counts(entry: Entry) -> Counter[str]:
-    """How many patches ComfyUI's add_patches appends per weight key for `entry` (fused-weight
-    slices add one each)."""
-    return Counter(k if isinstance(k, str) else k[0] for k in entry.patches)
-
-
-def _splice_late_patches(patcher) -> None:
-    """Before the model loads for a sampling: where a node after an order-dependent adapter of
-    ours patched the same layers, that adapter (and ours before it) goes into the sampling
-    patcher's own patches at its place in the chain, through ComfyUI's add_patches, and our
-    layers leave it alone. ComfyUI then patches the chain exactly as the stock loaders would.
-    The patcher is the later node's output, which ComfyUI reuses while nothing before it
-    changes: it keeps the splice and its patches_uuid, so a repeated run patches nothing again.
-    Clones of it carry the splice on (SPLICED), and a later stock loader splices further."""
-    items = stack_of(patcher).items
-    done = patcher.get_attachment(SPLICED) or 0
-    late = _late_patched(patcher, items, done)
-    stranded, paths = _stranded_items(patcher, items, done)
-    n = max(late, stranded)
-    if n <= done:
-        return
-    if load_state.is_dynamic(patcher):
-        # comfy-aimdo applies patches while casting, so a form of ours that reads the weight
-        # before it would see the bare weight on a layer that now carries spliced patches
-        # (load_state.weight_patched_at_cast): those go into the patches too.
-        grown = True
-        while grown:
-            grown = False
-            keys = {k for item in items[:n] for k in _patch_counts(item.entry)}
-            for i in range(n, len(items)):
-                if any(path + ".weight" in keys and any(f.order_sensitive for f in fs)
-                       for path, fs in items[i].entry.layers.items()):
-                    n, grown = i + 1, True
-    counts = [_patch_counts(item.entry) for item in items[:n]]
-    for j in range(done, n):
-        item = items[j]
-        patcher.add_patches(item.entry.patches, item.strength)
-        for key, added in counts[j].items():
-            patches = patcher.patches.get(key)
-            if not patches or len(patches) < added:
-                continue  # a key this model does not have: add_patches skipped it
-            new = patches[-added:]
-            del patches[-added:]
-            # after the ComfyUI patches the node saw, and ours before it that those did not hold
-            at = item.seen.get(key, 0) + sum(c[key] for c in counts[item.seen_spliced:j])
-            patches[at:at] = new
-    patcher.set_attachments(SPLICED, n)
-    last = items[n - 1].entry.lora
-    cause = ("a later node's patches on its layers apply, in the stock chain, to a weight that holds it"
-             if late == n else f"ComfyUI computes its layers {_named(paths)} without calling their forward, "
-                               f"through a cast that cannot carry it")
-    for item in items[done:n]:
-        why = (cause if item.entry.lora == last else
-               f"it comes before {last}, which " + ("a later node's patches send there" if late == n else
-                                                    "goes there: ComfyUI computes its layers without their forward"))
-        events.record(events.Event(lora=item.entry.lora, path="full", node=item.node, ms=0.0,
-                                   reason=f"ComfyUI's patches for this sampling, in chain order: {why}"))
-
-
-def _stranded_items(patcher, items: tuple[StackItem, ...], done: int) -> tuple[int, list[str]]:
-    """How many leading items must ride in ComfyUI's patches (at least `done`) because an earlier
-    sampling found some layer of theirs stranded (reach.py): up to the last such item, in chain
-    order; and the last one's stranded layers."""
-    stranded = reach.stranded_paths(patcher.model)
-    n, paths = done, []
-    if stranded:
-        for i in range(done, len(items)):
-            mine = stranded.intersection(items[i].entry.layers)
-            if mine:
-                n, paths = i + 1, sorted(mine)
-    return n, paths
 
 
 def _on_pre_run(patcher) -> None:
