@@ -109,7 +109,7 @@ def describe_adapter(adapter) -> str:
 
 
 @dataclass
-class Plan:
+class CachedForms:
     """What the cached path would install: module path -> forms, or why it can't.
     `forms`: which form the adapter types other than plain LoRA took, for the build reason."""
 
@@ -162,14 +162,14 @@ def module_path(t: Target) -> str:
     return t.key[: -len(".weight")]
 
 
-def plan_cached(patches: dict, model_patcher, lora_name: str, device, dtype, progress=None) -> Plan:
+def cached_forms(patches: dict, model_patcher, lora_name: str, device, dtype, progress=None) -> CachedForms:
     """Forms for the cached path. Raises on shapes that cannot belong to the layer.
     `patches`: target -> adapter, a Patches (its `sources` name the file's keys in messages) or
     ComfyUI's load_lora result as it is.
     `progress(done)` is called every few layers: a large adapter's build shows in the UI."""
     reason = unsupported(patches)
     if reason is not None:
-        return Plan(None, reason)
+        return CachedForms(None, reason)
     ctx = BuildContext(lora_name, device, dtype)
     sources = getattr(patches, "sources", {})
     per_module: dict[str, list] = {}
@@ -184,12 +184,12 @@ def plan_cached(patches: dict, model_patcher, lora_name: str, device, dtype, pro
             if built.how != "lora":
                 hows[built.how] = hows.get(built.how, 0) + 1
     except NoForm as e:
-        return Plan(None, e.reason)
+        return CachedForms(None, e.reason)
     if progress is not None:
         progress(len(patches))
-    planned = {k: tuple(v) for k, v in per_module.items()}
-    for fs in planned.values():
+    forms = {k: tuple(v) for k, v in per_module.items()}
+    for fs in forms.values():
         share_down(fs)  # at build time, so the layer's factors move and count as one set
-    return Plan(planned, None, _counted(hows) if hows else None)
+    return CachedForms(forms, None, _counted(hows) if hows else None)
 
 

@@ -1,7 +1,7 @@
 """The cache entry for (model, LoRA file): reused while the file is unchanged, else read from the
-file through ComfyUI's loading and stored with its patches. Its factors are planned only when the
-cached path is to serve it (`plan`), so ComfyUI's own patch path costs nothing extra; a plan that
-fails takes the entry out again, so nothing half-built stays cached."""
+file through ComfyUI's loading and stored with its patches. Its factors are made only when the
+cached path is to serve it (`make_factors`), so ComfyUI's own patch path costs nothing extra;
+factors that fail take the entry out again, so nothing half-built stays cached."""
 from __future__ import annotations
 
 import logging
@@ -45,40 +45,40 @@ def device_dtype(patcher, patches: dict | None = None) -> tuple[torch.device, to
     return patcher.load_device, dtype or torch.float32
 
 
-def plan(entry: Entry, patcher) -> None:
+def make_factors(entry: Entry, patcher) -> None:
     """The factors for the cached path on the patcher's load device, with a progress bar (a large
     adapter's build shows in the UI); or the reason the adapter cannot take that path. Raises on
     factors that cannot belong to the layers, after taking the entry out of the cache."""
-    if entry.planned:
+    if entry.factors_made:
         return
     try:
-        _plan(entry, patcher)
+        _make_factors(entry, patcher)
     except BaseException:
         STORE.drop(entry)
         raise
-    entry.planned = True
+    entry.factors_made = True
     if entry.layers:
         MEMORY.admit(entry)
 
 
-def _plan(entry: Entry, patcher) -> None:
+def _make_factors(entry: Entry, patcher) -> None:
     if not entry.patches:
         return
     pbar = comfy.utils.ProgressBar(max(len(entry.patches), 1))
     device, dtype = device_dtype(patcher, entry.patches)
-    planned = adapters.plan_cached(entry.patches, patcher, entry.lora, device, dtype,
-                                    progress=lambda done: pbar.update_absolute(done))
-    entry.plan_reason = planned.reason
-    entry.forms = planned.forms
-    if not planned.layers:
+    found = adapters.cached_forms(entry.patches, patcher, entry.lora, device, dtype,
+                                  progress=lambda done: pbar.update_absolute(done))
+    entry.cache_problem = found.reason
+    entry.forms = found.forms
+    if not found.layers:
         return
     model = patcher.model
-    for path in planned.layers:
+    for path in found.layers:
         problem = capabilities.layer_problem(path, model.get_submodule(path))
         if problem is not None:
-            entry.plan_reason = problem
+            entry.cache_problem = problem
             return
-    entry.layers = planned.layers
+    entry.layers = found.layers
     entry.home = device
 
 
@@ -123,8 +123,8 @@ def twin(entry: Entry, patcher) -> Entry:
                                  f"with one whose layer {path} differs; place that node before the LoRA Cache Loader")
         twin_layers[path] = low_rank.copy_layer(factors, device)
     new = Entry(lora=entry.lora, identity=entry.identity, model_ref=weakref.ref(model), model_id=id(model),
-                patches=entry.patches, plan_reason=entry.plan_reason, layers=twin_layers, home=device,
-                last_strength=entry.last_strength, planned=True)
+                patches=entry.patches, cache_problem=entry.cache_problem, layers=twin_layers, home=device,
+                last_strength=entry.last_strength, factors_made=True)
     if found is not None:
         STORE.drop(found)
     STORE.put(new)

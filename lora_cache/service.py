@@ -81,7 +81,7 @@ def _facts(side: _Side, found: build.Found, mode: str, run_key: tuple[str, str] 
     cached = found.how == "cached"
     return Facts(
         side=side.name, mode=mode, found=found.how, has_patches=bool(entry.patches),
-        adapter_problem=entry.plan_reason,
+        adapter_problem=entry.cache_problem,
         host_problem=capabilities.cached_path_problem(patcher) or load_state.weight_patched_at_cast(patcher, entry),
         placement_problem=load_state.placement_problem(patcher, extra_bytes=0 if cached else entry.nbytes),
         attach_problem=load_state.unattached_problem(entry) if cached else None,
@@ -96,10 +96,10 @@ def _apply_side(side: _Side, lora_name: str, ident, mode: str, patches_of: Calla
     found = build.entry_for(side.patcher, lora_name, ident, patches_of)
     entry = found.entry
     d = decision.decide(_facts(side, found, mode, run_key))
-    if d.via == "cache" and not entry.planned:
+    if d.via == "cache" and not entry.factors_made:
         # Only now that the cached path would serve are the factors worked out (ComfyUI's patch
         # path needs none); their facts may still send the adapter there.
-        build.plan(entry, side.patcher)
+        build.make_factors(entry, side.patcher)
         if found.how == "cached":
             found = found._replace(how="cached patches, factors built now")
         d = decision.decide(_facts(side, found, mode, run_key))

@@ -30,9 +30,9 @@ class Entry:
     model_ref: weakref.ref
     model_id: int
     patches: dict
-    planned: bool = False  # the factors (or the reason there are none) were worked out
-    plan_reason: str | None = None  # why the cached path cannot serve; None if it can
-    forms: str | None = None  # which forms types other than plain LoRA took (adapters.Plan.forms)
+    factors_made: bool = False  # the factors (or the reason there are none) were worked out
+    cache_problem: str | None = None  # why the cached path cannot serve; None if it can
+    forms: str | None = None  # which forms types other than plain LoRA took (adapters.CachedForms.forms)
     layers: dict[str, tuple[LayerForm, ...]] = field(default_factory=dict)
     live: bool = True
     last_strength: float | None = None  # for the reason string only

@@ -38,10 +38,10 @@ def _entry(patcher, lora_name: str) -> tuple[Entry, bool]:
 
     found = build.entry_for(patcher, lora_name, ident, patches_of)
     entry = found.entry
-    built = not entry.planned
-    build.plan(entry, patcher)
-    if entry.plan_reason is not None:
-        raise LoraCacheError(f"LoRA Cache Sweep: '{lora_name}' cannot run per image: {entry.plan_reason}")
+    built = not entry.factors_made
+    build.make_factors(entry, patcher)
+    if entry.cache_problem is not None:
+        raise LoraCacheError(f"LoRA Cache Sweep: '{lora_name}' cannot run per image: {entry.cache_problem}")
     for path, forms in entry.layers.items():
         problem = sweep.form_problem(forms)
         if problem is not None:

@@ -29,7 +29,7 @@ def lc(host):
 
 def flux_with_factors(lc, dtype, seed: int = 3):
     """A tiny Flux model in `dtype` and a rank-4 LoRA's factors for it, built as the node builds
-    them (ComfyUI's key map and load_lora, then adapters.plan_cached): its fused qkv / linear1
+    them (ComfyUI's key map and load_lora, then adapters.cached_forms): its fused qkv / linear1
     weights take diffusers q/k/v LoRAs as output slices."""
     cfg = comfy.supported_models.Flux(tiny_models.flux_config())
     cfg.set_inference_dtype(dtype, None)
@@ -38,7 +38,7 @@ def flux_with_factors(lc, dtype, seed: int = 3):
     patcher = comfy.model_patcher.ModelPatcher(model, CPU, mm.unet_offload_device())
     sd = tiny_models.flux_lora_state_dict(rank=RANK, seed=seed)
     patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(model, {}))
-    plan = lc.adapters.plan_cached(patches, patcher, "t.safetensors", CPU, dtype)
+    plan = lc.adapters.cached_forms(patches, patcher, "t.safetensors", CPU, dtype)
     assert plan.reason is None
     return patcher, patches, plan.layers
 

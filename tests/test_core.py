@@ -26,7 +26,7 @@ def paths(host, n):
 
 
 def entry_for(host, lora):
-    es = [e for e in host.lc.STORE.entries() if e.lora == lora and e.plan_reason is None]
+    es = [e for e in host.lc.STORE.entries() if e.lora == lora and e.cache_problem is None]
     assert len(es) == 1
     return es[0]
 

@@ -53,7 +53,7 @@ def targets_for(model: str, host, kind: str, kw: dict) -> dict:
 
 def build(pkg, patcher, sd: dict, name: str = "t.safetensors"):
     patches, _ = pkg.adapters.split_patches(sd, patcher, None, name)
-    plan = pkg.adapters.plan_cached(patches, patcher, name, torch.device("cpu"), torch.float32)
+    plan = pkg.adapters.cached_forms(patches, patcher, name, torch.device("cpu"), torch.float32)
     return patches, plan
 
 
@@ -298,7 +298,7 @@ def test_rebuilt_adapters_keep_their_other_fields(pkg, sd_patcher):
 
 
 def build_patches(pkg, patcher, patches: dict, name: str = "t.safetensors"):
-    return patches, pkg.adapters.plan_cached(patches, patcher, name, torch.device("cpu"), torch.float32)
+    return patches, pkg.adapters.cached_forms(patches, patcher, name, torch.device("cpu"), torch.float32)
 
 
 def test_mixed_stack_in_any_order_equals_stock_chain(pkg, host, sd_patcher, flux_patcher):
