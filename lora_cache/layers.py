@@ -235,12 +235,28 @@ def serve_through_cast(module: torch.nn.Module, fn: Callable) -> None:
     _put_weight_function(module, slot, fn)
 
 
-def _put_weight_function(module: torch.nn.Module, slot: LayerSlot, fn: Callable) -> None:
+def _append_weight_function(module: torch.nn.Module, fn: Callable) -> tuple[list, list | None]:
+    """Puts a new list on the module: its weight functions, then `fn` (the class's shared list is
+    never written). Returns that list and the module's own list it replaced (None: the class's)."""
     d = module.__dict__
     prev = d.get("weight_function")
     current = prev if prev is not None else cast(list, module.weight_function)
     ours = d["weight_function"] = [*current, fn]
-    slot.cast = (ours, prev)
+    return ours, prev
+
+
+def _restore_weight_function(module: torch.nn.Module, ours: list, prev: list | None) -> None:
+    d = module.__dict__
+    # A load of the model since (ComfyUI sets each layer's list at load) already dropped ours.
+    if d.get("weight_function") is ours:
+        if prev is None:
+            del d["weight_function"]
+        else:
+            d["weight_function"] = prev
+
+
+def _put_weight_function(module: torch.nn.Module, slot: LayerSlot, fn: Callable) -> None:
+    slot.cast = _append_weight_function(module, fn)
 
 
 def handing_over(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -253,13 +269,7 @@ def _leave_cast(module: torch.nn.Module, slot: LayerSlot) -> None:
         return
     ours, prev = slot.cast
     slot.cast = None
-    d = module.__dict__
-    # A load of the model since (ComfyUI sets each layer's list at load) already dropped ours.
-    if d.get("weight_function") is ours:
-        if prev is None:
-            del d["weight_function"]
-        else:
-            d["weight_function"] = prev
+    _restore_weight_function(module, ours, prev)
 
 
 def _chain(module: torch.nn.Module, active: Chain) -> tuple[Op, ...]:
@@ -370,18 +380,11 @@ def _through_weight_function(module: torch.nn.Module, fn: Callable, base: Callab
     """ComfyUI's forward with `fn` after the layer's own weight functions for this one call: its
     cast hands the weight it casts or streams to them in the compute dtype and uses what they
     return (stock loaders' lowvram patches come first, as in the chain of loaders)."""
-    d = module.__dict__
-    had = "weight_function" in d
-    prev = cast(list, d["weight_function"] if had else module.weight_function)
-    ours = d["weight_function"] = [*prev, fn]
+    ours, prev = _append_weight_function(module, fn)
     try:
         return base(x, *args, **kwargs)
     finally:
-        if d.get("weight_function") is ours:
-            if had:
-                d["weight_function"] = prev
-            else:
-                del d["weight_function"]
+        _restore_weight_function(module, ours, prev)
 
 
 def _install(module: torch.nn.Module, slot: LayerSlot) -> None:

@@ -89,7 +89,6 @@ def _hook(n) -> None:
     for wrapper_type, wrapper in ((WrappersMP.OUTER_SAMPLE, _outer_sample), (WrappersMP.APPLY_MODEL, _model_call)):
         n.remove_wrappers_with_key(wrapper_type, KEY)
         n.add_wrapper_with_key(wrapper_type, KEY, wrapper)
-    return n
 
 
 def carry_clip(clip, entry: Entry, strength: float, node: str | None = None):
