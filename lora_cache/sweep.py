@@ -21,6 +21,7 @@ layout, or a layer whose input's first dimension is not the call's rows, is an e
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import weakref
@@ -32,6 +33,8 @@ import torch
 
 from . import events
 from .errors import LoraCacheError
+from .form_base import to_input
+from .low_rank import LayerFactors
 
 if TYPE_CHECKING:
     from .form_base import LayerForm
@@ -136,7 +139,9 @@ class Rows:
         self.per_row: torch.Tensor | None = None  # [adapters, rows] for the call now running
         # per adapter: the rows it changes, where it changes at most half of them (None: every row)
         self.active: list[torch.Tensor | None] = []
-        self._cast: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        # (adapter, scale, dtype, device) -> the strengths times the scale on the adapter's rows,
+        # shaped to scale a [rows, tokens, rank] tensor: one lookup per layer call, no launch
+        self._scaled: dict[tuple, torch.Tensor] = {}
         # rows of a call -> its per-row strengths and active rows: a sampling has one or two layouts
         self._layouts: dict[int, tuple[torch.Tensor, list[torch.Tensor | None]]] = {}
 
@@ -151,7 +156,6 @@ class Rows:
             raise LoraCacheError(
                 f"LoRA Cache Sweep: a model call has {rows} rows for {chunks} conds; the sweep's {n} settings "
                 f"need {chunks} x {n} (one row per image of the latent batch per cond)")
-        self._cast = {}
         layout = self._layouts.get(rows)
         if layout is None:
             # Row r is image r % n: each cond's chunk is the whole latent batch, in order.
@@ -169,17 +173,27 @@ class Rows:
 
     def end(self) -> None:
         self.per_row = None
-        self._cast = {}
 
     def of(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-row strengths in x's dtype and place."""
+        """The per-row strengths of the call now running, or an error where none is."""
         if self.per_row is None:
             raise LoraCacheError("LoRA Cache Sweep: a swept layer ran outside a model call of the sampling, so "
                                  "its rows cannot be mapped to images")
-        key = (x.dtype, x.device)
-        t = self._cast.get(key)
+        return self.per_row
+
+    def scaled(self, adapter: int, scale: float, like: torch.Tensor) -> torch.Tensor:
+        """Adapter `adapter`'s strength times `scale` for each row it changes, in the dtype and place
+        of `like` and shaped [rows, 1, ..., 1] to scale it."""
+        per_row = self.of(like)
+        key = (per_row.shape[1], adapter, scale, like.dtype, like.device, like.ndim)
+        t = self._scaled.get(key)
         if t is None:
-            t = self._cast[key] = self.per_row.to(device=x.device, dtype=x.dtype)
+            s = per_row[adapter]
+            idx = self.active[adapter]
+            if idx is not None:
+                s = s.index_select(0, idx)
+            t = self._scaled[key] = (s * scale).to(device=like.device, dtype=like.dtype).view(
+                -1, *([1] * (like.ndim - 1)))
         return t
 
 
@@ -223,8 +237,27 @@ def check_batch(sweep: Sweep, latent_batch: int) -> None:
 @dataclass
 class _Adapter:
     index: int  # the adapter's row in Rows.table
-    forms: tuple  # its additive forms on the layer, with delta_fn(module) bound
-    deltas: tuple[Callable, ...]
+    forms: tuple  # its additive forms on the layer
+    deltas: tuple[Callable, ...]  # per form: x -> its update, delta_fn(module) bound
+
+
+def _low_rank_update(f: LayerFactors, channel_cols: Callable) -> Callable:
+    """(rows, x, y, scaled) -> y with a Linear's low-rank update added per row in place: the row
+    strengths scale the rank-wide `x @ down`, and one addmm_ adds `@ up` into y's columns, so no
+    output-sized update is made, scaled and added."""
+    down, up = f.down, f.up
+
+    def add(idx: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, scaled: Callable) -> None:
+        xs = x if idx is None else x.index_select(0, idx)
+        d, u = to_input(down, xs), to_input(up, xs)
+        h = xs.reshape(-1, xs.shape[-1]) @ d
+        h3 = h.view(xs.shape[0], -1, h.shape[-1])
+        h3.mul_(scaled(h3))
+        if idx is None:
+            channel_cols(y.view(-1, y.shape[-1])).addmm_(h, u)
+        else:
+            channel_cols(y).index_add_(0, idx, (h @ u).view(*xs.shape[:-1], -1))
+    return add
 
 
 def layer_post(module: torch.nn.Module, rows: Rows, adapters: list[tuple[int, tuple[LayerForm, ...]]]) -> Callable:
@@ -233,6 +266,15 @@ def layer_post(module: torch.nn.Module, rows: Rows, adapters: list[tuple[int, tu
     channel = -1 if linear else 1
     bound = [_Adapter(a, forms, tuple(f.delta_fn(module) for f in forms)) for a, forms in adapters]  # type: ignore[attr-defined]
     name = weakref.ref(module)
+
+    def cols(f) -> Callable[[torch.Tensor], torch.Tensor]:
+        sl = f.out_slice
+        return (lambda t: t) if sl is None else (lambda t: t.narrow(channel, sl[0], sl[1]))
+
+    # Per form: its in-place low-rank update (Linear factors), or None (the generic update below).
+    low_rank = [[_low_rank_update(f, cols(f)) if linear and isinstance(f, LayerFactors) and f.kind == "linear"
+                 else None for f in ad.forms] for ad in bound]
+    where = [[cols(f) for f in ad.forms] for ad in bound]
 
     def post(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         per_row = rows.of(x)
@@ -243,22 +285,22 @@ def layer_post(module: torch.nn.Module, rows: Rows, adapters: list[tuple[int, tu
                 f"not the model call's {per_row.shape[1]} rows; its rows cannot be mapped to images")
         if (torch.is_grad_enabled() and y.requires_grad) or not y.is_contiguous():
             y = y.clone(memory_format=torch.contiguous_format)
-        for ad in bound:
+        for ad, fast, target_of in zip(bound, low_rank, where, strict=True):
             idx = rows.active[ad.index]
             if idx is not None and idx.numel() == 0:
                 continue
-            s = per_row[ad.index]
-            xs = x
-            if idx is not None:
-                xs, s = x.index_select(0, idx), s.index_select(0, idx)
-            for f, delta in zip(ad.forms, ad.deltas, strict=True):
+            xs = x if idx is None or all(fast) else x.index_select(0, idx)
+            for f, delta, add, target_cols in zip(ad.forms, ad.deltas, fast, target_of, strict=True):
+                scaled = functools.partial(rows.scaled, ad.index, f.scale)
+                if add is not None:
+                    add(idx, x, y, scaled)
+                    continue
                 d = delta(xs)
-                d.mul_((s * f.scale).view(-1, *([1] * (d.ndim - 1))))
-                target = y if f.out_slice is None else y.narrow(channel, f.out_slice[0], f.out_slice[1])
+                d.mul_(scaled(d))
                 if idx is None:
-                    target.add_(d)
+                    target_cols(y).add_(d)
                 else:
-                    target.index_add_(0, idx, d)
+                    target_cols(y).index_add_(0, idx, d)
         return y
     return post
 
