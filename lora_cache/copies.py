@@ -72,7 +72,11 @@ def merged(weight: torch.Tensor, chain: Chain) -> torch.Tensor:
     ComfyUI's merge computes it (calculate_weight in fp32, then cast). `weight` is not written.
     Where each row gets at most one low-rank update (one adapter, or Flux's q/k/v slices of one
     fused weight) one addmm per factor writes the copy (fp32 accumulation, one rounding);
-    otherwise an fp32 copy of the weight takes every form's merge in chain order."""
+    otherwise an fp32 copy of the weight takes every form's merge in chain order. An empty chain
+    gives a copy of the base weight (never the tensor itself: under dynamic VRAM comfy-aimdo
+    hands its own memory to the cast, which it reuses for other layers)."""
+    if not chain:
+        return weight.detach().clone()
     wp = weight_form.weight_plan(chain, weight) if _addmm_ready(chain, weight) else None
     if wp is not None and (len(wp.steps) == wp.tiles or (len(wp.steps) == 1 and wp.steps[0].start is None)):
         return weight_form.merged_weight(weight, wp)
@@ -221,17 +225,19 @@ class Choice(NamedTuple):
     build_ms: float
     short: str | None  # why some layers that could have a copy run unmerged
 
-    def describe(self) -> str:
+    def describe(self, what: str = "merged copies", rest: str = "unmerged") -> str:
         n = len(self.copies)
         built = f"built {self.built} in {self.build_ms:.0f} ms" if self.built else "none built"
         size = f"{self.bytes / _GIB:.2f} GiB" if self.bytes >= _GIB else f"{self.bytes / _MIB:.1f} MiB"
-        text = f"merged copies: {n} of {self.layers} layers, {size} ({built}); unmerged: {self.layers - n}"
+        text = f"{what}: {n} of {self.layers} layers, {size} ({built}); {rest}: {self.layers - n}"
         return text + (f" ({self.short})" if self.short else "")
 
 
 def saving(layer: Layer, costs: cost_model.DeviceCosts, element: int) -> float:
     """Seconds per call the unmerged forms cost on `layer` over its own product (`element`: the
     bytes of one value in the compute dtype)."""
+    if not layer.chain:  # a base copy (a swept layer's): it saves only ComfyUI's cast per call
+        return 0.0
     w = weight_of(layer.module)
     wp = weight_form.weight_plan(layer.chain, w)  # None unless every form is a Linear's low-rank factors
     if wp is None:

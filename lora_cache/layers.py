@@ -375,6 +375,14 @@ def _comfy_forwards() -> tuple[tuple, tuple]:
     return _COMFY_FORWARDS
 
 
+def casts_per_call(module: torch.nn.Module) -> bool:
+    """Whether ComfyUI's forward casts the layer's weight on every call (dynamic VRAM, lowvram, a
+    compute dtype other than the stored one, weight functions): fixed for a sampling once
+    ComfyUI loaded the model."""
+    return bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                or getattr(module, "bias_function", None))
+
+
 def _through_weight_function(module: torch.nn.Module, fn: Callable, base: Callable, x: torch.Tensor,
                              *args, **kwargs) -> torch.Tensor:
     """ComfyUI's forward with `fn` after the layer's own weight functions for this one call: its
@@ -393,11 +401,7 @@ def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     every_op = _EVERY_OP
     copy = slot.merged
     if copy is None:
-        # Fixed for the sampling once ComfyUI loaded the model: whether the layer casts its weight
-        # per call (dynamic VRAM, lowvram, a compute dtype other than the stored one) and how.
-        casts = bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
-                     or getattr(module, "bias_function", None))
-        forward = _unmerged_forward(module, slot, base, _stock_forward(module), casts)
+        forward = _unmerged_forward(module, slot, base, _stock_forward(module), casts_per_call(module))
     else:
         w, b = copy.weight, copy.bias
         run = F.linear if isinstance(module, torch.nn.Linear) else cast(_ConvNd, module)._conv_forward

@@ -153,7 +153,8 @@ def _chains(items: list[StackItem]) -> list[_LayerChain]:
 def _activate(patcher, sampling: bool = False) -> None:
     """Activates the patcher's adapters on its model. For a sampling, layers get merged copies
     where their modes allow them and memory and the cost model say so (copies.py); every other
-    layer runs its chain unmerged."""
+    layer runs its chain unmerged. A sweep's layers add each image's update after their output
+    (sweep.py). The sampling records one event."""
     stack = active_items(patcher)
     sw = patcher.get_attachment(sweep.KEY) if sampling else None
     if not stack and sw is None:
@@ -161,23 +162,34 @@ def _activate(patcher, sampling: bool = False) -> None:
     model = patcher.model
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
     items = [_current(item, patcher) for item in stack]
-    swept = [_current(StackItem(e, 1.0, "unmerged"), patcher).entry for e in sw.entries] if sw else []
-    MEMORY.pin(id(model), [item.entry for item in items] + swept)  # never evicted while active; moved back if needed
+    swept_entries = [_current(StackItem(e, 1.0, "unmerged"), patcher).entry for e in sw.entries] if sw else []
+    # never evicted while active; moved back if needed
+    MEMORY.pin(id(model), [item.entry for item in items] + swept_entries)
     act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [])
     _active[id(model)] = act
     chains = _chains(items)
+    swept = (sweep.posts(patcher, sw, swept_entries, {id(lc.module): lc.chain for lc in chains}, chain_order.additive)
+             if sw else {})
+    adapted = {id(lc.module) for lc in chains}
+    n_swept, n_layers = len(swept), len(adapted | swept.keys())
+    # A swept layer without adapters of its own runs its base weight: where ComfyUI casts that per
+    # call (dynamic VRAM), a copy of it kept on the device spares the cast, as a merged copy does.
+    base = [_LayerChain(s.path, s.module) for mid, s in swept.items()
+            if mid not in adapted and layers.casts_per_call(s.module)]
     if sampling:
         # What the sampling needs comes before cached factors and copies it does not use.
-        MEMORY.leave_room(patcher, _shapes.get(id(model)), keep={id(lc.module) for lc in chains})
-    merged, info = _copies(patcher, chains, items) if sampling and chains else ({}, None)
-    posts = (sweep.posts(patcher, sw, swept, {id(lc.module): lc.chain for lc in chains}, chain_order.additive)
-             if sw else {})
+        MEMORY.leave_room(patcher, _shapes.get(id(model)), keep=adapted | {id(lc.module) for lc in base})
+    merged, info = _copies(patcher, chains, items, base) if sampling and (chains or base) else ({}, None)
     for lc in chains:
-        layers.activate(lc.module, lc.chain, merged.get(id(lc.module)), posts.pop(id(lc.module), (None, None))[1])
+        post = swept.pop(id(lc.module), None)
+        layers.activate(lc.module, lc.chain, merged.get(id(lc.module)), None if post is None else post.post)
         act.modules.append(lc.module)
-    for module, post in posts.values():
-        layers.activate(module, (), None, post)
-        act.modules.append(module)
+    for mid, s in swept.items():
+        layers.activate(s.module, (), merged.get(mid), s.post)
+        act.modules.append(s.module)
+    if sw is not None:
+        info = _with_sweep(info, sw, swept_entries, n_swept)
+        info["layers"] = n_layers
     if info is not None:
         began = reach.start(reach.Probed(lc.path, lc.module, tuple(lc.chain)) for lc in chains)
         act.probing = began.probing
@@ -194,47 +206,74 @@ def _hooked_keys(patcher) -> set[str]:
     return {key for patches in (getattr(patcher, "hook_patches", None) or {}).values() for key in patches}
 
 
-def _copies(patcher, chains: list[_LayerChain],
-            items: list[StackItem]) -> tuple[dict[int, copies.MergedCopy], dict]:
+def _with_sweep(info: dict | None, sw: sweep.Sweep, entries: list[Entry], layers_swept: int) -> dict:
+    """The sampling's event with the sweep's part: its adapters, its node, what it runs."""
+    note = sweep.note(sw, layers_swept)
+    if info is None:
+        info = {"adapters": [], "nodes": [], "copies": 0, "layers": 0, "net": 0, "bytes": 0, "built": 0,
+                "build_ms": 0.0, "reason": note}
+    else:
+        info["reason"] = f"{note}; {info['reason']}"
+    info["adapters"] = [*info["adapters"], *(e.lora for e in entries)]
+    info["nodes"] = [*info["nodes"], *([sw.node] if sw.node else [])]
+    return info
+
+
+def _copies(patcher, chains: list[_LayerChain], items: list[StackItem],
+            base: list[_LayerChain]) -> tuple[dict[int, copies.MergedCopy], dict]:
     """The merged copies this sampling runs (module id -> copy), and the sampling's event. Layers
-    that run unmerged give their copies up: they do not need them, and memory is better spent."""
+    that run unmerged give their copies up: they do not need them, and memory is better spent.
+    `base`: swept layers without adapters of their own, which get copies of their base weight
+    with what memory is left after the merged copies."""
     candidates = []
-    choice = None
+    choice = base_choice = None
     hooked = 0
-    if any(item.mode in _COPY_MODES for item in items):
+    if any(item.mode in _COPY_MODES for item in items) or base:
         device, dtype = build.device_dtype(patcher)
         device = torch.device(device)
         hook_keys = _hooked_keys(patcher)
+
+        def rewritten(lc: _LayerChain) -> bool:
+            return lc.path + ".weight" in hook_keys or lc.path + ".bias" in hook_keys
         for lc in chains:
             if not all(m in _COPY_MODES for m in lc.modes) or not layers.copyable(lc.module):
                 continue
-            if lc.path + ".weight" in hook_keys or lc.path + ".bias" in hook_keys:
+            if rewritten(lc):
                 hooked += 1
                 continue
             key = copies.CopyKey(tuple(zip(lc.entries, (s for _, s in lc.chain), strict=True)),
                                  copies.base_key(patcher, lc.module, dtype))
             candidates.append(copies.Layer(lc.module, tuple(lc.chain), key,
                                            any(_COPY_MODES[m] for m in lc.modes)))
-        held = sum(c.nbytes for ly in candidates if (c := layers.slot_of(ly.module, create=True).copy) is not None)
+        base_layers = [copies.Layer(lc.module, (), copies.CopyKey((), copies.base_key(patcher, lc.module, dtype)),
+                                    False) for lc in base if layers.copyable(lc.module) and not rewritten(lc)]
+        held = sum(c.nbytes for ly in candidates + base_layers
+                   if (c := layers.slot_of(ly.module, create=True).copy) is not None)
         budget, why = MEMORY.copy_budget(patcher, _shapes.get(id(patcher.model)), held)
         choice = copies.choose(candidates, budget, device, dtype, patcher.model, why)
-    served = choice.copies if choice is not None else {}
-    for lc in chains:
+        if base_layers:
+            base_choice = copies.choose(base_layers, budget - choice.bytes, device, dtype, patcher.model, why)
+    chosen = [c for c in (choice, base_choice) if c is not None]
+    served = {mid: copy for c in chosen for mid, copy in c.copies.items()}
+    for lc in chains + base:
         if id(lc.module) not in served:
             copies.REGISTRY.drop(lc.module)
-    if choice is None:
-        reason = f"unmerged: {len(chains)} layers (mode unmerged)"
-    else:
+    parts = []
+    if choice is None or (chains and not any(item.mode in _COPY_MODES for item in items)):
+        parts.append(f"unmerged: {len(chains)} layers (mode unmerged)")
+    elif chains:
         others = len(chains) - len(candidates) - hooked
-        reason = choice.describe() + "".join(
+        parts.append(choice.describe() + "".join(
             f"; {n} layers unmerged ({why})" for n, why in ((others, "their mode or layer type"),
                                                             (hooked, "hook patches rewrite their weights while "
-                                                                     "sampling")) if n)
+                                                                     "sampling")) if n))
+    if base_choice is not None:
+        parts.append(base_choice.describe("copies of the base weight on swept layers", "through ComfyUI's cast"))
     return served, {"adapters": [item.entry.lora for item in items],
                     "nodes": [item.node for item in items if item.node is not None],
-                    "copies": len(served), "layers": len(chains), "net": 0,
-                    "bytes": choice.bytes if choice else 0, "built": choice.built if choice else 0,
-                    "build_ms": choice.build_ms if choice else 0.0, "reason": reason}
+                    "copies": len(served), "layers": len(chains) + len(base), "net": 0,
+                    "bytes": sum(c.bytes for c in chosen), "built": sum(c.built for c in chosen),
+                    "build_ms": sum(c.build_ms for c in chosen), "reason": "; ".join(parts)}
 
 
 def _release(patcher) -> None:

@@ -27,11 +27,10 @@ import re
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from . import events
 from .errors import LoraCacheError
 from .form_base import to_input
 from .low_rank import LayerFactors
@@ -305,15 +304,29 @@ def layer_post(module: torch.nn.Module, rows: Rows, adapters: list[tuple[int, tu
     return post
 
 
+class SweptLayer(NamedTuple):
+    """A layer a sweep adapter targets, and its update per image (run after the layer's output)."""
+
+    path: str
+    module: torch.nn.Module
+    post: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def note(sw: Sweep, layers: int) -> str:
+    """What a sweep's sampling runs, for its event."""
+    return (f"sweep of {sw.size} images: {layers} layers add each image's update unmerged (a merged copy holds "
+            f"one strength for the whole batch)")
+
+
 def posts(patcher, sw: Sweep, entries: list[Entry], ordinary: dict[int, list],
-          additive: Callable[[tuple], bool]) -> dict[int, tuple]:
-    """For the sampling starting on `patcher`: module id -> (module, its sweep update), for every
-    layer a sweep adapter targets (`entries`: the sweep's entries serving this model). `ordinary`:
+          additive: Callable[[tuple], bool]) -> dict[int, SweptLayer]:
+    """For the sampling starting on `patcher`: module id -> the swept layer, for every layer a
+    sweep adapter targets (`entries`: the sweep's entries serving this model). `ordinary`:
     module id -> the chain of ordinary adapters the layer runs too; `additive(patch)`: whether a
     ComfyUI patch that a node after the sweep added adds an update independent of the weight (then
     the sweep's update commutes with it)."""
     rows = start(patcher.model, sw, patcher.load_device)
-    per_module: dict[int, tuple[torch.nn.Module, list]] = {}
+    per_module: dict[int, tuple[str, torch.nn.Module, list]] = {}
     for a, entry in enumerate(entries):
         for path, module, forms in entry.modules():
             problem = form_problem(forms)
@@ -325,7 +338,7 @@ def posts(patcher, sw: Sweep, entries: list[Entry], ordinary: dict[int, list],
             if not all(additive(p) for p in later):
                 raise LoraCacheError(f"LoRA Cache Sweep: a loader after the sweep patches {path} with an update that "
                                      f"reads the weight before it (per image, the sweep's); place it before the sweep")
-            per_module.setdefault(id(module), (module, []))[1].append((a, forms))
+            per_module.setdefault(id(module), (path, module, []))[2].append((a, forms))
     for mid in per_module:
         for forms, _strength in ordinary.get(mid, ()):
             for f in forms:
@@ -334,8 +347,5 @@ def posts(patcher, sw: Sweep, entries: list[Entry], ordinary: dict[int, list],
                         f"LoRA Cache Sweep: a LoRA Cache adapter on a swept layer has a {f.kind} form, which reads "
                         f"the weight before it (per image, the sweep's); apply it with a stock loader before the "
                         f"sweep, or leave it out")
-    events.record_sampling({"adapters": [e.lora for e in entries], "nodes": [sw.node] if sw.node else [],
-                            "copies": 0, "layers": len(per_module), "bytes": 0, "built": 0, "build_ms": 0.0,
-                            "reason": f"sweep of {sw.size} images: {len(per_module)} layers add each image's "
-                                      f"update unmerged (a merged copy holds one strength for the whole batch)"})
-    return {mid: (module, layer_post(module, rows, ads)) for mid, (module, ads) in per_module.items()}
+    return {mid: SweptLayer(path, module, layer_post(module, rows, ads))
+            for mid, (path, module, ads) in per_module.items()}

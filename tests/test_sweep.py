@@ -293,3 +293,45 @@ def test_shipped_workflows_run_on_a_server(server, name, images):
     cells = [grid_img[:64, i * 64:(i + 1) * 64] for i in range(images)]
     assert all(np.abs(cells[0] - c).max() > 4 for c in cells[1:])  # each image has its own setting
     assert all((grid_img[64:, i * 64:(i + 1) * 64] < 128).any() for i in range(images))  # a label under each
+
+
+def test_base_copies_where_layers_cast_per_call(fresh, loras, monkeypatch):
+    """Where ComfyUI casts a layer's weight on every call (as under dynamic VRAM), a swept layer
+    without adapters of its own multiplies by a copy of its base weight kept on the device: built
+    once, reused by the next sweep, given up by a sampling with an adapter on the layer. Every
+    image still equals the stock loader's."""
+    import comfy.ops
+    h = fresh
+    for cls in (comfy.ops.disable_weight_init.Linear, comfy.ops.disable_weight_init.Conv2d):
+        monkeypatch.setattr(cls, "comfy_cast_weights", True)
+    lora, other = loras["sw_a"], loras["sw_b"]
+    strengths = [0.0, 0.5, -0.7, 1.0]
+    first = h.run(sweep_prompt([lora], ", ".join(map(str, strengths))))
+    s = h.lc.stats()["samplings"][-1]
+    assert s["reason"].startswith("sweep of 4 images: "), s
+    assert "copies of the base weight on swept layers: " in s["reason"], s
+    assert s["built"] == s["copies"] == s["layers"] > 0 and s["bytes"] > 0, s
+    # another sweep of the same LoRA: the copies hold no strength, so they serve it as they are,
+    # and ComfyUI's cast runs on none of the layers the sweep touches (the prompt's bare branch
+    # samples the same layers: the casts counted are those while our forward is installed)
+    cast, casted = comfy.ops.cast_bias_weight, []
+
+    def spy(module, *args, **kwargs):
+        if "forward" in module.__dict__:
+            casted.append(id(module))
+        return cast(module, *args, **kwargs)
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", spy)
+    second = h.run(sweep_prompt([lora], "1, -1"))["out"]
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", cast)
+    s2 = h.lc.stats()["samplings"][-1]
+    assert s2["copies"] == s["copies"] and s2["built"] == 0 and "none built" in s2["reason"], s2
+    swept = {id(m) for e in h.lc.STORE.entries() for _, m, _ in e.modules()}
+    assert swept and not swept & set(casted)
+    # an ordinary adapter on some swept layers: there the copy is its merged copy, not the base
+    stacked = h.run(sweep_prompt([lora], "0, 1", before=[(other, 0.6)]))["out"]
+    s3 = h.lc.stats()["samplings"][-1]
+    assert "merged copies: " in s3["reason"] and "copies of the base weight" in s3["reason"], s3
+    assert torch.equal(first["out"][0], first["base"][0])  # strength 0: the base, bit for bit
+    check_against_stock(h, first["out"], [[(lora, x)] for x in strengths], "sd", 1.5)
+    check_against_stock(h, second, [[(lora, 1.0)], [(lora, -1.0)]], "sd", 1.5)
+    check_against_stock(h, stacked, [[(other, 0.6)], [(other, 0.6), (lora, 1.0)]], "sd", 1.5)
