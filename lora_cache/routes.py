@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from typing import TypedDict
 
-from . import events
+from . import copies, events
 from .memory import MEMORY
 from .store import STORE
 
@@ -52,6 +52,8 @@ def stats() -> dict:
 
 def purge() -> dict:
     n = STORE.purge()
+    # The entries' merged copies went with them; copies of base weights (a sweep's) belong to none.
+    copies.REGISTRY.drop_where(lambda _held: True)
     MEMORY.copy_caps.clear()
     log.info("[LoRA Cache] purged %d cached adapters", n)
     return {"purged": n}

@@ -335,3 +335,6 @@ def test_base_copies_where_layers_cast_per_call(fresh, loras, monkeypatch):
     check_against_stock(h, first["out"], [[(lora, x)] for x in strengths], "sd", 1.5)
     check_against_stock(h, second, [[(lora, 1.0)], [(lora, -1.0)]], "sd", 1.5)
     check_against_stock(h, stacked, [[(other, 0.6)], [(other, 0.6), (lora, 1.0)]], "sd", 1.5)
+    assert h.lc.copies.REGISTRY.count() > 0
+    h.lc.purge()  # the cache's purge frees every copy, base copies too
+    assert h.lc.copies.REGISTRY.count() == 0
