@@ -30,7 +30,7 @@ from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 from . import build, chain_order, copies, events, files, layers, memory, reach, sweep
 from .errors import LoraCacheError
 from .memory import MEMORY
-from .stack import KEY, SPLICED, StackItem, active_items, stack_of
+from .stack import KEY, SPLICED, LayerChain, StackItem, active_items, layer_chains, stack_of
 from .store import Entry
 
 log = logging.getLogger("lora_cache")
@@ -129,27 +129,6 @@ def _current(item: StackItem, patcher) -> StackItem:
     return item._replace(entry=build.twin(entry, patcher))
 
 
-@dataclass
-class _LayerChain:
-    path: str
-    module: torch.nn.Module
-    chain: list = field(default_factory=list)  # (forms, strength) in stack order
-    entries: list = field(default_factory=list)
-    modes: list = field(default_factory=list)
-
-
-def _chains(items: list[StackItem]) -> list[_LayerChain]:
-    """Each targeted layer once, with every adapter on it in stack order."""
-    per_module: dict[int, _LayerChain] = {}
-    for item in items:
-        for path, module, factors in item.entry.modules():
-            lc = per_module.setdefault(id(module), _LayerChain(path, module))
-            lc.chain.append((factors, item.strength))
-            lc.entries.append(item.entry.uid)
-            lc.modes.append(item.mode)
-    return list(per_module.values())
-
-
 def _activate(patcher, sampling: bool = False) -> None:
     """Activates the patcher's adapters on its model. For a sampling, layers get merged copies
     where their modes allow them and memory and the cost model say so (copies.py); every other
@@ -165,7 +144,7 @@ def _activate(patcher, sampling: bool = False) -> None:
     MEMORY.pin(id(model), [item.entry for item in items] + swept)  # never evicted while active; moved back if needed
     act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [])
     _active[id(model)] = act
-    chains = _chains(items)
+    chains = layer_chains(items)
     if sampling:
         # What the sampling needs comes before cached factors and copies it does not use.
         MEMORY.leave_room(patcher, _shapes.get(id(model)), keep={id(lc.module) for lc in chains})
@@ -194,7 +173,7 @@ def _hooked_keys(patcher) -> set[str]:
     return {key for patches in (getattr(patcher, "hook_patches", None) or {}).values() for key in patches}
 
 
-def _copies(patcher, chains: list[_LayerChain],
+def _copies(patcher, chains: list[LayerChain],
             items: list[StackItem]) -> tuple[dict[int, copies.MergedCopy], dict]:
     """The merged copies this sampling runs (module id -> copy), and the sampling's event. Layers
     that run unmerged give their copies up: they do not need them, and memory is better spent."""
