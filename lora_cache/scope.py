@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
-from . import build, chain_order, copies, events, files, layers, memory, reach, sweep
+from . import build, chain_order, copy_choice, events, files, layers, memory, reach, sweep
 from .errors import LoraCacheError
 from .memory import MEMORY
-from .stack import KEY, SPLICED, LayerChain, StackItem, active_items, layer_chains, stack_of
+from .stack import KEY, SPLICED, StackItem, active_items, layer_chains, stack_of
 from .store import Entry
 
 log = logging.getLogger("lora_cache")
@@ -52,8 +52,6 @@ class _Activation:
 _active: dict[int, _Activation] = {}
 # base model id -> the latent shape of the sampling about to start (set around it by OUTER_SAMPLE)
 _shapes: dict[int, tuple[int, ...]] = {}
-# Modes whose adapters a merged copy may serve (the text encoder runs unmerged).
-_COPY_MODES = {"auto": False, "merged": True}  # mode -> whether it asks for a copy whatever it saves
 
 
 def carry(patcher, entry: Entry, strength: float, mode: str = "auto", node: str | None = None):
@@ -131,7 +129,7 @@ def _current(item: StackItem, patcher) -> StackItem:
 
 def _activate(patcher, sampling: bool = False) -> None:
     """Activates the patcher's adapters on its model. For a sampling, layers get merged copies
-    where their modes allow them and memory and the cost model say so (copies.py); every other
+    where their modes allow them and memory and the cost model say so (copy_choice.py); every other
     layer runs its chain unmerged."""
     stack = active_items(patcher)
     sw = patcher.get_attachment(sweep.KEY) if sampling else None
@@ -148,7 +146,8 @@ def _activate(patcher, sampling: bool = False) -> None:
     if sampling:
         # What the sampling needs comes before cached factors and copies it does not use.
         MEMORY.leave_room(patcher, _shapes.get(id(model)), keep={id(lc.module) for lc in chains})
-    merged, info = _copies(patcher, chains, items) if sampling and chains else ({}, None)
+    merged, info = (copy_choice.for_sampling(patcher, chains, items, _shapes.get(id(model)))
+                    if sampling and chains else ({}, None))
     posts = (sweep.posts(patcher, sw, swept, {id(lc.module): lc.chain for lc in chains}, chain_order.additive)
              if sw else {})
     for lc in chains:
@@ -165,55 +164,6 @@ def _activate(patcher, sampling: bool = False) -> None:
             info["reason"] += (f"; {began.served} layers served through ComfyUI's cast (weight form): ComfyUI "
                                f"computes them without calling their forward")
         act.sampling = events.record_sampling(info)
-
-
-def _hooked_keys(patcher) -> set[str]:
-    """The weight keys ComfyUI's hook patches (hook LoRAs on the conditioning) rewrite in place
-    while the sampling runs: a copy built at its start would not see them."""
-    return {key for patches in (getattr(patcher, "hook_patches", None) or {}).values() for key in patches}
-
-
-def _copies(patcher, chains: list[LayerChain],
-            items: list[StackItem]) -> tuple[dict[int, copies.MergedCopy], dict]:
-    """The merged copies this sampling runs (module id -> copy), and the sampling's event. Layers
-    that run unmerged give their copies up: they do not need them, and memory is better spent."""
-    candidates = []
-    choice = None
-    hooked = 0
-    if any(item.mode in _COPY_MODES for item in items):
-        device, dtype = build.device_dtype(patcher)
-        device = torch.device(device)
-        hook_keys = _hooked_keys(patcher)
-        for lc in chains:
-            if not all(m in _COPY_MODES for m in lc.modes) or not layers.copyable(lc.module):
-                continue
-            if lc.path + ".weight" in hook_keys or lc.path + ".bias" in hook_keys:
-                hooked += 1
-                continue
-            key = copies.CopyKey(tuple(zip(lc.entries, (s for _, s in lc.chain), strict=True)),
-                                 copies.base_key(patcher, lc.module, dtype))
-            candidates.append(copies.Layer(lc.module, tuple(lc.chain), key,
-                                           any(_COPY_MODES[m] for m in lc.modes)))
-        held = sum(c.nbytes for ly in candidates if (c := layers.slot_of(ly.module, create=True).copy) is not None)
-        budget, why = MEMORY.copy_budget(patcher, _shapes.get(id(patcher.model)), held)
-        choice = copies.choose(candidates, budget, device, dtype, patcher.model, why)
-    served = choice.copies if choice is not None else {}
-    for lc in chains:
-        if id(lc.module) not in served:
-            copies.REGISTRY.drop(lc.module)
-    if choice is None:
-        reason = f"unmerged: {len(chains)} layers (mode unmerged)"
-    else:
-        others = len(chains) - len(candidates) - hooked
-        reason = choice.describe() + "".join(
-            f"; {n} layers unmerged ({why})" for n, why in ((others, "their mode or layer type"),
-                                                            (hooked, "hook patches rewrite their weights while "
-                                                                     "sampling")) if n)
-    return served, {"adapters": [item.entry.lora for item in items],
-                    "nodes": [item.node for item in items if item.node is not None],
-                    "copies": len(served), "layers": len(chains), "net": 0,
-                    "bytes": choice.bytes if choice else 0, "built": choice.built if choice else 0,
-                    "build_ms": choice.build_ms if choice else 0.0, "reason": reason}
 
 
 def _release(patcher) -> None:

@@ -1,4 +1,4 @@
-"""Merged copies (lora_cache/copies.py, cost_model.py, memory.py) on the CPU host.
+"""Merged copies (lora_cache/copies.py, copy_choice.py, cost_model.py, memory.py) on the CPU host.
 
 A copy is ComfyUI's merge of a layer's active chain, built from the weight as ComfyUI casts it and
 never written into it; samplings with the same chain reuse it, any other chain builds it again;
