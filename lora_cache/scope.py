@@ -232,13 +232,8 @@ def _outer_sample(executor, *args, **kwargs):
         try:
             return _sampled(executor, patcher, *args, **kwargs)
         except torch.OutOfMemoryError:
-            why = "the device ran out of memory while sampling"
-            freed = MEMORY.shed_copies(patcher.load_device, why)
-            freed += MEMORY.give_way(patcher.load_device, why, keep=[item.entry for item in items])
-            if not freed:
+            if not MEMORY.free_after_oom(patcher, keep=[item.entry for item in items]):
                 raise
-            log.warning("[LoRA Cache] out of memory while sampling: %d bytes of merged copies and unused cached "
-                        "factors freed on %s; sampling again", freed, patcher.load_device)
             return _sampled(executor, patcher, *args, **kwargs)
     finally:
         _shapes.pop(id(patcher.model), None)
