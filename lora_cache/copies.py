@@ -28,7 +28,7 @@ from typing import NamedTuple
 import comfy.ops
 import torch
 
-from . import layers, weight_form
+from . import layers, weight_update
 from .form_base import Chain, weight_of
 from .low_rank import LayerFactors
 from .store import STORE
@@ -70,9 +70,9 @@ def merged(weight: torch.Tensor, chain: Chain) -> torch.Tensor:
     Where each row gets at most one low-rank update (one adapter, or Flux's q/k/v slices of one
     fused weight) one addmm per factor writes the copy (fp32 accumulation, one rounding);
     otherwise an fp32 copy of the weight takes every form's merge in chain order."""
-    wp = weight_form.weight_plan(chain, weight) if _addmm_ready(chain, weight) else None
+    wp = weight_update.weight_plan(chain, weight) if _addmm_ready(chain, weight) else None
     if wp is not None and (len(wp.steps) == wp.tiles or (len(wp.steps) == 1 and wp.steps[0].start is None)):
-        return weight_form.merged_weight(weight, wp)
+        return weight_update.merged_weight(weight, wp)
     w32 = weight.to(torch.float32, copy=True)
     for forms, strength in chain:
         for f in forms:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import build, copies, cost_model, layers, weight_form
+from . import build, copies, cost_model, layers, weight_update
 from .copies import CopyKey, MergedCopy
 from .form_base import Chain, weight_of
 from .memory import MEMORY
@@ -58,7 +58,7 @@ def saving(layer: Layer, costs: cost_model.DeviceCosts, element: int) -> float:
     """Seconds per call the unmerged forms cost on `layer` over its own product (`element`: the
     bytes of one value in the compute dtype)."""
     w = weight_of(layer.module)
-    wp = weight_form.weight_plan(layer.chain, w)  # None unless every form is a Linear's low-rank factors
+    wp = weight_update.weight_plan(layer.chain, w)  # None unless every form is a Linear's low-rank factors
     if wp is None:
         return cost_model.chain_saving(w.numel() * element, sum(len(fs) for fs, _ in layer.chain), costs)
     out_f, in_f = w.shape

@@ -75,17 +75,17 @@ def device_costs(device: torch.device | str) -> DeviceCosts:
 def unmerged_saving(out_f: int, in_f: int, rows: int | None, steps: int, adapters: int, covered: int,
                     element_size: int, costs: DeviceCosts) -> float:
     """Seconds per call that a copy saves over the cheaper of the two unmerged forms of a
-    Linear's low-rank update (weight_form.py): the weight form reads the weight and writes a new one
+    Linear's low-rank update (weight_update.py): the weight form reads the weight and writes a new one
     (a launch per factor step); the output form reads the input again per adapter and reads and
     writes the output columns each step covers (a launch per adapter and per step). `covered`:
     the output rows the steps cover together; `rows`: the input rows of this layer's last call,
     None where not known yet (then the weight form's cost, its bound)."""
-    weight_form = 2 * out_f * in_f * element_size / costs.bytes_per_s + steps * costs.launch_s
+    weight_update = 2 * out_f * in_f * element_size / costs.bytes_per_s + steps * costs.launch_s
     if rows is None:
-        return weight_form
+        return weight_update
     output_form = (rows * (adapters * in_f + 2 * covered) * element_size / costs.bytes_per_s
                    + (adapters + steps) * costs.launch_s)
-    return min(weight_form, output_form)
+    return min(weight_update, output_form)
 
 
 def chain_saving(weight_bytes: int, forms: int, costs: DeviceCosts) -> float:

@@ -180,15 +180,15 @@ def test_forward_after_comfy_bypass_loader_is_the_direct_one(fresh, loras, monke
     is smaller than its activations) and matches stock, before and after the bypass loader."""
     import nodes
 
-    from lora_cache_loader.lora_cache import layers, weight_form
+    from lora_cache_loader.lora_cache import layers, weight_update
 
     h = fresh
     if "LoraLoaderBypassModelOnly" not in nodes.NODE_CLASS_MAPPINGS:
         pytest.skip("this ComfyUI has no bypass loader (0.3.75)")
     lora = loras["a"]
     served = []
-    real = weight_form.merged_weight
-    monkeypatch.setattr(weight_form, "merged_weight", lambda w, wp: served.append(w.shape) or real(w, wp))
+    real = weight_update.merged_weight
+    monkeypatch.setattr(weight_update, "merged_weight", lambda w, wp: served.append(w.shape) or real(w, wp))
 
     def prompt(loader):  # 256x256: more rows of activations than the tiny layers' weights have
         p = wf.sd([loader])

@@ -322,15 +322,15 @@ def test_mixed_stack_in_any_order_equals_stock_chain(pkg, host, sd_patcher, flux
             check_layers(pkg, patcher, chain, paths)
 
 
-def count_weight_form(pkg, monkeypatch) -> list:
-    """Wraps weight_form.merged_weight (this package's weight form) to count the layers it serves."""
+def count_weight_update(pkg, monkeypatch) -> list:
+    """Wraps weight_update.merged_weight (this package's weight form) to count the layers it serves."""
     calls: list = []
-    real = pkg.weight_form.merged_weight
+    real = pkg.weight_update.merged_weight
 
     def counted(weight, wp):
         calls.append("tiles" if wp.tiles else "whole" if wp.steps[0].start is None else "copy")
         return real(weight, wp)
-    monkeypatch.setattr(pkg.weight_form, "merged_weight", counted)
+    monkeypatch.setattr(pkg.weight_update, "merged_weight", counted)
     return calls
 
 
@@ -355,7 +355,7 @@ def test_low_rank_update_in_the_weight_or_the_output_equals_stock(pkg, host, sd_
     patcher = sd_patcher if model == "sd" else flux_patcher
     targets = targets_for(model, host, "lora", {})
     partial = {k: v for k, v in targets.items() if not k.endswith(("to_v", "add_v_proj"))}
-    calls = count_weight_form(pkg, monkeypatch)
+    calls = count_weight_update(pkg, monkeypatch)
     for tg, strengths in ((targets, [1.0]), (targets, [0.7, -1.3]), (partial, [0.0, 1.2])):
         chain = lora_chain(pkg, patcher, tg, strengths)
         paths = sorted(set().union(*(layers.keys() for layers, _, _ in chain)))
@@ -368,7 +368,7 @@ def test_low_rank_update_in_the_weight_or_the_output_equals_stock(pkg, host, sd_
             assert ("copy" if tg is partial else "tiles") in calls, calls
 
 
-def test_weight_form_after_stock_lowvram_patch_through_comfy_cast(pkg, host, sd_patcher, monkeypatch):
+def test_weight_update_after_stock_lowvram_patch_through_comfy_cast(pkg, host, sd_patcher, monkeypatch):
     """Where ComfyUI casts the layer's weight per call, the weight form goes in as one of the
     layer's weight functions for that call, after ComfyUI's own lowvram patch of a stock loader
     before ours: the output is the stock chain's, and the layer's weight functions are as they
@@ -380,7 +380,7 @@ def test_weight_form_after_stock_lowvram_patch_through_comfy_cast(pkg, host, sd_
     stock_patches, _ = pkg.adapters.split_patches(stock_sd, sd_patcher, None, "stock.safetensors")
     chain = lora_chain(pkg, sd_patcher, targets, [0.9], seed=51)
     layers_, ours, s = chain[0]
-    calls = count_weight_form(pkg, monkeypatch)
+    calls = count_weight_update(pkg, monkeypatch)
     checked = 0
     for path in layers_:
         module = model.get_submodule(path)
@@ -518,14 +518,14 @@ def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, sha
                                                 out_slice=None if slices is None else (start, length)))
         return tuple(fs)
     stacks = [[(adapter(1), 1.0)], [(adapter(2), 0.0)], [(adapter(3), -1.4), (adapter(4), 0.6)]]
-    calls = count_weight_form(pkg, monkeypatch)
-    real_plan = pkg.weight_form.as_weight_plan
+    calls = count_weight_update(pkg, monkeypatch)
+    real_plan = pkg.weight_update.as_weight_plan
     for stack in stacks:
         for rows in (1, 7, 300, 1031):
             x = torch.randn(rows, K, generator=g).to(device, dtype)
             outs = {}
             for form in ("weight", "output"):
-                monkeypatch.setattr(pkg.weight_form, "as_weight_plan",
+                monkeypatch.setattr(pkg.weight_update, "as_weight_plan",
                                     real_plan if form == "weight" else (lambda p, w: None))
                 pkg.layers.activate(lin, stack)
                 try:
@@ -550,7 +550,7 @@ def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, sha
     assert calls and any(c == ("tiles" if slices else "whole") for c in calls), calls
 
 
-def test_weight_form_only_through_comfy_stock_cast(pkg, monkeypatch):
+def test_weight_update_only_through_comfy_stock_cast(pkg, monkeypatch):
     """ComfyUI ops classes with their own cast (scaled fp8, fp8 matmul) hand weight functions a
     weight in another scale or dtype, so the weight form stays off there: such a layer adds the
     update to its output, and its result is the one ComfyUI's own forward plus the update gives."""
@@ -562,7 +562,7 @@ def test_weight_form_only_through_comfy_stock_cast(pkg, monkeypatch):
             return torch.nn.functional.linear(input, weight * 2, bias)
 
     g = torch.Generator().manual_seed(3)
-    calls = count_weight_form(pkg, monkeypatch)
+    calls = count_weight_update(pkg, monkeypatch)
     for cls, scale in ((comfy.ops.manual_cast.Linear, 1.0), (OwnCast, 2.0)):
         lin = cls(32, 32, bias=True)
         with torch.no_grad():
