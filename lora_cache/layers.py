@@ -7,7 +7,7 @@ active adapter runs ComfyUI's forward with no wrapper in the call path.
 
 A layer's forms are `LayerFactors` (low-rank, low_rank.py) or the forms of forms.py (LoKr,
 dense, DoRA, OFT, BOFT, GLoRA). The forward multiplies by a merged copy of the layer's weight
-where copies.py chose one. Otherwise, when every active form is a low-rank Linear one, it
+where copy_choice.py chose one. Otherwise, when every active form is a low-rank Linear one, it
 computes the update in the output form or the weight form (weight_update.py), chosen per call by
 which moves less memory; the weight form reads ComfyUI's weight: the layer's own where the
 weight is resident and not cast, else the one ComfyUI casts or streams for this call, through
