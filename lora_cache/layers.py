@@ -8,8 +8,8 @@ active adapter runs ComfyUI's forward with no wrapper in the call path.
 A layer's forms are `LayerFactors` (low-rank, low_rank.py) or the forms of forms.py (LoKr,
 dense, DoRA, OFT, BOFT, GLoRA). The forward multiplies by a merged copy of the layer's weight
 where copy_choice.py chose one. Otherwise, when every active form is a low-rank Linear one, it
-computes the update in the output form or the weight form (weight_update.py), chosen per call by
-which moves less memory; the weight form reads ComfyUI's weight: the layer's own where the
+computes an output update or a weight update (weight_update.py), chosen per call by which
+moves less memory; the weight update reads ComfyUI's weight: the layer's own where the
 weight is resident and not cast, else the one ComfyUI casts or streams for this call, through
 ComfyUI's per-call weight functions (the mechanism of its own lowvram patches).
 
@@ -47,10 +47,10 @@ class LayerSlot:
         self.active: Chain = ()
         self.installed: Callable | None = None
         self.prev_forward: Callable | None = None
-        # What the direct forward computes (the output form), built on activate.
+        # What the direct forward computes (the output update), built on activate.
         # None when some active form is not a low-rank Linear one.
         self.plan: weight_update.Plan | None = None
-        # The same updates as additions to the weight (the weight form), and the weight
+        # The same updates as additions to the weight (the weight update), and the weight
         # function that ComfyUI's cast applies them through; None where `plan` is.
         self.weight_plan: weight_update.WeightPlan | None = None
         self.weight_fn: Callable | None = None
@@ -433,7 +433,7 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
     # ComfyUI's Python frames. Where the layer casts its weight per call, ComfyUI's own forward
     # computes the base product.
     direct_ok = stock and isinstance(module, torch.nn.Linear) and not casts
-    # The weight form goes through ComfyUI's weight functions only where its cast is the stock
+    # The weight update goes through ComfyUI's weight functions only where its cast is the stock
     # one: other ops classes (scaled fp8, fp8 matmul) hand them a weight in another scale or
     # dtype, or skip their fast path when any is set. comfy-aimdo hands its resident weight to
     # them as it is; ComfyUI's other casts copy it first.
@@ -465,7 +465,7 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
                 if (through_fn and plain and fn is not None and module.weight.dtype == x.dtype
                         and n >= wp.merge_numel * fn_numel_factor):
                     return _through_weight_function(module, fn, base, x)
-            # Output form: the updates go into the output in place, one `x @ down` per adapter
+            # Output update: the updates go into the output in place, one `x @ down` per adapter
             # (shared by q/k/v slices) and one addmm_ per factor.
             y = direct(x) if use_direct else base(x, *args, **kwargs)
             if y.requires_grad or not y.is_contiguous() or y.dtype != down0.dtype:

@@ -161,7 +161,7 @@ def _activate(patcher, sampling: bool = False) -> None:
         act.probing = began.probing
         if began.served:
             info["net"] = began.served
-            info["reason"] += (f"; {began.served} layers served through ComfyUI's cast (weight form): ComfyUI "
+            info["reason"] += (f"; {began.served} layers served through ComfyUI's cast (weight update): ComfyUI "
                                f"computes them without calling their forward")
         act.sampling = events.record_sampling(info)
 
@@ -202,7 +202,7 @@ def _model_call(executor, *args, **kwargs):
     found = reach.finish(executor.class_obj, probing)
     if found.stranded:
         raise _Stranded(", ".join(found.stranded))
-    notes = [f"{len(paths)} layers {what} ({reach.named(paths)}): served through ComfyUI's cast (weight form){then}"
+    notes = [f"{len(paths)} layers {what} ({reach.named(paths)}): served through ComfyUI's cast (weight update){then}"
              for paths, what, then in ((found.served, "not reached through their forward",
                                         "; the first model call ran again"),
                                        (found.idle, "not computed in the first model call", "")) if paths]

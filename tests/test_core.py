@@ -176,7 +176,7 @@ def test_fast_path_flags_only_while_sampling(fresh, loras, monkeypatch):
 def test_forward_after_comfy_bypass_loader_is_the_direct_one(fresh, loras, monkeypatch):
     """ComfyUI's bypass loader leaves each layer it injected into with its own class forward
     bound on the instance once it ejects; ours takes that for no forward of another party's:
-    the sampling serves its layers with the weight form (tiny SD: every adapted Linear's weight
+    the sampling serves its layers with the weight update (tiny SD: every adapted Linear's weight
     is smaller than its activations) and matches stock, before and after the bypass loader."""
     import nodes
 

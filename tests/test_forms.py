@@ -323,7 +323,7 @@ def test_mixed_stack_in_any_order_equals_stock_chain(pkg, host, sd_patcher, flux
 
 
 def count_weight_update(pkg, monkeypatch) -> list:
-    """Wraps weight_update.merged_weight (this package's weight form) to count the layers it serves."""
+    """Wraps weight_update.merged_weight (this package's weight update) to count the layers it serves."""
     calls: list = []
     real = pkg.weight_update.merged_weight
 
@@ -369,7 +369,7 @@ def test_low_rank_update_in_the_weight_or_the_output_equals_stock(pkg, host, sd_
 
 
 def test_weight_update_after_stock_lowvram_patch_through_comfy_cast(pkg, host, sd_patcher, monkeypatch):
-    """Where ComfyUI casts the layer's weight per call, the weight form goes in as one of the
+    """Where ComfyUI casts the layer's weight per call, the weight update goes in as one of the
     layer's weight functions for that call, after ComfyUI's own lowvram patch of a stock loader
     before ours: the output is the stock chain's, and the layer's weight functions are as they
     were afterwards."""
@@ -494,11 +494,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", [(64, 64, None), (48, 144, 3), (96, 32, None)], ids=["square", "qkv", "narrow"])
-def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, shape, monkeypatch):
-    """The two per-call forms of a plain LoRA on a ComfyUI Linear in the model's own half
-    precision, the weight form against the output form, within the rounding of the dtype:
+def test_weight_and_output_updates_agree_in_half_precision(pkg, device, dtype, shape, monkeypatch):
+    """The two per-call updates of a plain LoRA on a ComfyUI Linear in the model's own half
+    precision, the weight update against the output update, within the rounding of the dtype:
     strengths 1, 0 and negative, two stacked adapters, one factor per output slice of a fused
-    weight, batch sizes around the form's threshold."""
+    weight, batch sizes around the weight update's threshold."""
     import comfy.ops
     g = torch.Generator().manual_seed(sum(shape[:2]))
     K, N, slices = shape
@@ -524,13 +524,13 @@ def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, sha
         for rows in (1, 7, 300, 1031):
             x = torch.randn(rows, K, generator=g).to(device, dtype)
             outs = {}
-            for form in ("weight", "output"):
+            for update in ("weight", "output"):
                 monkeypatch.setattr(pkg.weight_update, "as_weight_plan",
-                                    real_plan if form == "weight" else (lambda p, w: None))
+                                    real_plan if update == "weight" else (lambda p, w: None))
                 pkg.layers.activate(lin, stack)
                 try:
                     with torch.no_grad():
-                        outs[form] = lin(x).double()
+                        outs[update] = lin(x).double()
                 finally:
                     pkg.layers.deactivate(lin)
             bound = x.double().abs() @ lin.weight.double().abs().t() + lin.bias.double().abs()
@@ -541,8 +541,8 @@ def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, sha
                         bound += d
                     else:
                         bound[:, f.out_slice[0]:sum(f.out_slice)] += d
-            # both forms sum in float32 and round to the dtype at most 7 times together (the
-            # weight form its merged weight and output; the output form its two partial products,
+            # both updates sum in float32 and round to the dtype at most 7 times together (the
+            # weight update its merged weight and output; the output update its two partial products,
             # their scaling, the base output and the sum), each by at most eps / 2
             tol = compare.tolerance(bound, K + 1, dtype, accumulate=torch.float32, roundings=4)
             ratio = compare.error_ratio(outs["weight"], outs["output"], tol)
@@ -552,7 +552,7 @@ def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, sha
 
 def test_weight_update_only_through_comfy_stock_cast(pkg, monkeypatch):
     """ComfyUI ops classes with their own cast (scaled fp8, fp8 matmul) hand weight functions a
-    weight in another scale or dtype, so the weight form stays off there: such a layer adds the
+    weight in another scale or dtype, so the weight update stays off there: such a layer adds the
     update to its output, and its result is the one ComfyUI's own forward plus the update gives."""
     import comfy.ops
 
