@@ -241,7 +241,7 @@ def test_lokr_on_rows_of_a_fused_product_equals_the_narrowed_kron(pkg, sd_patche
     forward and a merged copy equal the weight plus the narrowed kron, at several strengths."""
     patches, paths = fused_qkv_lokr(sd_patcher, *FUSED_LOKR[name])
     _, plan = build_patches(pkg, sd_patcher, patches)
-    assert plan.reason is None and "lokr: kron factors, the layer's rows of a fused product on 3" in plan.forms
+    assert plan.reason is None and "lokr: kron factors, the layer's rows of a fused product on 3" in plan.form_note
     spans = {p: plan.layers[p][0].rows for p in paths}
     if name == "blocks-across-layers":  # 240-row blocks: k starts and v ends inside one
         assert any(r is not None for r in spans.values()), spans
@@ -478,13 +478,13 @@ def test_k_max_is_the_longest_sum_of_the_tiny_models(sd_patcher, flux_patcher):
 def test_build_reasons_name_the_forms(pkg, host, sd_patcher):
     sd = tiny_models.adapter_state_dict("lokr", tiny_models.sd_targets(host.unet_sd), seed=3)
     _, plan = build(pkg, sd_patcher, sd)
-    assert "lokr: kron factors on" in plan.forms
+    assert "lokr: kron factors on" in plan.form_note
     sd = tiny_models.adapter_state_dict("lora", tiny_models.sd_targets(host.unet_sd), seed=3, dora="out")
     _, plan = build(pkg, sd_patcher, sd)
-    assert "dora (output channels) on" in plan.forms
+    assert "dora (output channels) on" in plan.form_note
     sd = tiny_models.adapter_state_dict("lora", tiny_models.sd_targets(host.unet_sd), seed=3)
     _, plan = build(pkg, sd_patcher, sd)
-    assert plan.forms is None
+    assert plan.form_note is None
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
