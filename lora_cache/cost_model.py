@@ -32,7 +32,7 @@ class LayerCost(NamedTuple):
 
     key: object  # whatever the caller names the layer by
     copy_bytes: int
-    saving_s: float  # per call: the unmerged form's time over the layer's own product
+    saving_s: float  # per call: the time its forms take unmerged over the layer's own product
     required: bool = False  # merged mode: a copy wherever one fits, whatever it saves
 
 
