@@ -111,11 +111,11 @@ def describe_adapter(adapter) -> str:
 @dataclass
 class CachedForms:
     """What the cached path would install: module path -> forms, or why it can't.
-    `forms`: which form the adapter types other than plain LoRA took, for the build reason."""
+    `form_note`: which form the adapter types other than plain LoRA took, for the build reason."""
 
     layers: dict[str, tuple] | None
     reason: str | None  # set when the adapter must take the full path
-    forms: str | None = None
+    form_note: str | None = None
 
 
 def _counted(kinds: dict[str, int]) -> str:

@@ -69,7 +69,7 @@ def _make_factors(entry: Entry, patcher) -> None:
     found = adapters.cached_forms(entry.patches, patcher, entry.lora, device, dtype,
                                   progress=lambda done: pbar.update_absolute(done))
     entry.cache_problem = found.reason
-    entry.forms = found.forms
+    entry.form_note = found.form_note
     if not found.layers:
         return
     model = patcher.model

@@ -20,7 +20,7 @@ def additive(patch: tuple) -> bool:
     _, adapter, strength_model, _offset, function = patch[:5]
     if strength_model != 1.0 or function is not None:
         return False
-    if isinstance(adapter, tuple):  # ComfyUI's tuple form: ("diff", (tensor,)), ("set", ...), ...
+    if isinstance(adapter, tuple):  # ComfyUI's tuple patches: ("diff", (tensor,)), ("set", ...), ...
         return bool(adapter) and adapter[0] == "diff"
     return adapter_forms.plain_addition(adapter)
 

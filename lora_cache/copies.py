@@ -13,28 +13,25 @@ A copy is keyed by what it holds (`CopyKey`): the adapters of the layer's chain 
 strengths in order, and the base weight it was built from. A sampling with the same chain on the
 same base uses it as it is; any other builds it again from the base weight. Copies live on the
 layers' slots, one per layer; `REGISTRY` counts them per device and model for the memory owner
-(memory.py), which drops them first when memory is short.
+(memory.py), which drops them first when memory is short. Which layers of a sampling get a copy
+is copy_choice.py's business.
 """
 from __future__ import annotations
 
 import functools
 import threading
-import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import comfy.ops
 import torch
 
-from . import cost_model, layers, weight_form
+from . import layers, weight_update
 from .form_base import Chain, weight_of
 from .low_rank import LayerFactors
 from .store import STORE
-
-_MIB = 1024 ** 2
-_GIB = 1024 ** 3
 
 
 class CopyKey(NamedTuple):
@@ -43,7 +40,7 @@ class CopyKey(NamedTuple):
     every change of the patches it merges or casts in a new one), the weight tensor, its version
     where torch keeps one (not for the inference tensors ComfyUI's loaders make), the compute
     dtype. ComfyUI's hook patches rewrite weights in place under the same uuid: layers they
-    touch get no copy (scope)."""
+    touch get no copy (copy_choice)."""
 
     chain: tuple[tuple[int, float], ...]
     base: tuple
@@ -77,9 +74,9 @@ def merged(weight: torch.Tensor, chain: Chain) -> torch.Tensor:
     hands its own memory to the cast, which it reuses for other layers)."""
     if not chain:
         return weight.detach().clone()
-    wp = weight_form.weight_plan(chain, weight) if _addmm_ready(chain, weight) else None
+    wp = weight_update.weight_plan(chain, weight) if _addmm_ready(chain, weight) else None
     if wp is not None and (len(wp.steps) == wp.tiles or (len(wp.steps) == 1 and wp.steps[0].start is None)):
-        return weight_form.merged_weight(weight, wp)
+        return weight_update.merged_weight(weight, wp)
     w32 = weight.to(torch.float32, copy=True)
     for forms, strength in chain:
         for f in forms:
@@ -204,88 +201,3 @@ class Registry:
 
 
 REGISTRY = Registry(STORE.lock)
-
-
-class Layer(NamedTuple):
-    """One adapted layer of a sampling, as the copy choice sees it."""
-
-    module: torch.nn.Module
-    chain: Chain
-    key: CopyKey
-    required: bool  # merged mode asked for it
-
-
-class Choice(NamedTuple):
-    """What a sampling runs merged: the copies per module id, and the numbers the event shows."""
-
-    copies: dict[int, MergedCopy]
-    layers: int
-    bytes: int
-    built: int
-    build_ms: float
-    short: str | None  # why some layers that could have a copy run unmerged
-
-    def describe(self, what: str = "merged copies", rest: str = "unmerged") -> str:
-        n = len(self.copies)
-        built = f"built {self.built} in {self.build_ms:.0f} ms" if self.built else "none built"
-        size = f"{self.bytes / _GIB:.2f} GiB" if self.bytes >= _GIB else f"{self.bytes / _MIB:.1f} MiB"
-        text = f"{what}: {n} of {self.layers} layers, {size} ({built}); {rest}: {self.layers - n}"
-        return text + (f" ({self.short})" if self.short else "")
-
-
-def saving(layer: Layer, costs: cost_model.DeviceCosts, element: int) -> float:
-    """Seconds per call the unmerged forms cost on `layer` over its own product (`element`: the
-    bytes of one value in the compute dtype)."""
-    if not layer.chain:  # a base copy (a swept layer's): it saves only ComfyUI's cast per call
-        return 0.0
-    w = weight_of(layer.module)
-    wp = weight_form.weight_plan(layer.chain, w)  # None unless every form is a Linear's low-rank factors
-    if wp is None:
-        return cost_model.chain_saving(w.numel() * element, sum(len(fs) for fs, _ in layer.chain), costs)
-    out_f, in_f = w.shape
-    covered = sum(out_f if s.start is None or s.stop is None else s.stop - s.start for s in wp.steps)
-    slot = layers.slot_of(layer.module)
-    return cost_model.unmerged_saving(out_f, in_f, slot.rows if slot is not None else None, len(wp.steps),
-                                      len(layer.chain), covered, element, costs)
-
-
-def choose(layer_list: Iterable[Layer], budget: int, device: torch.device, dtype: torch.dtype,
-           model: torch.nn.Module, why_short: str) -> Choice:
-    """The copies for a sampling: the layers' current copies where they hold what is asked, new
-    ones built within `budget` bytes where the cost model says they save the most per byte;
-    every other layer runs unmerged. A copy that cannot be built (the device ran out of memory)
-    leaves its layer unmerged."""
-    layer_list = list(layer_list)
-    costs = cost_model.device_costs(device)
-    element = dtype.itemsize
-    wanted, _ = cost_model.choose(
-        [cost_model.LayerCost(id(ly.module), weight_of(ly.module).numel() * element,
-                              saving(ly, costs, element), ly.required)
-         for ly in layer_list], budget)
-    # Stale copies and copies of layers left unmerged go before anything is built.
-    for ly in layer_list:
-        slot = layers.slot_of(ly.module)
-        current = slot.copy if slot is not None else None
-        if current is not None and (current.key != ly.key or id(ly.module) not in wanted):
-            REGISTRY.drop(ly.module)
-    out: dict[int, MergedCopy] = {}
-    built, t0, short = 0, time.perf_counter(), None
-    for ly in layer_list:
-        if id(ly.module) not in wanted:
-            continue
-        copy = layers.slot_of(ly.module, create=True).copy
-        if copy is None:
-            try:
-                copy = build(ly.module, ly.chain, ly.key, dtype, device)
-            except torch.OutOfMemoryError:
-                short = f"{device} ran out of memory building copies"
-                break
-            REGISTRY.put(ly.module, model, copy)
-            built += 1
-        out[id(ly.module)] = copy
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    ms = (time.perf_counter() - t0) * 1000.0
-    if short is None and len(out) < len(layer_list):
-        short = why_short
-    return Choice(out, len(layer_list), sum(c.nbytes for c in out.values()), built, ms if built else 0.0, short)

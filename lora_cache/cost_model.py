@@ -1,14 +1,14 @@
 """Which adapted layers get a merged copy for a sampling, from costs known before it starts.
 
 A merged copy (copies.py) makes an adapted layer's forward its own product on another tensor:
-nothing per step, at the price of the layer's weight in device memory. The unmerged forms cost
-per call a launch or two plus a read and write of the weight or of the output (benchmarks/
+nothing per step, at the price of the layer's weight in device memory. Running its forms unmerged
+costs per call a launch or two plus a read and write of the weight or of the output (benchmarks/
 RESULTS.md section 4). So where every copy fits, every layer gets one; where not, copies go
 first where they save the most time per byte.
 
 A layer's saving per call is worked out from its shape and two numbers of its device, measured
 once per device and kept: the time of one small kernel launch and the memory bandwidth. No
-sampling of the user's is spent trying forms.
+sampling of the user's is spent trying either way.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class LayerCost(NamedTuple):
 
     key: object  # whatever the caller names the layer by
     copy_bytes: int
-    saving_s: float  # per call: the unmerged form's time over the layer's own product
+    saving_s: float  # per call: the time its forms take unmerged over the layer's own product
     required: bool = False  # merged mode: a copy wherever one fits, whatever it saves
 
 
@@ -74,18 +74,18 @@ def device_costs(device: torch.device | str) -> DeviceCosts:
 
 def unmerged_saving(out_f: int, in_f: int, rows: int | None, steps: int, adapters: int, covered: int,
                     element_size: int, costs: DeviceCosts) -> float:
-    """Seconds per call that a copy saves over the cheaper of the two unmerged forms of a
-    Linear's low-rank update (weight_form.py): the weight form reads the weight and writes a new one
-    (a launch per factor step); the output form reads the input again per adapter and reads and
+    """Seconds per call that a copy saves over the cheaper of the two unmerged ways of a
+    Linear's low-rank update (weight_update.py): the weight update reads the weight and writes a
+    new one (a launch per factor step); the output update reads the input again per adapter and reads and
     writes the output columns each step covers (a launch per adapter and per step). `covered`:
     the output rows the steps cover together; `rows`: the input rows of this layer's last call,
-    None where not known yet (then the weight form's cost, its bound)."""
-    weight_form = 2 * out_f * in_f * element_size / costs.bytes_per_s + steps * costs.launch_s
+    None where not known yet (then the weight update's cost, its bound)."""
+    weight_update = 2 * out_f * in_f * element_size / costs.bytes_per_s + steps * costs.launch_s
     if rows is None:
-        return weight_form
-    output_form = (rows * (adapters * in_f + 2 * covered) * element_size / costs.bytes_per_s
+        return weight_update
+    output_update = (rows * (adapters * in_f + 2 * covered) * element_size / costs.bytes_per_s
                    + (adapters + steps) * costs.launch_s)
-    return min(weight_form, output_form)
+    return min(weight_update, output_update)
 
 
 def chain_saving(weight_bytes: int, forms: int, costs: DeviceCosts) -> float:

@@ -60,7 +60,7 @@ class Facts:
     layer_count: int = 0
     nbytes: int = 0
     device: str | None = None
-    forms: str | None = None  # the cached forms types other than plain LoRA took ("lokr as kron factors")
+    form_note: str | None = None  # the cached forms types other than plain LoRA took ("lokr as kron factors")
     change: str | None = None  # what changed since this node's last run ("strength 1->0.6")
 
 
@@ -81,8 +81,8 @@ def decide(f: Facts) -> Decision:
            f"{when}: merged copies where they fit, the rest unmerged" if f.mode == "auto" and f.side == "model"
            else f"{when}: unmerged")
     if f.found != "cached":
-        forms = f"; {f.forms}" if f.forms else ""
-        return Decision("build", f"{f.found}: {f.layer_count} layers, {f.nbytes / 1024:.0f} KiB on {f.device}{forms}; "
+        note = f"; {f.form_note}" if f.form_note else ""
+        return Decision("build", f"{f.found}: {f.layer_count} layers, {f.nbytes / 1024:.0f} KiB on {f.device}{note}; "
                                  f"{how}")
     suffix = f"; {f.change}" if f.change else ""
     for problem in (f.attach_problem, f.merged_problem):

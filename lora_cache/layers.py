@@ -7,9 +7,9 @@ active adapter runs ComfyUI's forward with no wrapper in the call path.
 
 A layer's forms are `LayerFactors` (low-rank, low_rank.py) or the forms of forms.py (LoKr,
 dense, DoRA, OFT, BOFT, GLoRA). The forward multiplies by a merged copy of the layer's weight
-where copies.py chose one. Otherwise, when every active form is a low-rank Linear one, it
-computes the update in the output form or the weight form (weight_form.py), chosen per call by
-which moves less memory; the weight form reads ComfyUI's weight: the layer's own where the
+where copy_choice.py chose one. Otherwise, when every active form is a low-rank Linear one, it
+computes an output update or a weight update (weight_update.py), chosen per call by which
+moves less memory; the weight update reads ComfyUI's weight: the layer's own where the
 weight is resident and not cast, else the one ComfyUI casts or streams for this call, through
 ComfyUI's per-call weight functions (the mechanism of its own lowvram patches).
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.conv import _ConvNd
 
-from . import weight_form
+from . import weight_update
 from .form_base import Chain, LayerForm, Op, to_input
 
 if TYPE_CHECKING:
@@ -47,12 +47,12 @@ class LayerSlot:
         self.active: Chain = ()
         self.installed: Callable | None = None
         self.prev_forward: Callable | None = None
-        # What the direct forward computes (the output form), built on activate.
+        # What the direct forward computes (the output update), built on activate.
         # None when some active form is not a low-rank Linear one.
-        self.plan: weight_form.Plan | None = None
-        # The same updates as additions to the weight (the weight form), and the weight
+        self.plan: weight_update.Plan | None = None
+        # The same updates as additions to the weight (the weight update), and the weight
         # function that ComfyUI's cast applies them through; None where `plan` is.
-        self.weight_plan: weight_form.WeightPlan | None = None
+        self.weight_plan: weight_update.WeightPlan | None = None
         self.weight_fn: Callable | None = None
         # Every active form as an Op, in chain order (see run_chain); chain_pre: some Op
         # changes the input side.
@@ -108,11 +108,11 @@ def activate(module: torch.nn.Module, chain: Chain | list, merged: MergedCopy | 
     slot.merged = merged
     slot.post = post
     if merged is None:
-        slot.plan = weight_form.plan_of(slot.active)
+        slot.plan = weight_update.plan_of(slot.active)
         weight = getattr(module, "weight", None)
-        wp = slot.weight_plan = (weight_form.as_weight_plan(slot.plan, weight)
+        wp = slot.weight_plan = (weight_update.as_weight_plan(slot.plan, weight)
                                  if slot.plan is not None and isinstance(weight, torch.Tensor) else None)
-        slot.weight_fn = None if wp is None else (lambda w: weight_form.merged_weight(w, wp))
+        slot.weight_fn = None if wp is None else (lambda w: weight_update.merged_weight(w, wp))
         slot.chain = _chain(module, slot.active)
         slot.chain_pre = any(op.pre is not None for op in slot.chain)
     _install(module, slot)
@@ -437,7 +437,7 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
     # ComfyUI's Python frames. Where the layer casts its weight per call, ComfyUI's own forward
     # computes the base product.
     direct_ok = stock and isinstance(module, torch.nn.Linear) and not casts
-    # The weight form goes through ComfyUI's weight functions only where its cast is the stock
+    # The weight update goes through ComfyUI's weight functions only where its cast is the stock
     # one: other ops classes (scaled fp8, fp8 matmul) hand them a weight in another scale or
     # dtype, or skip their fast path when any is set. comfy-aimdo hands its resident weight to
     # them as it is; ComfyUI's other casts copy it first.
@@ -463,13 +463,13 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
             if wp is not None and not torch.is_grad_enabled():
                 if use_direct and n >= wp.merge_numel:
                     every_op()
-                    return linear(x, weight_form.merged_weight(cast(torch.Tensor, module.weight), wp),
+                    return linear(x, weight_update.merged_weight(cast(torch.Tensor, module.weight), wp),
                                   cast(torch.Tensor | None, module.bias))
                 fn = slot.weight_fn
                 if (through_fn and plain and fn is not None and module.weight.dtype == x.dtype
                         and n >= wp.merge_numel * fn_numel_factor):
                     return _through_weight_function(module, fn, base, x)
-            # Output form: the updates go into the output in place, one `x @ down` per adapter
+            # Output update: the updates go into the output in place, one `x @ down` per adapter
             # (shared by q/k/v slices) and one addmm_ per factor.
             y = direct(x) if use_direct else base(x, *args, **kwargs)
             if y.requires_grad or not y.is_contiguous() or y.dtype != down0.dtype:
@@ -482,7 +482,7 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
                     hh = h if lo is None else h[:, lo:hi]
                     if start is None:
                         y2.addmm_(hh, up, alpha=alpha)
-                    else:  # length is set wherever start is (weight_form.FactorPart)
+                    else:  # length is set wherever start is (weight_update.FactorPart)
                         y2[:, start:start + length].addmm_(hh, up, alpha=alpha)  # type: ignore[operator]
             return y
         if use_direct:

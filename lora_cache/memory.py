@@ -161,7 +161,7 @@ class Memory:
 
     # -- giving way to sampling -----------------------------------------------------------
 
-    def give_way(self, device, reason: str, need: int | None = None, keep: Iterable[Entry] = ()) -> int:
+    def _give_way(self, device, reason: str, need: int | None = None, keep: Iterable[Entry] = ()) -> int:
         """Moves factors that no running sampling uses (nor `keep`) off `device`, least recently
         used first, until `need` bytes left it (all of them when None). Returns the bytes moved."""
         with self._lock:
@@ -220,9 +220,9 @@ class Memory:
         if load_state.is_dynamic(patcher):
             # Weights that do not fit beside the sampling stream in at every step: there each byte
             # of factors this sampling does not use costs a byte of weights streamed per step.
-            moved = self.give_way(device, f"the model streams its weights on {device} (dynamic VRAM)")
+            moved = self._give_way(device, f"the model streams its weights on {device} (dynamic VRAM)")
         else:
-            moved = self.give_way(device, f"sampling needs {need / _MB:.0f} MB on {device}", short - freed)
+            moved = self._give_way(device, f"sampling needs {need / _MB:.0f} MB on {device}", short - freed)
         if moved:
             log.info("[LoRA Cache] %d bytes of cached factors not used by this sampling moved off %s to leave "
                      "room for it", moved, device)
@@ -248,7 +248,7 @@ class Memory:
                                     f"of memory there")
             return budget, why
 
-    def shed_copies(self, device, reason: str) -> int:
+    def _shed_copies(self, device, reason: str) -> int:
         """Drops every merged copy on `device` (out of memory while sampling) and holds later
         samplings there to half of what they held. Returns the bytes."""
         with self._lock:
@@ -259,6 +259,19 @@ class Memory:
                 log.warning("[LoRA Cache] %s: %d bytes of merged copies dropped on %s; later samplings there "
                             "hold at most half of that", reason, freed, device)
             return freed
+
+    def free_after_oom(self, patcher, keep: Iterable[Entry]) -> int:
+        """The device ran out of memory while `patcher` sampled: every merged copy on its device
+        goes (`_shed_copies`), then cached factors there that no running sampling uses, nor
+        `keep`. Returns the bytes freed (0: nothing of ours was left to give way)."""
+        device = patcher.load_device
+        why = "the device ran out of memory while sampling"
+        freed = self._shed_copies(device, why)
+        freed += self._give_way(device, why, keep=keep)
+        if freed:
+            log.warning("[LoRA Cache] out of memory while sampling: %d bytes of merged copies and unused cached "
+                        "factors freed on %s; sampling again", freed, device)
+        return freed
 
     # -- the budget -----------------------------------------------------------------------
 

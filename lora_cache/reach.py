@@ -94,7 +94,7 @@ def finish(model: torch.nn.Module, probing: list[Probed]) -> Finding:
 def cast_fn(module: torch.nn.Module, chain: Chain) -> Callable[[torch.Tensor], torch.Tensor]:
     """The weight function that carries `chain` in ComfyUI's cast: the layer's merged copy where
     the sampling has one (built from the weight as that cast hands it over), else ComfyUI's merge
-    of the chain into the weight cast for this call (the weight form)."""
+    of the chain into the weight cast for this call (the weight update)."""
     slot = layers.slot_of(module)
     if slot is not None and slot.merged is not None:
         return layers.handing_over(slot.merged.weight)

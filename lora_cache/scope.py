@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
-from . import build, chain_order, copies, events, files, layers, memory, reach, sweep
+from . import build, chain_order, copy_choice, events, files, layers, memory, reach, sweep
 from .errors import LoraCacheError
 from .memory import MEMORY
-from .stack import KEY, SPLICED, StackItem, active_items, stack_of
+from .stack import KEY, SPLICED, LayerChain, StackItem, active_items, layer_chains, stack_of
 from .store import Entry
 
 log = logging.getLogger("lora_cache")
@@ -52,8 +52,6 @@ class _Activation:
 _active: dict[int, _Activation] = {}
 # base model id -> the latent shape of the sampling about to start (set around it by OUTER_SAMPLE)
 _shapes: dict[int, tuple[int, ...]] = {}
-# Modes whose adapters a merged copy may serve (the text encoder runs unmerged).
-_COPY_MODES = {"auto": False, "merged": True}  # mode -> whether it asks for a copy whatever it saves
 
 
 def carry(patcher, entry: Entry, strength: float, mode: str = "auto", node: str | None = None):
@@ -129,30 +127,9 @@ def _current(item: StackItem, patcher) -> StackItem:
     return item._replace(entry=build.twin(entry, patcher))
 
 
-@dataclass
-class _LayerChain:
-    path: str
-    module: torch.nn.Module
-    chain: list = field(default_factory=list)  # (forms, strength) in stack order
-    entries: list = field(default_factory=list)
-    modes: list = field(default_factory=list)
-
-
-def _chains(items: list[StackItem]) -> list[_LayerChain]:
-    """Each targeted layer once, with every adapter on it in stack order."""
-    per_module: dict[int, _LayerChain] = {}
-    for item in items:
-        for path, module, factors in item.entry.modules():
-            lc = per_module.setdefault(id(module), _LayerChain(path, module))
-            lc.chain.append((factors, item.strength))
-            lc.entries.append(item.entry.uid)
-            lc.modes.append(item.mode)
-    return list(per_module.values())
-
-
 def _activate(patcher, sampling: bool = False) -> None:
     """Activates the patcher's adapters on its model. For a sampling, layers get merged copies
-    where their modes allow them and memory and the cost model say so (copies.py); every other
+    where their modes allow them and memory and the cost model say so (copy_choice.py); every other
     layer runs its chain unmerged. A sweep's layers add each image's update after their output
     (sweep.py). The sampling records one event."""
     stack = active_items(patcher)
@@ -167,19 +144,20 @@ def _activate(patcher, sampling: bool = False) -> None:
     MEMORY.pin(id(model), [item.entry for item in items] + swept_entries)
     act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [])
     _active[id(model)] = act
-    chains = _chains(items)
+    chains = layer_chains(items)
     swept = (sweep.posts(patcher, sw, swept_entries, {id(lc.module): lc.chain for lc in chains}, chain_order.additive)
              if sw else {})
     adapted = {id(lc.module) for lc in chains}
     n_swept, n_layers = len(swept), len(adapted | swept.keys())
     # A swept layer without adapters of its own runs its base weight: where ComfyUI casts that per
     # call (dynamic VRAM), a copy of it kept on the device spares the cast, as a merged copy does.
-    base = [_LayerChain(s.path, s.module) for mid, s in swept.items()
+    base = [LayerChain(s.path, s.module) for mid, s in swept.items()
             if mid not in adapted and layers.casts_per_call(s.module)]
     if sampling:
         # What the sampling needs comes before cached factors and copies it does not use.
         MEMORY.leave_room(patcher, _shapes.get(id(model)), keep=adapted | {id(lc.module) for lc in base})
-    merged, info = _copies(patcher, chains, items, base) if sampling and (chains or base) else ({}, None)
+    merged, info = (copy_choice.for_sampling(patcher, chains, items, base, _shapes.get(id(model)))
+                    if sampling and (chains or base) else ({}, None))
     for lc in chains:
         post = swept.pop(id(lc.module), None)
         layers.activate(lc.module, lc.chain, merged.get(id(lc.module)), None if post is None else post.post)
@@ -195,15 +173,9 @@ def _activate(patcher, sampling: bool = False) -> None:
         act.probing = began.probing
         if began.served:
             info["net"] = began.served
-            info["reason"] += (f"; {began.served} layers served through ComfyUI's cast (weight form): ComfyUI "
+            info["reason"] += (f"; {began.served} layers served through ComfyUI's cast (weight update): ComfyUI "
                                f"computes them without calling their forward")
         act.sampling = events.record_sampling(info)
-
-
-def _hooked_keys(patcher) -> set[str]:
-    """The weight keys ComfyUI's hook patches (hook LoRAs on the conditioning) rewrite in place
-    while the sampling runs: a copy built at its start would not see them."""
-    return {key for patches in (getattr(patcher, "hook_patches", None) or {}).values() for key in patches}
 
 
 def _with_sweep(info: dict | None, sw: sweep.Sweep, entries: list[Entry], layers_swept: int) -> dict:
@@ -217,63 +189,6 @@ def _with_sweep(info: dict | None, sw: sweep.Sweep, entries: list[Entry], layers
     info["adapters"] = [*info["adapters"], *(e.lora for e in entries)]
     info["nodes"] = [*info["nodes"], *([sw.node] if sw.node else [])]
     return info
-
-
-def _copies(patcher, chains: list[_LayerChain], items: list[StackItem],
-            base: list[_LayerChain]) -> tuple[dict[int, copies.MergedCopy], dict]:
-    """The merged copies this sampling runs (module id -> copy), and the sampling's event. Layers
-    that run unmerged give their copies up: they do not need them, and memory is better spent.
-    `base`: swept layers without adapters of their own, which get copies of their base weight
-    with what memory is left after the merged copies."""
-    candidates = []
-    choice = base_choice = None
-    hooked = 0
-    if any(item.mode in _COPY_MODES for item in items) or base:
-        device, dtype = build.device_dtype(patcher)
-        device = torch.device(device)
-        hook_keys = _hooked_keys(patcher)
-
-        def rewritten(lc: _LayerChain) -> bool:
-            return lc.path + ".weight" in hook_keys or lc.path + ".bias" in hook_keys
-        for lc in chains:
-            if not all(m in _COPY_MODES for m in lc.modes) or not layers.copyable(lc.module):
-                continue
-            if rewritten(lc):
-                hooked += 1
-                continue
-            key = copies.CopyKey(tuple(zip(lc.entries, (s for _, s in lc.chain), strict=True)),
-                                 copies.base_key(patcher, lc.module, dtype))
-            candidates.append(copies.Layer(lc.module, tuple(lc.chain), key,
-                                           any(_COPY_MODES[m] for m in lc.modes)))
-        base_layers = [copies.Layer(lc.module, (), copies.CopyKey((), copies.base_key(patcher, lc.module, dtype)),
-                                    False) for lc in base if layers.copyable(lc.module) and not rewritten(lc)]
-        held = sum(c.nbytes for ly in candidates + base_layers
-                   if (c := layers.slot_of(ly.module, create=True).copy) is not None)
-        budget, why = MEMORY.copy_budget(patcher, _shapes.get(id(patcher.model)), held)
-        choice = copies.choose(candidates, budget, device, dtype, patcher.model, why)
-        if base_layers:
-            base_choice = copies.choose(base_layers, budget - choice.bytes, device, dtype, patcher.model, why)
-    chosen = [c for c in (choice, base_choice) if c is not None]
-    served = {mid: copy for c in chosen for mid, copy in c.copies.items()}
-    for lc in chains + base:
-        if id(lc.module) not in served:
-            copies.REGISTRY.drop(lc.module)
-    parts = []
-    if choice is None or (chains and not any(item.mode in _COPY_MODES for item in items)):
-        parts.append(f"unmerged: {len(chains)} layers (mode unmerged)")
-    elif chains:
-        others = len(chains) - len(candidates) - hooked
-        parts.append(choice.describe() + "".join(
-            f"; {n} layers unmerged ({why})" for n, why in ((others, "their mode or layer type"),
-                                                            (hooked, "hook patches rewrite their weights while "
-                                                                     "sampling")) if n))
-    if base_choice is not None:
-        parts.append(base_choice.describe("copies of the base weight on swept layers", "through ComfyUI's cast"))
-    return served, {"adapters": [item.entry.lora for item in items],
-                    "nodes": [item.node for item in items if item.node is not None],
-                    "copies": len(served), "layers": len(chains) + len(base), "net": 0,
-                    "bytes": sum(c.bytes for c in chosen), "built": sum(c.built for c in chosen),
-                    "build_ms": sum(c.build_ms for c in chosen), "reason": "; ".join(parts)}
 
 
 def _release(patcher) -> None:
@@ -312,7 +227,7 @@ def _model_call(executor, *args, **kwargs):
     found = reach.finish(executor.class_obj, probing)
     if found.stranded:
         raise _Stranded(", ".join(found.stranded))
-    notes = [f"{len(paths)} layers {what} ({reach.named(paths)}): served through ComfyUI's cast (weight form){then}"
+    notes = [f"{len(paths)} layers {what} ({reach.named(paths)}): served through ComfyUI's cast (weight update){then}"
              for paths, what, then in ((found.served, "not reached through their forward",
                                         "; the first model call ran again"),
                                        (found.idle, "not computed in the first model call", "")) if paths]
@@ -342,13 +257,8 @@ def _outer_sample(executor, *args, **kwargs):
         try:
             return _sampled(executor, patcher, *args, **kwargs)
         except torch.OutOfMemoryError:
-            why = "the device ran out of memory while sampling"
-            freed = MEMORY.shed_copies(patcher.load_device, why)
-            freed += MEMORY.give_way(patcher.load_device, why, keep=[item.entry for item in items])
-            if not freed:
+            if not MEMORY.free_after_oom(patcher, keep=[item.entry for item in items]):
                 raise
-            log.warning("[LoRA Cache] out of memory while sampling: %d bytes of merged copies and unused cached "
-                        "factors freed on %s; sampling again", freed, patcher.load_device)
             return _sampled(executor, patcher, *args, **kwargs)
     finally:
         _shapes.pop(id(patcher.model), None)

@@ -87,7 +87,8 @@ def _facts(side: _Side, found: build.Found, mode: str, run_key: tuple[str, str] 
         attach_problem=load_state.unattached_problem(entry) if cached else None,
         merged_problem=load_state.merged_problem(patcher) if cached else None,
         # only a build names the size: summing it is per-layer work the fast path does not need
-        layer_count=len(entry.layers), nbytes=0 if cached else entry.nbytes, device=entry.device, forms=entry.forms,
+        layer_count=len(entry.layers), nbytes=0 if cached else entry.nbytes, device=entry.device,
+        form_note=entry.form_note,
         change=_what_changed(run_key, entry, entry.lora, side.strength) if cached else None)
 
 

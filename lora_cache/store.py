@@ -32,7 +32,7 @@ class Entry:
     patches: dict
     factors_made: bool = False  # the factors (or the reason there are none) were worked out
     cache_problem: str | None = None  # why the cached path cannot serve; None if it can
-    forms: str | None = None  # which forms types other than plain LoRA took (adapters.CachedForms.forms)
+    form_note: str | None = None  # which forms types other than plain LoRA took (adapters.CachedForms.form_note)
     layers: dict[str, tuple[LayerForm, ...]] = field(default_factory=dict)
     live: bool = True
     last_strength: float | None = None  # for the reason string only

@@ -1,4 +1,4 @@
-"""Merged copies (lora_cache/copies.py, cost_model.py, memory.py) on the CPU host.
+"""Merged copies (lora_cache/copies.py, copy_choice.py, cost_model.py, memory.py) on the CPU host.
 
 A copy is ComfyUI's merge of a layer's active chain, built from the weight as ComfyUI casts it and
 never written into it; samplings with the same chain reuse it, any other chain builds it again;
@@ -101,10 +101,10 @@ def test_choice_takes_required_then_most_saving_per_byte(lc):
     assert cm.choose(layers, 130) == ({"asked", "small", "mid"}, 120)
     assert cm.choose(layers, 5) == (set(), 0)
     costs = cm.DeviceCosts(launch_s=1e-5, bytes_per_s=1e9)
-    # the weight form's bound where the rows are not known; the cheaper form where they are
+    # the weight update's bound where the rows are not known; the cheaper update where they are
     assert cm.unmerged_saving(64, 32, None, 1, 1, 64, 2, costs) == pytest.approx(2 * 64 * 32 * 2 / 1e9 + 1e-5)
     assert cm.unmerged_saving(64, 32, 1, 1, 1, 64, 2, costs) == pytest.approx(2 * 64 * 32 * 2 / 1e9 + 1e-5)
-    one_row = cm.unmerged_saving(4096, 4096, 1, 1, 1, 4096, 2, costs)  # a modulation layer: the output form
+    one_row = cm.unmerged_saving(4096, 4096, 1, 1, 1, 4096, 2, costs)  # a modulation layer: the output update
     assert one_row == pytest.approx((4096 + 2 * 4096) * 2 / 1e9 + 2e-5)
     measured = cm.device_costs("cpu")
     assert measured.launch_s > 0 and measured.bytes_per_s > 0 and cm.device_costs(CPU) is measured

@@ -176,19 +176,19 @@ def test_fast_path_flags_only_while_sampling(fresh, loras, monkeypatch):
 def test_forward_after_comfy_bypass_loader_is_the_direct_one(fresh, loras, monkeypatch):
     """ComfyUI's bypass loader leaves each layer it injected into with its own class forward
     bound on the instance once it ejects; ours takes that for no forward of another party's:
-    the sampling serves its layers with the weight form (tiny SD: every adapted Linear's weight
+    the sampling serves its layers with the weight update (tiny SD: every adapted Linear's weight
     is smaller than its activations) and matches stock, before and after the bypass loader."""
     import nodes
 
-    from lora_cache_loader.lora_cache import layers, weight_form
+    from lora_cache_loader.lora_cache import layers, weight_update
 
     h = fresh
     if "LoraLoaderBypassModelOnly" not in nodes.NODE_CLASS_MAPPINGS:
         pytest.skip("this ComfyUI has no bypass loader (0.3.75)")
     lora = loras["a"]
     served = []
-    real = weight_form.merged_weight
-    monkeypatch.setattr(weight_form, "merged_weight", lambda w, wp: served.append(w.shape) or real(w, wp))
+    real = weight_update.merged_weight
+    monkeypatch.setattr(weight_update, "merged_weight", lambda w, wp: served.append(w.shape) or real(w, wp))
 
     def prompt(loader):  # 256x256: more rows of activations than the tiny layers' weights have
         p = wf.sd([loader])

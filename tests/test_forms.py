@@ -241,7 +241,7 @@ def test_lokr_on_rows_of_a_fused_product_equals_the_narrowed_kron(pkg, sd_patche
     forward and a merged copy equal the weight plus the narrowed kron, at several strengths."""
     patches, paths = fused_qkv_lokr(sd_patcher, *FUSED_LOKR[name])
     _, plan = build_patches(pkg, sd_patcher, patches)
-    assert plan.reason is None and "lokr: kron factors, the layer's rows of a fused product on 3" in plan.forms
+    assert plan.reason is None and "lokr: kron factors, the layer's rows of a fused product on 3" in plan.form_note
     spans = {p: plan.layers[p][0].rows for p in paths}
     if name == "blocks-across-layers":  # 240-row blocks: k starts and v ends inside one
         assert any(r is not None for r in spans.values()), spans
@@ -322,15 +322,15 @@ def test_mixed_stack_in_any_order_equals_stock_chain(pkg, host, sd_patcher, flux
             check_layers(pkg, patcher, chain, paths)
 
 
-def count_weight_form(pkg, monkeypatch) -> list:
-    """Wraps weight_form.merged_weight (this package's weight form) to count the layers it serves."""
+def count_weight_update(pkg, monkeypatch) -> list:
+    """Wraps weight_update.merged_weight (this package's weight update) to count the layers it serves."""
     calls: list = []
-    real = pkg.weight_form.merged_weight
+    real = pkg.weight_update.merged_weight
 
     def counted(weight, wp):
         calls.append("tiles" if wp.tiles else "whole" if wp.steps[0].start is None else "copy")
         return real(weight, wp)
-    monkeypatch.setattr(pkg.weight_form, "merged_weight", counted)
+    monkeypatch.setattr(pkg.weight_update, "merged_weight", counted)
     return calls
 
 
@@ -355,7 +355,7 @@ def test_low_rank_update_in_the_weight_or_the_output_equals_stock(pkg, host, sd_
     patcher = sd_patcher if model == "sd" else flux_patcher
     targets = targets_for(model, host, "lora", {})
     partial = {k: v for k, v in targets.items() if not k.endswith(("to_v", "add_v_proj"))}
-    calls = count_weight_form(pkg, monkeypatch)
+    calls = count_weight_update(pkg, monkeypatch)
     for tg, strengths in ((targets, [1.0]), (targets, [0.7, -1.3]), (partial, [0.0, 1.2])):
         chain = lora_chain(pkg, patcher, tg, strengths)
         paths = sorted(set().union(*(layers.keys() for layers, _, _ in chain)))
@@ -368,8 +368,8 @@ def test_low_rank_update_in_the_weight_or_the_output_equals_stock(pkg, host, sd_
             assert ("copy" if tg is partial else "tiles") in calls, calls
 
 
-def test_weight_form_after_stock_lowvram_patch_through_comfy_cast(pkg, host, sd_patcher, monkeypatch):
-    """Where ComfyUI casts the layer's weight per call, the weight form goes in as one of the
+def test_weight_update_after_stock_lowvram_patch_through_comfy_cast(pkg, host, sd_patcher, monkeypatch):
+    """Where ComfyUI casts the layer's weight per call, the weight update goes in as one of the
     layer's weight functions for that call, after ComfyUI's own lowvram patch of a stock loader
     before ours: the output is the stock chain's, and the layer's weight functions are as they
     were afterwards."""
@@ -380,7 +380,7 @@ def test_weight_form_after_stock_lowvram_patch_through_comfy_cast(pkg, host, sd_
     stock_patches, _ = pkg.adapters.split_patches(stock_sd, sd_patcher, None, "stock.safetensors")
     chain = lora_chain(pkg, sd_patcher, targets, [0.9], seed=51)
     layers_, ours, s = chain[0]
-    calls = count_weight_form(pkg, monkeypatch)
+    calls = count_weight_update(pkg, monkeypatch)
     checked = 0
     for path in layers_:
         module = model.get_submodule(path)
@@ -478,13 +478,13 @@ def test_k_max_is_the_longest_sum_of_the_tiny_models(sd_patcher, flux_patcher):
 def test_build_reasons_name_the_forms(pkg, host, sd_patcher):
     sd = tiny_models.adapter_state_dict("lokr", tiny_models.sd_targets(host.unet_sd), seed=3)
     _, plan = build(pkg, sd_patcher, sd)
-    assert "lokr: kron factors on" in plan.forms
+    assert "lokr: kron factors on" in plan.form_note
     sd = tiny_models.adapter_state_dict("lora", tiny_models.sd_targets(host.unet_sd), seed=3, dora="out")
     _, plan = build(pkg, sd_patcher, sd)
-    assert "dora (output channels) on" in plan.forms
+    assert "dora (output channels) on" in plan.form_note
     sd = tiny_models.adapter_state_dict("lora", tiny_models.sd_targets(host.unet_sd), seed=3)
     _, plan = build(pkg, sd_patcher, sd)
-    assert plan.forms is None
+    assert plan.form_note is None
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -494,11 +494,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", [(64, 64, None), (48, 144, 3), (96, 32, None)], ids=["square", "qkv", "narrow"])
-def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, shape, monkeypatch):
-    """The two per-call forms of a plain LoRA on a ComfyUI Linear in the model's own half
-    precision, the weight form against the output form, within the rounding of the dtype:
+def test_weight_and_output_updates_agree_in_half_precision(pkg, device, dtype, shape, monkeypatch):
+    """The two per-call updates of a plain LoRA on a ComfyUI Linear in the model's own half
+    precision, the weight update against the output update, within the rounding of the dtype:
     strengths 1, 0 and negative, two stacked adapters, one factor per output slice of a fused
-    weight, batch sizes around the form's threshold."""
+    weight, batch sizes around the weight update's threshold."""
     import comfy.ops
     g = torch.Generator().manual_seed(sum(shape[:2]))
     K, N, slices = shape
@@ -518,19 +518,19 @@ def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, sha
                                                 out_slice=None if slices is None else (start, length)))
         return tuple(fs)
     stacks = [[(adapter(1), 1.0)], [(adapter(2), 0.0)], [(adapter(3), -1.4), (adapter(4), 0.6)]]
-    calls = count_weight_form(pkg, monkeypatch)
-    real_plan = pkg.weight_form.as_weight_plan
+    calls = count_weight_update(pkg, monkeypatch)
+    real_plan = pkg.weight_update.as_weight_plan
     for stack in stacks:
         for rows in (1, 7, 300, 1031):
             x = torch.randn(rows, K, generator=g).to(device, dtype)
             outs = {}
-            for form in ("weight", "output"):
-                monkeypatch.setattr(pkg.weight_form, "as_weight_plan",
-                                    real_plan if form == "weight" else (lambda p, w: None))
+            for update in ("weight", "output"):
+                monkeypatch.setattr(pkg.weight_update, "as_weight_plan",
+                                    real_plan if update == "weight" else (lambda p, w: None))
                 pkg.layers.activate(lin, stack)
                 try:
                     with torch.no_grad():
-                        outs[form] = lin(x).double()
+                        outs[update] = lin(x).double()
                 finally:
                     pkg.layers.deactivate(lin)
             bound = x.double().abs() @ lin.weight.double().abs().t() + lin.bias.double().abs()
@@ -541,8 +541,8 @@ def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, sha
                         bound += d
                     else:
                         bound[:, f.out_slice[0]:sum(f.out_slice)] += d
-            # both forms sum in float32 and round to the dtype at most 7 times together (the
-            # weight form its merged weight and output; the output form its two partial products,
+            # both updates sum in float32 and round to the dtype at most 7 times together (the
+            # weight update its merged weight and output; the output update its two partial products,
             # their scaling, the base output and the sum), each by at most eps / 2
             tol = compare.tolerance(bound, K + 1, dtype, accumulate=torch.float32, roundings=4)
             ratio = compare.error_ratio(outs["weight"], outs["output"], tol)
@@ -550,9 +550,9 @@ def test_weight_and_output_forms_agree_in_half_precision(pkg, device, dtype, sha
     assert calls and any(c == ("tiles" if slices else "whole") for c in calls), calls
 
 
-def test_weight_form_only_through_comfy_stock_cast(pkg, monkeypatch):
+def test_weight_update_only_through_comfy_stock_cast(pkg, monkeypatch):
     """ComfyUI ops classes with their own cast (scaled fp8, fp8 matmul) hand weight functions a
-    weight in another scale or dtype, so the weight form stays off there: such a layer adds the
+    weight in another scale or dtype, so the weight update stays off there: such a layer adds the
     update to its output, and its result is the one ComfyUI's own forward plus the update gives."""
     import comfy.ops
 
@@ -562,7 +562,7 @@ def test_weight_form_only_through_comfy_stock_cast(pkg, monkeypatch):
             return torch.nn.functional.linear(input, weight * 2, bias)
 
     g = torch.Generator().manual_seed(3)
-    calls = count_weight_form(pkg, monkeypatch)
+    calls = count_weight_update(pkg, monkeypatch)
     for cls, scale in ((comfy.ops.manual_cast.Linear, 1.0), (OwnCast, 2.0)):
         lin = cls(32, 32, bias=True)
         with torch.no_grad():

@@ -118,7 +118,7 @@ def test_a_layer_computed_without_its_forward_is_served_through_comfyuis_cast(fr
     out43, calls43 = run_counted(h, fused(wf.sd([wf.ours(a, 0.9, mode=mode)], seed=43)))
     s = sampling(h)
     assert close(out43["out"], stock43["out"]) and calls43 == stock_calls43, (calls43, stock_calls43)
-    assert s["net"] == 1 and "1 layers served through ComfyUI's cast (weight form)" in s["reason"], s
+    assert s["net"] == 1 and "1 layers served through ComfyUI's cast (weight update)" in s["reason"], s
     assert "ran again" not in s["reason"]
     assert all(bare(m) for m in modules.values())
     out = h.run(fused(wf.sd([wf.ours(a, 0.5, mode=mode)], base_branch=True)))

@@ -1,11 +1,11 @@
-"""The work of a layer's low-rank Linear updates, in the output form and the weight form.
+"""The work of a layer's low-rank Linear updates, as an output update or a weight update.
 
 When every active form on a layer is a low-rank Linear one (`LayerFactors`), its forward
 (layers.py) computes the update in one of two ways, chosen per call by which moves less memory:
 
-- output form (`Plan`): one `x @ down` per adapter and one addmm_ per factor into the output,
+- output update (`Plan`): one `x @ down` per adapter and one addmm_ per factor into the output,
   which reads the input again and reads and writes the output again;
-- weight form (`WeightPlan`): a transient weight `W + alpha * up down` (one addmm per factor),
+- weight update (`WeightPlan`): a transient weight `W + alpha * up down` (one addmm per factor),
   used by the layer's own product in place of W, which reads and writes the weight once. It wins
   wherever the weight is smaller than the activations (SDXL's layers at 1024x1024, Flux's
   image-token layers) and is one launch fewer per layer. The weight it reads is ComfyUI's: the
@@ -13,7 +13,7 @@ When every active form on a layer is a low-rank Linear one (`LayerFactors`), its
   for this call, through ComfyUI's per-call weight functions (the mechanism of its own lowvram
   patches).
 
-A merged copy of such a layer (copies.py) is the weight form's weight, built once.
+A merged copy of such a layer (copies.py) is the weight update's weight, built once.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .low_rank import all_linear, share_down
 
 
 class FactorPart(NamedTuple):
-    """One factor's update in the output form: columns lo:hi of its adapter's `x @ down` (lo
+    """One factor's part of the output update: columns lo:hi of its adapter's `x @ down` (lo
     None: all of them) times `up` [r, length] times `alpha`, added to the output columns
     start:start + length (start None: all of them)."""
 
@@ -40,14 +40,14 @@ class FactorPart(NamedTuple):
 
 
 class AdapterPlan(NamedTuple):
-    """One adapter's factors on a layer in the output form: the down projection [in, R] they
+    """One adapter's factors on a layer in the output update: the down projection [in, R] they
     share (one factor's own where they do not share one) and each factor's part of it."""
 
     down: torch.Tensor
     parts: tuple[FactorPart, ...]
 
 
-# The output form's work for a layer's active adapters, in chain order.
+# The output update's work for a layer's active adapters, in chain order.
 Plan = tuple[AdapterPlan, ...]
 
 
@@ -84,13 +84,13 @@ class WeightStep(NamedTuple):
 
 
 class WeightPlan(NamedTuple):
-    """The plan's updates as additions to the weight [out, in] (the weight form).
+    """The plan's updates as additions to the weight [out, in] (the weight update).
 
     `tiles` steps come first and cover every row exactly once between them (Flux's q/k/v/mlp
     slices of one fused weight); then the transient weight is written by them, each from its
     rows of W, with no copy of W first.
-    `merge_numel`: the input size (rows x in) from which the weight form moves less memory
-    than the output form, where the weight is read in place (slices and stacked adapters
+    `merge_numel`: the input size (rows x in) from which the weight update moves less memory
+    than the output update, where the weight is read in place (slices and stacked adapters
     counted); a weight that ComfyUI copies before its weight functions costs twice that."""
 
     tiles: int
@@ -99,7 +99,7 @@ class WeightPlan(NamedTuple):
 
 
 def as_weight_plan(plan: Plan, weight: torch.Tensor) -> WeightPlan | None:
-    """The weight form of `plan` on a layer with this weight; None where the weight is not a
+    """The weight update of `plan` on a layer with this weight; None where the weight is not a
     Linear's or the plan is empty."""
     if weight.ndim != 2 or not plan:
         return None
@@ -116,8 +116,8 @@ def as_weight_plan(plan: Plan, weight: torch.Tensor) -> WeightPlan | None:
     if len(covered) == len(first) and covered and covered[0][0] == 0 and covered[-1][1] == out_f and all(
             a[1] == b[0] for a, b in pairwise(covered)):
         tiles = len(first)
-    # Memory each form moves per call. Output form: x [rows, in] read again per adapter, each
-    # factor's output columns read and written. Weight form: W read and the new weight written
+    # Memory each update moves per call. Output update: x [rows, in] read again per adapter, each
+    # factor's output columns read and written. Weight update: W read and the new weight written
     # once, plus a read and write of its rows for every step after the first pass (all steps
     # where W is copied first).
     lengths = [out_f if s.start is None else cast(int, s.stop) - s.start for s in steps]
@@ -154,7 +154,7 @@ def add_steps(weight: torch.Tensor, steps: tuple[WeightStep, ...]) -> None:
 
 
 def weight_plan(active: Chain, weight: torch.Tensor) -> WeightPlan | None:
-    """The weight form of (factors, strength) pairs on a layer with this weight; None where some
+    """The weight update of (factors, strength) pairs on a layer with this weight; None where some
     form is not a low-rank Linear one."""
     plan = plan_of(active)
     return None if plan is None else as_weight_plan(plan, weight)
