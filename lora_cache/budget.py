@@ -147,13 +147,12 @@ class Budget:
         return Limit(int(_total(torch.device("cpu")) * DEFAULT_FRACTION),
                      f"default: {DEFAULT_FRACTION:.0%} of system RAM")
 
-    def copy_limit(self, device: torch.device | str) -> tuple[int | None, str]:
-        """The cap on merged copies per device (None: only free memory limits them), and where it
-        comes from."""
+    def copy_limit(self, device: torch.device | str) -> Limit | None:
+        """The cap on merged copies per device, or None where only free memory limits them."""
         d = str(torch.device(device))
         if d in self.copy_overrides:
-            return self.copy_overrides[d], "set by the caller"
+            return Limit(self.copy_overrides[d], "set by the caller")
         env = _env_mb(ENV_COPIES)
         if env is not None:
-            return int(env * _MB), ENV_COPIES
-        return None, "free memory"
+            return Limit(int(env * _MB), ENV_COPIES)
+        return None

@@ -239,9 +239,10 @@ class Memory:
                 - self._weights_missing(patcher)
             budget, why = max(0, room), (f"the rest do not fit in the memory free on {device} beside the model's "
                                          f"weights and the sampling")
-            limit, source = self.budget.copy_limit(device)
-            if limit is not None and limit < budget:
-                budget, why = limit, f"copies are capped at {limit / _MB:.0f} MB on {device} ({source})"
+            limit = self.budget.copy_limit(device)
+            if limit is not None and limit.bytes < budget:
+                budget = limit.bytes
+                why = f"copies are capped at {limit.bytes / _MB:.0f} MB on {device} ({limit.source})"
             cap = self.copy_caps.get(str(device))
             if cap is not None and cap < budget:
                 budget, why = cap, (f"copies are held to {cap / _MB:.0f} MB on {device} since a sampling ran out "
