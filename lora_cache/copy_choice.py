@@ -128,7 +128,8 @@ def for_sampling(patcher, chains: list[LayerChain], items: list[StackItem], base
     candidates = []
     choice = base_choice = None
     hooked = 0
-    if any(item.mode in _COPY_MODES for item in items) or base:
+    copy_modes = any(item.mode in _COPY_MODES for item in items)
+    if copy_modes or base:
         device, dtype = build.device_dtype(patcher)
         device = torch.device(device)
         hook_keys = _hooked_keys(patcher)
@@ -158,7 +159,7 @@ def for_sampling(patcher, chains: list[LayerChain], items: list[StackItem], base
         if id(lc.module) not in served:
             copies.REGISTRY.drop(lc.module)
     parts = []
-    if choice is None or (chains and not any(item.mode in _COPY_MODES for item in items)):
+    if choice is None or (chains and not copy_modes):
         parts.append(f"unmerged: {len(chains)} layers (mode unmerged)")
     elif chains:
         others = len(chains) - len(candidates) - hooked

@@ -166,8 +166,7 @@ def _activate(patcher, sampling: bool = False) -> None:
         layers.activate(s.module, (), merged.get(mid), s.post)
         act.modules.append(s.module)
     if sw is not None:
-        info = _with_sweep(info, sw, swept_entries, n_swept)
-        info["layers"] = n_layers
+        info = _with_sweep(info, sw, swept_entries, n_swept, n_layers)
     if info is not None:
         began = reach.start(reach.Probed(lc.path, lc.module, tuple(lc.chain)) for lc in chains)
         act.probing = began.probing
@@ -178,16 +177,19 @@ def _activate(patcher, sampling: bool = False) -> None:
         act.sampling = events.record_sampling(info)
 
 
-def _with_sweep(info: dict | None, sw: sweep.Sweep, entries: list[Entry], layers_swept: int) -> dict:
-    """The sampling's event with the sweep's part: its adapters, its node, what it runs."""
+def _with_sweep(info: dict | None, sw: sweep.Sweep, entries: list[Entry], layers_swept: int,
+                layers_adapted: int) -> dict:
+    """The sampling's event with the sweep's part: its adapters, its node, what it runs, and every
+    layer the sampling adapts (the swept ones and those with adapters of their own)."""
     note = sweep.note(sw, layers_swept)
     if info is None:
-        info = {"adapters": [], "nodes": [], "copies": 0, "layers": 0, "net": 0, "bytes": 0, "built": 0,
-                "build_ms": 0.0, "reason": note}
+        info = {"adapters": [], "nodes": [], "copies": 0, "net": 0, "bytes": 0, "built": 0, "build_ms": 0.0,
+                "reason": note}
     else:
         info["reason"] = f"{note}; {info['reason']}"
     info["adapters"] = [*info["adapters"], *(e.lora for e in entries)]
     info["nodes"] = [*info["nodes"], *([sw.node] if sw.node else [])]
+    info["layers"] = layers_adapted
     return info
 
 
