@@ -329,6 +329,11 @@ def main(argv=None) -> int:
         diff = {k: max(float((a - b).abs().max()) for a, b in zip(outs[k], outs["stock"], strict=True))
                 for k in ("ours", "sweep")}
         res["parity"] = {"max_abs_ours_vs_stock": diff["ours"], "max_abs_sweep_vs_stock": diff["sweep"]}
+        if config.startswith("dynamic"):
+            texts = [rnd["sweep"]["sampling"] for rnd in res["rounds"]]
+            check(f"{config}: the sweep's base copies read from the model file",
+                  all("read from the model file" in t for t in texts),
+                  "; ".join(t.rpartition("copies of the base weight")[2] for t in texts))
         check(f"{config}: sweep image i within the rounding of stock's run i",
               diff["sweep"] <= max(2 * diff["ours"], 1e-3),
               f"sweep {diff['sweep']:.4g}, ours' runs {diff['ours']:.4g} (max |latent - stock|)")

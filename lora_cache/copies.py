@@ -4,7 +4,8 @@ For an adapted layer, a merged copy is ComfyUI's merge of the layer's active cha
 adapter on it, in order, at its strength), built once on the device from the base weight as
 ComfyUI casts it for the layer's forward (`comfy.ops.cast_bias_weight`: the resident weight, the
 weight comfy-aimdo streams under dynamic VRAM, or the weight cast to the compute dtype, with any
-stock patches applied). The layer's forward then multiplies by the copy (layers.py): the
+stock patches applied; base_read.py reads it straight from the model file where that gives the
+same tensor faster). The layer's forward then multiplies by the copy (layers.py): the
 adapter costs nothing per step. ComfyUI's weights, patches and `patches_uuid` are never touched,
 so nothing reloads or re-streams, and every other branch runs ComfyUI's own forward on its own
 weight.
@@ -25,10 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import comfy.ops
 import torch
 
-from . import layers, weight_update
+from . import base_read, layers, weight_update
 from .form_base import Chain, weight_of
 from .low_rank import LayerFactors
 from .store import STORE
@@ -51,6 +51,7 @@ class MergedCopy:
     key: CopyKey
     weight: torch.Tensor
     bias: torch.Tensor | None
+    from_file: bool = False  # its base weight was read from the model file (base_read.py)
 
     @property
     def nbytes(self) -> int:
@@ -93,20 +94,19 @@ def _addmm_ready(chain: Chain, w: torch.Tensor) -> bool:
 def build(module: torch.nn.Module, chain: Chain, key: CopyKey, dtype: torch.dtype,
           device: torch.device) -> MergedCopy:
     """The copy of `module`'s weight with `chain` merged, on `device` in `dtype`, from the weight
-    ComfyUI's cast hands the layer's forward (and the bias beside it, copied: under dynamic VRAM
-    it is a view of memory comfy-aimdo may hand to another layer later)."""
+    ComfyUI's cast hands the layer's forward (base_read.py), and the bias beside it (copied
+    unless it was read for us: under dynamic VRAM the cast's is a view of memory comfy-aimdo may
+    hand to another layer later)."""
     if not hasattr(module, "weight_function"):  # a torch layer, not one of ComfyUI's ops
         bias = getattr(module, "bias", None)
         return MergedCopy(key, merged(weight_of(module).detach().to(device, dtype), chain),
                           None if bias is None else bias.detach().to(device, dtype, copy=True))
-    weight, bias, stream = comfy.ops.cast_bias_weight(module, dtype=dtype, device=device, bias_dtype=dtype,
-                                                      offloadable=True)
-    try:
-        w = merged(weight, chain)
-        b = None if bias is None else bias.detach().clone()
-    finally:
-        comfy.ops.uncast_bias_weight(module, weight, bias, stream)
-    return MergedCopy(key, w, b)
+    with base_read.base_of(module, dtype, device) as base:
+        if base.owned and not chain:
+            return MergedCopy(key, base.weight, base.bias, base.from_file)
+        w = merged(base.weight, chain)
+        b = base.bias if base.owned or base.bias is None else base.bias.detach().clone()
+    return MergedCopy(key, w, b, base.from_file)
 
 
 class _Held(NamedTuple):

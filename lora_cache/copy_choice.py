@@ -45,10 +45,12 @@ class Choice(NamedTuple):
     built: int
     build_ms: float
     short: str | None  # why some layers that could have a copy run unmerged
+    from_file: int = 0  # of those built, how many read their base weight from the model file
 
     def describe(self, what: str = "merged copies", rest: str = "unmerged") -> str:
         n = len(self.copies)
-        built = f"built {self.built} in {self.build_ms:.0f} ms" if self.built else "none built"
+        read = f", {self.from_file} read from the model file" if self.from_file else ""
+        built = f"built {self.built} in {self.build_ms:.0f} ms{read}" if self.built else "none built"
         size = f"{self.bytes / _GIB:.2f} GiB" if self.bytes >= _GIB else f"{self.bytes / _MIB:.1f} MiB"
         text = f"{what}: {n} of {self.layers} layers, {size} ({built}); {rest}: {self.layers - n}"
         return text + (f" ({self.short})" if self.short else "")
@@ -90,7 +92,7 @@ def choose(layer_list: Iterable[Layer], budget: int, device: torch.device, dtype
         if current is not None and (current.key != ly.key or id(ly.module) not in wanted):
             copies.REGISTRY.drop(ly.module)
     out: dict[int, MergedCopy] = {}
-    built, t0, short = 0, time.perf_counter(), None
+    built, from_file, t0, short = 0, 0, time.perf_counter(), None
     for ly in layer_list:
         if id(ly.module) not in wanted:
             continue
@@ -103,13 +105,15 @@ def choose(layer_list: Iterable[Layer], budget: int, device: torch.device, dtype
                 break
             copies.REGISTRY.put(ly.module, model, copy)
             built += 1
+            from_file += copy.from_file
         out[id(ly.module)] = copy
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     ms = (time.perf_counter() - t0) * 1000.0
     if short is None and len(out) < len(layer_list):
         short = why_short
-    return Choice(out, len(layer_list), sum(c.nbytes for c in out.values()), built, ms if built else 0.0, short)
+    return Choice(out, len(layer_list), sum(c.nbytes for c in out.values()), built, ms if built else 0.0, short,
+                  from_file)
 
 
 def _hooked_keys(patcher) -> set[str]:

@@ -1,0 +1,128 @@
+"""How fast base-weight copies of a model's linear layers reach the device under dynamic VRAM,
+by each way of reading them: ComfyUI's cast per layer (what copies.build does), comfy-aimdo's
+file reader straight into a device tensor, and a plain copy from the mmap'd host tensor. Each way
+starts from an unloaded model. Also the model's own first load (one step after an unload, less a
+warm step).
+
+    python3 benchmarks/probe_copy_build.py --model sdxl --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from lora_cache_testkit import host
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="sdxl", choices=("sdxl", "flux"))
+    p.add_argument("--order", default="cast,file,host,file,cast")
+    p.add_argument("--out", default="benchmarks/out")
+    args = p.parse_args()
+    import comfy_aimdo.control
+    comfy_aimdo.control.init()
+    host.boot(cpu=False)
+    import importlib
+
+    import comfy.memory_management as cmm
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.sample
+    import comfy.sd
+    import models
+    import torch
+    from safetensors.torch import save_file
+    try:
+        comfy_aimdo.control.init_devices((d.index, 0) for d in mm.get_all_torch_devices())
+    except TypeError:
+        comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices())
+    lc = host.load_package().lora_cache
+    copies = importlib.import_module(lc.__name__ + ".copies")
+
+    dtype = torch.float16 if args.model == "sdxl" else torch.bfloat16
+    spec = models.Spec(args.model, False, dtype)
+    work = Path(tempfile.mkdtemp(prefix="lc_probe_"))
+    path = work / "m.safetensors"
+    with torch.inference_mode():
+        built = models.build(spec, seed=0)
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in built.model.diffusion_model.state_dict().items()}
+    save_file(sd, str(path))
+    del built, sd
+    gc.collect()
+    torch.cuda.empty_cache()
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    cmm.aimdo_enabled = True
+    base = comfy.sd.load_diffusion_model(str(path))
+    cond, latent = spec.conditioning(), torch.zeros(spec.latent)
+    noise = comfy.sample.prepare_noise(latent, 42)
+    dev = mm.get_torch_device()
+    report: dict = {"model": args.model, "patcher": type(base).__name__, "device": torch.cuda.get_device_name(0),
+                    "ways": []}
+
+    def sample(steps):
+        comfy.sample.sample(base, noise, steps, spec.cfg, "euler", "simple", cond, cond, latent, seed=42,
+                            disable_pbar=True)
+        torch.cuda.synchronize()
+
+    def fresh():
+        mm.unload_all_models()
+        lc.purge()
+        gc.collect()
+        torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        sample(1)
+        t = time.perf_counter()
+        sample(1)
+        warm = time.perf_counter() - t
+        fresh()
+        t = time.perf_counter()
+        sample(1)
+        cold = time.perf_counter() - t
+        report.update(warm_step_s=warm, cold_step_s=cold)
+        print(f"one step warm {warm:.3f} s, after an unload {cold:.3f} s: the model's load about {cold - warm:.3f} s",
+              flush=True)
+        for way in args.order.split(","):
+            fresh()
+            mm.load_models_gpu([base])
+            layers = [m for m in base.model.diffusion_model.modules()
+                      if isinstance(m, torch.nn.Linear) and hasattr(m, "weight_function")]
+            nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+            held, direct = [], 0
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for m in layers:
+                if way == "cast":
+                    held.append(copies.build(m, (), copies.CopyKey((), ()), dtype, dev).weight)
+                elif way == "file":
+                    dest = torch.empty(m.weight.shape, dtype=m.weight.dtype, device=dev)
+                    if cmm.read_tensor_file_slice_into(m.weight, dest, stream=torch.cuda.current_stream()):
+                        direct += 1
+                    else:
+                        dest.copy_(m.weight)
+                    held.append(dest)
+                else:
+                    held.append(m.weight.to(dev, copy=True))
+            torch.cuda.synchronize()
+            s = time.perf_counter() - t
+            same = all(torch.equal(h.cpu(), m.weight.cpu()) for h, m in zip(held[:8], layers[:8], strict=True))
+            row = {"way": way, "layers": len(layers), "gib": nbytes / 2**30, "s": s, "gb_s": nbytes / s / 1e9,
+                   "file_reads": direct, "first_8_equal": same}
+            report["ways"].append(row)
+            print(f"{way:5s} {len(layers)} layers {nbytes / 2**30:.2f} GiB in {s:.3f} s = {nbytes / s / 1e9:.2f} GB/s "
+                  f"(file reads {direct}; first 8 equal the host weight: {same})", flush=True)
+            del held
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"probe-{args.model}.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""GPU check of where copies get their base weight (lora_cache/base_read.py) under ComfyUI's
+dynamic VRAM with real comfy-aimdo: a layer comfy-aimdo does not hold on the device is read from
+the model file, and equals bit for bit what ComfyUI's cast hands the layer; a layer it holds
+resident, and a layer a stock LoRA patches, come through the cast. Merged copies and base copies
+built after an unload read the file and equal ComfyUI's merge of the cast weight.
+
+The tiny SDXL-type UNet in fp16 (benchmarks/models.py, big enough that comfy-aimdo manages its
+layers) comes through ComfyUI's loader from a file. Prints a JSON report; on a GPU machine, from
+the repository root (benchmarks/device/setup.sh prepares one for ComfyUI 0.33.0):
+COMFYUI_DIR=path/to/ComfyUI PYTHONPATH=testkit python3 scripts/gpu_base_read_check.py
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+try:  # comfy-aimdo must hook the CUDA allocator before torch touches the GPU (ComfyUI's main.py)
+    import comfy_aimdo.control
+    comfy_aimdo.control.init()
+except ImportError:
+    comfy_aimdo = None
+
+from lora_cache_testkit import host
+
+host.boot(cpu=False)
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.sd
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(host.ROOT / "benchmarks"))
+import models  # noqa: E402  (benchmarks/models.py: SDXL-shaped models from ComfyUI's classes)
+
+
+def _aimdo_devices() -> bool:
+    if comfy_aimdo is None or not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        return False
+    devices = mm.get_all_torch_devices()
+    try:
+        return bool(comfy_aimdo.control.init_devices((d.index, 0) for d in devices))
+    except TypeError:
+        return bool(comfy_aimdo.control.init_devices(d.index for d in devices))
+
+
+def main() -> int:
+    pkg = host.load_package().lora_cache
+    base_read = importlib.import_module(pkg.__name__ + ".base_read")
+    copies = importlib.import_module(pkg.__name__ + ".copies")
+    report: dict = {"device": torch.cuda.get_device_name(0), "aimdo": _aimdo_devices()}
+    if not report["aimdo"]:
+        print(json.dumps(report, indent=1))
+        return 0
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    importlib.import_module("comfy.memory_management").aimdo_enabled = True
+    work = Path(tempfile.mkdtemp(prefix="lc_base_read_"))
+    dtype = torch.float16
+    spec = models.Spec("sdxl", True, dtype)
+    with torch.inference_mode():
+        built = models.build(spec, seed=0)
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in built.model.diffusion_model.state_dict().items()}
+        lora_sd = models.adapter_state_dict(spec, built, "lora", 4, seed=1)
+    save_file(sd, str(work / "unet.safetensors"))
+    del built, sd
+    base = comfy.sd.load_diffusion_model(str(work / "unet.safetensors"))
+    device = mm.get_torch_device()
+    report["patcher"] = type(base).__name__
+
+    def linears(patcher) -> list[tuple[str, torch.nn.Module]]:
+        return [(n, m) for n, m in patcher.model.diffusion_model.named_modules()
+                if isinstance(m, torch.nn.Linear) and getattr(m, "_v", None) is not None]
+
+    def cast(m) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w, b, stream = comfy.ops.cast_bias_weight(m, dtype=dtype, device=device, bias_dtype=dtype, offloadable=True)
+        out = (w.clone(), None if b is None else b.clone())
+        comfy.ops.uncast_bias_weight(m, w, b, stream)
+        return out
+
+    def same(a, b) -> bool:
+        if a[1] is None or b[1] is None:
+            return torch.equal(a[0], b[0]) and a[1] is None and b[1] is None
+        return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+    def reads(patcher) -> dict:
+        """For every managed Linear: how base_read gets it, and whether that equals the cast's."""
+        from_file, equal = 0, 0
+        layers = linears(patcher)
+        for _, m in layers:
+            with base_read.base_of(m, dtype, device) as b:
+                got = (b.weight.clone(), None if b.bias is None else b.bias.clone())
+                from_file += b.from_file
+            equal += same(got, cast(m))  # the cast after the read: the layer is resident from here on
+        return {"layers": len(layers), "from_file": from_file, "equal_to_cast": equal}
+
+    with torch.inference_mode():
+        mm.unload_all_models()
+        mm.load_models_gpu([base])
+        report["after_load"] = reads(base)
+        report["resident"] = reads(base)  # every layer was just cast into comfy-aimdo's memory
+        mm.unload_all_models()
+        mm.load_models_gpu([base])
+        layers = linears(base)
+        made = []
+        for i, (_, m) in enumerate(layers):
+            chain = ()  # a base copy, and on every other layer a copy with a LoRA-shaped update
+            if i % 2:
+                w = m.weight
+                up = torch.randn(w.shape[0], 4, dtype=dtype, device=device) * 0.01
+                down = torch.randn(4, w.shape[1], dtype=dtype, device=device) * 0.01
+                chain = ((up, down),)
+            made.append((m, chain, copies.build(m, _Forms(chain), copies.CopyKey((), ()), dtype, device)))
+        # the copy read from the file equals the one the same chain gives on the cast's weight
+        merged_ok = sum(torch.equal(copy.weight, copies.merged(cast(m)[0], _Forms(chain))) for m, chain, copy in made)
+        report["copies"] = {"layers": len(made), "from_file": sum(c.from_file for *_, c in made),
+                            "equal_to_merge_of_cast": merged_ok}
+        stock = comfy.sd.load_lora_for_models(base, None, lora_sd, 1.0, 0)[0]
+        mm.unload_all_models()
+        mm.load_models_gpu([stock])
+        patched = [m for _, m in linears(stock) if getattr(m, "weight_lowvram_function", None) is not None]
+        via_file = 0
+        for m in patched:
+            with base_read.base_of(m, dtype, device) as b:
+                via_file += b.from_file
+        report["stock_patched"] = {"layers": len(patched), "from_file": via_file}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+class _Forms:
+    """A chain of one LoRA-shaped product per entry (copies.merged merges forms that are not
+    LayerFactors in fp32 with one rounding, in chain order)."""
+
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __bool__(self):
+        return bool(self.pairs)
+
+    def __iter__(self):
+        return iter([((_Product(up, down),), 1.0) for up, down in self.pairs])
+
+
+class _Product:
+    def __init__(self, up, down):
+        self.up, self.down = up, down
+
+    def merge_into(self, w32: torch.Tensor, strength: float) -> None:
+        w32 += strength * (self.up.float() @ self.down.float())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
