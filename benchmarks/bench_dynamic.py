@@ -195,9 +195,15 @@ def main(argv=None) -> int:
     noise = comfy.sample.prepare_noise(latent, 42)
     lora_sd = {tag: comfy.utils.load_torch_file(str(work / n), safe_load=True) for tag, n in names.items()}
 
+    # When each step of the last sampling ended (host clock, after the sampling's start): the first
+    # step carries what a sampling does before its first model call (loading, our activation).
+    step_ends: list[float] = []
+
     def sample(m, steps, noise=noise, latent=latent):
-        out = comfy.sample.sample(m, noise, steps, cfg, "euler", "simple", cond, cond, latent,
-                                  seed=42, disable_pbar=True)
+        t0 = time.perf_counter()
+        step_ends.clear()
+        out = comfy.sample.sample(m, noise, steps, cfg, "euler", "simple", cond, cond, latent, seed=42,
+                                  disable_pbar=True, callback=lambda *a: step_ends.append(time.perf_counter() - t0))
         sync()
         return out.float().cpu()
 
@@ -220,7 +226,9 @@ def main(argv=None) -> int:
         streamed.update(bytes=0, modules=0)
         t = time.perf_counter()
         sample(base, args.steps, *batch)
-        return {"s": time.perf_counter() - t, **streamed}
+        first = step_ends[0] if step_ends else 0.0
+        return {"s": time.perf_counter() - t, **streamed, "first_step_s": first,
+                "later_steps_s": (step_ends[-1] - first) if step_ends else 0.0}
 
     def series(loader, base, outs) -> list[dict]:
         mm.unload_all_models()
@@ -237,7 +245,9 @@ def main(argv=None) -> int:
             t_node = time.perf_counter()
             out = sample(m, args.steps)
             t_end = time.perf_counter()
-            row = {"event": label, "node_ms": (t_node - t) * 1000.0, "event_s": t_end - t,
+            first = step_ends[0] if step_ends else 0.0
+            row = {"event": label, "node_ms": (t_node - t) * 1000.0, "event_s": t_end - t, "first_step_s": first,
+                   "later_steps_s": (step_ends[-1] - first) if step_ends else 0.0,
                    "streamed_bytes": streamed["bytes"], "streamed_modules": streamed["modules"],
                    "uuid_kept": m.patches_uuid == base_uuid}
             if loader.startswith("ours") and tag is not None:
@@ -248,6 +258,7 @@ def main(argv=None) -> int:
             rows.append(row)
             outs.setdefault(loader, {})[(tag, strength)] = out
             print(f"  {loader:13s} {label:13s} node {row['node_ms']:8.2f} ms  event {row['event_s']:7.3f} s  "
+                  f"(step 1 {first:6.3f} s, later {row['later_steps_s']:6.3f} s)  "
                   f"streamed {streamed['modules']:5d} modules {streamed['bytes'] / 2**20:9.1f} MiB  "
                   f"{row.get('sampling', '')}", flush=True)
         return rows
@@ -345,6 +356,10 @@ def main(argv=None) -> int:
         for r in range(args.rounds):
             print(f" round {r + 1}", flush=True)
             rnd = {"base": base_image(base), "loaders": {}}
+            b = rnd["base"]
+            print(f"  base image{'':27s}event {b['s']:7.3f} s  (step 1 {b['first_step_s']:6.3f} s, later "
+                  f"{b['later_steps_s']:6.3f} s)  streamed {b['modules']:5d} modules {b['bytes'] / 2**20:9.1f} MiB",
+                  flush=True)
             for loader in loaders:
                 rnd["loaders"][loader] = series(loader, base, outs)
             res["rounds"].append(rnd)

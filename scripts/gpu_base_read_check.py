@@ -4,8 +4,8 @@ the model file, and equals bit for bit what ComfyUI's cast hands the layer; a la
 resident, and a layer a stock LoRA patches, come through the cast. Merged copies and base copies
 built after an unload read the file and equal ComfyUI's merge of the cast weight.
 
-The tiny SDXL-type UNet in fp16 (benchmarks/models.py, big enough that comfy-aimdo manages its
-layers) comes through ComfyUI's loader from a file. Prints a JSON report; on a GPU machine, from
+The tiny SD-type UNet in fp16 (its larger layers are ones comfy-aimdo manages) comes through
+ComfyUI's loader from a file. Prints a JSON report; on a GPU machine, from
 the repository root (benchmarks/device/setup.sh prepares one for ComfyUI 0.33.0):
 COMFYUI_DIR=path/to/ComfyUI PYTHONPATH=testkit python3 scripts/gpu_base_read_check.py
 """
@@ -32,10 +32,8 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.sd
 import torch
-from safetensors.torch import save_file
 
-sys.path.insert(0, str(host.ROOT / "benchmarks"))
-import models  # noqa: E402  (benchmarks/models.py: SDXL-shaped models from ComfyUI's classes)
+from lora_cache_testkit import tiny_models
 
 
 def _aimdo_devices() -> bool:
@@ -60,14 +58,8 @@ def main() -> int:
     importlib.import_module("comfy.memory_management").aimdo_enabled = True
     work = Path(tempfile.mkdtemp(prefix="lc_base_read_"))
     dtype = torch.float16
-    spec = models.Spec("sdxl", True, dtype)
-    with torch.inference_mode():
-        built = models.build(spec, seed=0)
-        sd = {k: v.detach().to("cpu", copy=True) for k, v in built.model.diffusion_model.state_dict().items()}
-        lora_sd = models.adapter_state_dict(spec, built, "lora", 4, seed=1)
-    save_file(sd, str(work / "unet.safetensors"))
-    del built, sd
-    base = comfy.sd.load_diffusion_model(str(work / "unet.safetensors"))
+    tiny_models.write_sd_unet(work / "unet.safetensors", seed=0)
+    base = comfy.sd.load_diffusion_model(str(work / "unet.safetensors"), model_options={"dtype": dtype})
     device = mm.get_torch_device()
     report["patcher"] = type(base).__name__
 
@@ -118,6 +110,13 @@ def main() -> int:
         merged_ok = sum(torch.equal(copy.weight, copies.merged(cast(m)[0], _Forms(chain))) for m, chain, copy in made)
         report["copies"] = {"layers": len(made), "from_file": sum(c.from_file for *_, c in made),
                             "equal_to_merge_of_cast": merged_ok}
+        # a LoRA on every managed Linear, in the generic key format ComfyUI's key map accepts
+        g = torch.Generator().manual_seed(1)
+        lora_sd = {}
+        for name, m in linears(base):
+            out_f, in_f = m.weight.shape
+            lora_sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_f, 4, generator=g).half() * 0.01
+            lora_sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(4, in_f, generator=g).half() * 0.01
         stock = comfy.sd.load_lora_for_models(base, None, lora_sd, 1.0, 0)[0]
         mm.unload_all_models()
         mm.load_models_gpu([stock])
