@@ -254,11 +254,12 @@ def main(argv=None) -> int:
                 row.update(path=apply.last.path, reason=apply.last.reason)
                 s = lc.stats()["samplings"][-1]
                 row.update(copies=s["copies"], layers=s["layers"], copy_bytes=s["bytes"], built=s["built"],
-                           build_ms=s["build_ms"], sampling=s["reason"])
+                           build_ms=s["build_ms"], setup_ms=s.get("setup_ms"), sampling=s["reason"])
             rows.append(row)
             outs.setdefault(loader, {})[(tag, strength)] = out
             print(f"  {loader:13s} {label:13s} node {row['node_ms']:8.2f} ms  event {row['event_s']:7.3f} s  "
-                  f"(step 1 {first:6.3f} s, later {row['later_steps_s']:6.3f} s)  "
+                  f"(step 1 {first:6.3f} s, later {row['later_steps_s']:6.3f} s"
+                  + (f", ours' setup {row['setup_ms']:.0f} ms" if row.get("setup_ms") is not None else "") + ")  "
                   f"streamed {streamed['modules']:5d} modules {streamed['bytes'] / 2**20:9.1f} MiB  "
                   f"{row.get('sampling', '')}", flush=True)
         return rows

@@ -1,13 +1,16 @@
 """The base weight a copy is built from, on the device: what ComfyUI's cast hands the layer.
 
 Under dynamic VRAM a weight that comfy-aimdo does not hold on the device comes through the cast
-from the model file by way of pinned host memory, one layer and one stream sync at a time. Where
-the cast would hand over the stored tensor as it is (the compute dtype, no weight functions or
-lowvram patches, not quantized), comfy-aimdo's file reader puts the same bytes straight into a
-tensor of ours, several times faster (an H200: SDXL's 4.2 GiB of linear weights in 0.64 s against
-1.9 s through the cast, Flux's 22 GiB in 1.6 s against 3.8 s), and comfy-aimdo's device memory is
-left to the layers that still cast. A weight comfy-aimdo holds resident comes through the cast,
-which is then a device copy.
+from the model file by way of pinned host memory, one layer and one stream sync at a time, and
+stays in comfy-aimdo's memory after. A merged copy takes that way: the layer's "off" runs and the
+copy's rebuilds (a strength change, a switch) then find the weight resident. A copy of the base
+weight (a sweep's layer without adapters of its own) is built once and kept, and serves the layer
+in place of the cast: where the cast would hand over the stored tensor as it is (the compute
+dtype, no weight functions or lowvram patches, not quantized), comfy-aimdo's file reader puts the
+same bytes straight into a tensor of ours, several times faster (an H200: SDXL's 4.2 GiB of
+linear weights in 0.64 s against 1.9 s through the cast, Flux's 22 GiB in 1.6 s against 3.8 s),
+and comfy-aimdo's memory is not spent on a second copy. A weight comfy-aimdo holds resident comes
+through the cast, which is then a device copy.
 """
 from __future__ import annotations
 
@@ -34,10 +37,13 @@ class Base(NamedTuple):
 
 
 @contextmanager
-def base_of(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> Iterator[Base]:
+def base_of(module: torch.nn.Module, dtype: torch.dtype, device: torch.device,
+            file_ok: bool = False) -> Iterator[Base]:
     """The layer's weight and bias as its forward's cast would hand them over, on `device` in
-    `dtype`. Unless `owned`, they are ComfyUI's or comfy-aimdo's and valid only inside the block."""
-    read = _from_file(module, dtype, device)
+    `dtype`; `file_ok`: read from the model file where that gives the same tensor and the weight
+    is not resident. Unless `owned`, they are ComfyUI's or comfy-aimdo's and valid only inside
+    the block."""
+    read = _from_file(module, dtype, device) if file_ok else None
     if read is not None:
         yield read
         return

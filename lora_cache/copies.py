@@ -4,8 +4,8 @@ For an adapted layer, a merged copy is ComfyUI's merge of the layer's active cha
 adapter on it, in order, at its strength), built once on the device from the base weight as
 ComfyUI casts it for the layer's forward (`comfy.ops.cast_bias_weight`: the resident weight, the
 weight comfy-aimdo streams under dynamic VRAM, or the weight cast to the compute dtype, with any
-stock patches applied; base_read.py reads it straight from the model file where that gives the
-same tensor faster). The layer's forward then multiplies by the copy (layers.py): the
+stock patches applied; a copy of the base weight alone is read straight from the model file
+where that gives the same tensor faster, base_read.py). The layer's forward then multiplies by the copy (layers.py): the
 adapter costs nothing per step. ComfyUI's weights, patches and `patches_uuid` are never touched,
 so nothing reloads or re-streams, and every other branch runs ComfyUI's own forward on its own
 weight.
@@ -101,7 +101,7 @@ def build(module: torch.nn.Module, chain: Chain, key: CopyKey, dtype: torch.dtyp
         bias = getattr(module, "bias", None)
         return MergedCopy(key, merged(weight_of(module).detach().to(device, dtype), chain),
                           None if bias is None else bias.detach().to(device, dtype, copy=True))
-    with base_read.base_of(module, dtype, device) as base:
+    with base_read.base_of(module, dtype, device, file_ok=not chain) as base:
         if base.owned and not chain:
             return MergedCopy(key, base.weight, base.bias, base.from_file)
         w = merged(base.weight, chain)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -136,6 +137,7 @@ def _activate(patcher, sampling: bool = False) -> None:
     sw = patcher.get_attachment(sweep.KEY) if sampling else None
     if not stack and sw is None:
         return
+    t0 = time.perf_counter()
     model = patcher.model
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
     items = [_current(item, patcher) for item in stack]
@@ -174,6 +176,7 @@ def _activate(patcher, sampling: bool = False) -> None:
             info["net"] = began.served
             info["reason"] += (f"; {began.served} layers served through ComfyUI's cast (weight update): ComfyUI "
                                f"computes them without calling their forward")
+        info["setup_ms"] = (time.perf_counter() - t0) * 1000.0  # ours before the sampling's first step
         act.sampling = events.record_sampling(info)
 
 

@@ -1,11 +1,13 @@
 """GPU check of where copies get their base weight (lora_cache/base_read.py) under ComfyUI's
 dynamic VRAM with real comfy-aimdo: a layer comfy-aimdo does not hold on the device is read from
 the model file, and equals bit for bit what ComfyUI's cast hands the layer; a layer it holds
-resident, and a layer a stock LoRA patches, come through the cast. Merged copies and base copies
-built after an unload read the file and equal ComfyUI's merge of the cast weight.
+resident, and a layer a stock LoRA patches, come through the cast. After an unload, copies of the
+base weight read the file and merged copies come through the cast (which leaves the weight
+resident for the layer's "off" runs); each equals the copy built from the cast's weight.
 
-The tiny SD-type UNet in fp16 (its larger layers are ones comfy-aimdo manages) comes through
-ComfyUI's loader from a file. Prints a JSON report; on a GPU machine, from
+An SDXL-shaped UNet in fp16 with random weights (benchmarks/models.py; the tiny test UNets are
+not recognised by ComfyUI's detection when comfy-aimdo maps their file) comes through ComfyUI's
+loader from a file. Prints a JSON report; on a GPU machine, from
 the repository root (benchmarks/device/setup.sh prepares one for ComfyUI 0.33.0):
 COMFYUI_DIR=path/to/ComfyUI PYTHONPATH=testkit python3 scripts/gpu_base_read_check.py
 """
@@ -32,8 +34,10 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.sd
 import torch
+from safetensors.torch import save_file
 
-from lora_cache_testkit import tiny_models
+sys.path.insert(0, str(host.ROOT / "benchmarks"))
+import models  # noqa: E402  (benchmarks/models.py: an SDXL-shaped UNet from ComfyUI's classes)
 
 
 def _aimdo_devices() -> bool:
@@ -58,7 +62,11 @@ def main() -> int:
     importlib.import_module("comfy.memory_management").aimdo_enabled = True
     work = Path(tempfile.mkdtemp(prefix="lc_base_read_"))
     dtype = torch.float16
-    tiny_models.write_sd_unet(work / "unet.safetensors", seed=0)
+    with torch.inference_mode():
+        built = models.build(models.Spec("sdxl", False, dtype), seed=0)
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in built.model.diffusion_model.state_dict().items()}
+    save_file(sd, str(work / "unet.safetensors"))
+    del built, sd
     base = comfy.sd.load_diffusion_model(str(work / "unet.safetensors"), model_options={"dtype": dtype})
     device = mm.get_torch_device()
     report["patcher"] = type(base).__name__
@@ -83,7 +91,7 @@ def main() -> int:
         from_file, equal = 0, 0
         layers = linears(patcher)
         for _, m in layers:
-            with base_read.base_of(m, dtype, device) as b:
+            with base_read.base_of(m, dtype, device, file_ok=True) as b:
                 got = (b.weight.clone(), None if b.bias is None else b.bias.clone())
                 from_file += b.from_file
             equal += same(got, cast(m))  # the cast after the read: the layer is resident from here on
@@ -106,10 +114,12 @@ def main() -> int:
                 down = torch.randn(4, w.shape[1], dtype=dtype, device=device) * 0.01
                 chain = ((up, down),)
             made.append((m, chain, copies.build(m, _Forms(chain), copies.CopyKey((), ()), dtype, device)))
-        # the copy read from the file equals the one the same chain gives on the cast's weight
-        merged_ok = sum(torch.equal(copy.weight, copies.merged(cast(m)[0], _Forms(chain))) for m, chain, copy in made)
-        report["copies"] = {"layers": len(made), "from_file": sum(c.from_file for *_, c in made),
-                            "equal_to_merge_of_cast": merged_ok}
+        # each copy equals the one the same chain gives on the cast's weight
+        kinds = {"base_copies": [r for r in made if not r[1]], "merged_copies": [r for r in made if r[1]]}
+        for kind, rows in kinds.items():
+            report[kind] = {"layers": len(rows), "from_file": sum(c.from_file for *_, c in rows),
+                            "equal_to_merge_of_cast": sum(torch.equal(c.weight, copies.merged(cast(m)[0], _Forms(ch)))
+                                                          for m, ch, c in rows)}
         # a LoRA on every managed Linear, in the generic key format ComfyUI's key map accepts
         g = torch.Generator().manual_seed(1)
         lora_sd = {}
@@ -123,7 +133,7 @@ def main() -> int:
         patched = [m for _, m in linears(stock) if getattr(m, "weight_lowvram_function", None) is not None]
         via_file = 0
         for m in patched:
-            with base_read.base_of(m, dtype, device) as b:
+            with base_read.base_of(m, dtype, device, file_ok=True) as b:
                 via_file += b.from_file
         report["stock_patched"] = {"layers": len(patched), "from_file": via_file}
     print(json.dumps(report, indent=1))

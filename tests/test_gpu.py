@@ -86,3 +86,20 @@ def test_gpu_reach_check():
             assert run["model_calls"] == config["stock_calls"] + (run["sampling"] == "first" and "ran again" in
                                                                   run["reason"]), (name, run)
             assert run.get("base_after_equal", True), (name, run)
+
+
+def test_gpu_base_read_check():
+    """Where copies get their base weight under real comfy-aimdo (scripts/gpu_base_read_check.py):
+    a layer it does not hold on the device is read from the model file and equals the cast's
+    tensor bit for bit; resident layers and layers a stock LoRA patches come through the cast;
+    after an unload base copies read the file and merged copies take the cast, each equal to the
+    copy of the cast's weight."""
+    r = report("gpu_base_read_check.py")
+    if not r["aimdo"]:
+        pytest.skip("comfy-aimdo is not active on this machine")
+    first, resident, base, merged = r["after_load"], r["resident"], r["base_copies"], r["merged_copies"]
+    assert first["layers"] > 0 and first["from_file"] == first["equal_to_cast"] == first["layers"], first
+    assert resident["from_file"] == 0 and resident["equal_to_cast"] == resident["layers"], resident
+    assert base["from_file"] == base["equal_to_merge_of_cast"] == base["layers"] > 0, base
+    assert merged["from_file"] == 0 and merged["equal_to_merge_of_cast"] == merged["layers"] > 0, merged
+    assert r["stock_patched"]["layers"] > 0 and r["stock_patched"]["from_file"] == 0, r["stock_patched"]
