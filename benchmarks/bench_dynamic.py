@@ -239,6 +239,7 @@ def main(argv=None) -> int:
         rows = []
         for label, tag, strength in EVENTS:
             streamed.update(bytes=0, modules=0)
+            moves = dict(lc.stats()["memory"]["counters"])
             sync()
             t = time.perf_counter()
             m = apply(tag, strength)
@@ -250,6 +251,9 @@ def main(argv=None) -> int:
                    "later_steps_s": (step_ends[-1] - first) if step_ends else 0.0,
                    "streamed_bytes": streamed["bytes"], "streamed_modules": streamed["modules"],
                    "uuid_kept": m.patches_uuid == base_uuid}
+            if loader.startswith("ours"):
+                now = lc.stats()["memory"]["counters"]
+                row["factors_moved"] = {k: now.get(k, 0) - moves.get(k, 0) for k in ("moved_to_cpu", "moved_back")}
             if loader.startswith("ours") and tag is not None:
                 row.update(path=apply.last.path, reason=apply.last.reason)
                 s = lc.stats()["samplings"][-1]
@@ -259,7 +263,9 @@ def main(argv=None) -> int:
             outs.setdefault(loader, {})[(tag, strength)] = out
             print(f"  {loader:13s} {label:13s} node {row['node_ms']:8.2f} ms  event {row['event_s']:7.3f} s  "
                   f"(step 1 {first:6.3f} s, later {row['later_steps_s']:6.3f} s"
-                  + (f", ours' setup {row['setup_ms']:.0f} ms" if row.get("setup_ms") is not None else "") + ")  "
+                  + (f", ours' setup {row['setup_ms']:.0f} ms" if row.get("setup_ms") is not None else "")
+                  + ("".join(f", {k.replace('_', ' ')} {v}" for k, v in row.get("factors_moved", {}).items() if v))
+                  + ")  "
                   f"streamed {streamed['modules']:5d} modules {streamed['bytes'] / 2**20:9.1f} MiB  "
                   f"{row.get('sampling', '')}", flush=True)
         return rows

@@ -14,15 +14,22 @@ through the cast, which is then a device copy.
 """
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
 from typing import NamedTuple
 
-import comfy.memory_management
 import comfy.ops
 import torch
 
 from .form_base import weight_of
+
+_memory_management: ModuleType | None
+try:  # ComfyUI with dynamic VRAM; before it (0.3.75) no weight is read from its file
+    _memory_management = importlib.import_module("comfy.memory_management")
+except ImportError:
+    _memory_management = None
 
 # comfy-aimdo's vbar page (VBAR_PAGE_SIZE); its residency flags are per page.
 _VBAR_PAGE = 32 << 20
@@ -56,7 +63,7 @@ def base_of(module: torch.nn.Module, dtype: torch.dtype, device: torch.device,
 
 
 def _from_file(module: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> Base | None:
-    read_into = getattr(comfy.memory_management, "read_tensor_file_slice_into", None)
+    read_into = getattr(_memory_management, "read_tensor_file_slice_into", None)
     if read_into is None or getattr(module, "_v", None) is None or device.type != "cuda":
         return None  # not a layer comfy-aimdo streams from its file
     params: tuple[torch.Tensor | None, ...] = (weight_of(module), getattr(module, "bias", None))

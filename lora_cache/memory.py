@@ -61,7 +61,7 @@ def move_factors(entry: Entry, to_host: bool) -> None:
     pin = to_host and home.type == "cuda" and torch.cuda.is_available()
     for fs in entry.layers.values():
         low_rank.move_layer(fs, dest, pin=pin)
-    if not to_host and home.type == "cuda":
+    if home.type == "cuda":  # every copy of the entry queued on the stream: one wait for all
         torch.cuda.current_stream(home).synchronize()
 
 

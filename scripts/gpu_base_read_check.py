@@ -5,8 +5,7 @@ resident, and a layer a stock LoRA patches, come through the cast. After an unlo
 base weight read the file and merged copies come through the cast (which leaves the weight
 resident for the layer's "off" runs); each equals the copy built from the cast's weight.
 
-An SDXL-shaped UNet in fp16 with random weights (benchmarks/models.py; the tiny test UNets are
-not recognised by ComfyUI's detection when comfy-aimdo maps their file) comes through ComfyUI's
+An SDXL-shaped UNet in fp16 with random weights (benchmarks/models.py) comes through ComfyUI's
 loader from a file. Prints a JSON report; on a GPU machine, from
 the repository root (benchmarks/device/setup.sh prepares one for ComfyUI 0.33.0):
 COMFYUI_DIR=path/to/ComfyUI PYTHONPATH=testkit python3 scripts/gpu_base_read_check.py
@@ -58,15 +57,16 @@ def main() -> int:
     if not report["aimdo"]:
         print(json.dumps(report, indent=1))
         return 0
-    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-    importlib.import_module("comfy.memory_management").aimdo_enabled = True
     work = Path(tempfile.mkdtemp(prefix="lc_base_read_"))
     dtype = torch.float16
+    # built and written before dynamic VRAM is on: its ops would leave the weights to the loader
     with torch.inference_mode():
         built = models.build(models.Spec("sdxl", False, dtype), seed=0)
         sd = {k: v.detach().to("cpu", copy=True) for k, v in built.model.diffusion_model.state_dict().items()}
     save_file(sd, str(work / "unet.safetensors"))
     del built, sd
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    importlib.import_module("comfy.memory_management").aimdo_enabled = True
     base = comfy.sd.load_diffusion_model(str(work / "unet.safetensors"), model_options={"dtype": dtype})
     device = mm.get_torch_device()
     report["patcher"] = type(base).__name__
