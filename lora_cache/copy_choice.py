@@ -107,8 +107,9 @@ def choose(layer_list: Iterable[Layer], budget: int, device: torch.device, dtype
             built += 1
             from_file += copy.from_file
         out[id(ly.module)] = copy
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if built and device.type == "cuda":
+        # the builds' own stream: a device-wide sync would also wait for comfy-aimdo's streams
+        torch.cuda.current_stream(device).synchronize()
     ms = (time.perf_counter() - t0) * 1000.0
     if short is None and len(out) < len(layer_list):
         short = why_short

@@ -106,8 +106,10 @@ def main() -> int:
         mm.load_models_gpu([base])
         layers = linears(base)
         made = []
-        for i, (_, m) in enumerate(layers):
-            chain = ()  # a base copy, and on every other layer a copy with a LoRA-shaped update
+        # copies of the base weight on every other layer, then copies with a LoRA-shaped update on
+        # the rest (their casts fault in comfy-aimdo's pages, which neighbouring layers share)
+        for i, (_, m) in sorted(enumerate(layers), key=lambda x: x[0] % 2):
+            chain = ()
             if i % 2:
                 w = m.weight
                 up = torch.randn(w.shape[0], 4, dtype=dtype, device=device) * 0.01
