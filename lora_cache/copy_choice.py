@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import build, copies, cost_model, layers, weight_update
+from . import build, copies, cost_model, events, layers, weight_update
 from .copies import CopyKey, MergedCopy
 from .form_base import Chain, weight_of
 from .memory import MEMORY
@@ -124,7 +124,7 @@ def _hooked_keys(patcher) -> set[str]:
 
 
 def for_sampling(patcher, chains: list[LayerChain], items: list[StackItem], base: list[LayerChain],
-                 shape: tuple[int, ...] | None) -> tuple[dict[int, MergedCopy], dict]:
+                 shape: tuple[int, ...] | None) -> tuple[dict[int, MergedCopy], events.Sampling]:
     """The merged copies the sampling of `patcher` runs on `chains` (module id -> copy), and the
     sampling's event; `shape`: its latent's, which the memory it needs depends on. Layers that run
     unmerged give their copies up: they do not need them, and memory is better spent. `base`:
@@ -174,8 +174,8 @@ def for_sampling(patcher, chains: list[LayerChain], items: list[StackItem], base
                                                                      "sampling")) if n))
     if base_choice is not None:
         parts.append(base_choice.describe("copies of the base weight on swept layers", "through ComfyUI's cast"))
-    return served, {"adapters": [item.entry.lora for item in items],
-                    "nodes": [item.node for item in items if item.node is not None],
-                    "copies": len(served), "layers": len(chains) + len(base), "net": 0,
-                    "bytes": sum(c.bytes for c in chosen), "built": sum(c.built for c in chosen),
-                    "build_ms": sum(c.build_ms for c in chosen), "reason": "; ".join(parts)}
+    return served, events.sampling("; ".join(parts), (item.entry.lora for item in items),
+                                   (item.node for item in items if item.node is not None),
+                                   copies=len(served), layers=len(chains) + len(base),
+                                   nbytes=sum(c.bytes for c in chosen), built=sum(c.built for c in chosen),
+                                   build_ms=sum(c.build_ms for c in chosen))

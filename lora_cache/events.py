@@ -6,13 +6,37 @@ import logging
 import sys
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import TypedDict
 
 log = logging.getLogger("lora_cache")
 
 _recent: deque[Event] = deque(maxlen=200)
 # What each sampling ran merged and unmerged, and what building its copies took.
-_samplings: deque[dict] = deque(maxlen=50)
+_samplings: deque[Sampling] = deque(maxlen=50)
+
+
+class Sampling(TypedDict, total=False):
+    """A sampling's record (a plain dict: the stats route and the websocket send it as it is)."""
+
+    adapters: list[str]  # the LoRA files it runs
+    nodes: list[str]  # the nodes whose badges show it
+    copies: int  # layers on a copy (merged or of the base weight)
+    layers: int  # layers it adapts
+    net: int  # layers served through ComfyUI's cast (reach.py)
+    bytes: int  # bytes of the copies it runs
+    built: int  # copies built for it
+    build_ms: float
+    setup_ms: float  # ours before its first step
+    reason: str
+    time: float
+
+
+def sampling(reason: str, adapters: Iterable[str] = (), nodes: Iterable[str] = (), *, copies: int = 0,
+             layers: int = 0, nbytes: int = 0, built: int = 0, build_ms: float = 0.0) -> Sampling:
+    return Sampling(adapters=list(adapters), nodes=list(nodes), copies=copies, layers=layers, net=0,
+                    bytes=nbytes, built=built, build_ms=build_ms, reason=reason)
 
 
 @dataclass
@@ -44,32 +68,35 @@ def recent(limit: int = 50) -> list[dict]:
     return [e.as_dict() for e in list(_recent)[-limit:]]
 
 
-def record_sampling(info: dict) -> dict:
+def record_sampling(info: Sampling) -> Sampling:
     """A sampling's start: which layers run merged copies, what was built and why the rest run
     unmerged. The badges of the nodes whose adapters it runs show it under their own event.
     Returns the record, which `amend_sampling` adds to."""
-    info = {**info, "time": time.time()}
+    info = Sampling(**info)
+    info["time"] = time.time()
     _samplings.append(info)
     log.info("[LoRA Cache] sampling with %s: %s", ", ".join(info["adapters"]), info["reason"])
     _notify_sampling(info)
     return info
 
 
-def amend_sampling(info: dict, note: str, **fields) -> None:
+def amend_sampling(info: Sampling, note: str, net: int) -> None:
     """What the sampling found after its start (its first model call), added to its record: the
-    reason gets `note`, the badge line is drawn again."""
-    info.update(fields, reason=f"{info['reason']}; {note}")
+    reason gets `note`, `net` the layers served through ComfyUI's cast, the badge line is drawn
+    again."""
+    info["net"] = net
+    info["reason"] = f"{info['reason']}; {note}"
     log.info("[LoRA Cache] sampling with %s: %s", ", ".join(info["adapters"]), note)
     _notify_sampling(info)
 
 
-def _notify_sampling(info: dict) -> None:
+def _notify_sampling(info: Sampling) -> None:
     instance = _server()
     if instance is not None and info.get("nodes"):
         instance.send_sync("lora_cache.sampling", info)
 
 
-def samplings() -> list[dict]:
+def samplings() -> list[Sampling]:
     return list(_samplings)
 
 

@@ -43,7 +43,7 @@ class _Activation:
     modules: list  # modules whose forward carries the adapters
     # A sampling's layers to probe on its first model call (reach.py), and its event.
     probing: list = field(default_factory=list)
-    sampling: dict | None = None
+    sampling: events.Sampling | None = None
 
     def owned_by(self, patcher) -> bool:
         return self.owner() is patcher
@@ -180,14 +180,13 @@ def _activate(patcher, sampling: bool = False) -> None:
         act.sampling = events.record_sampling(info)
 
 
-def _with_sweep(info: dict | None, sw: sweep.Sweep, entries: list[Entry], layers_swept: int,
-                layers_adapted: int) -> dict:
+def _with_sweep(info: events.Sampling | None, sw: sweep.Sweep, entries: list[Entry], layers_swept: int,
+                layers_adapted: int) -> events.Sampling:
     """The sampling's event with the sweep's part: its adapters, its node, what it runs, and every
     layer the sampling adapts (the swept ones and those with adapters of their own)."""
     note = sweep.note(sw, layers_swept)
     if info is None:
-        info = {"adapters": [], "nodes": [], "copies": 0, "net": 0, "bytes": 0, "built": 0, "build_ms": 0.0,
-                "reason": note}
+        info = events.sampling(note)
     else:
         info["reason"] = f"{note}; {info['reason']}"
     info["adapters"] = [*info["adapters"], *(e.lora for e in entries)]
