@@ -47,6 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lora_cache_testkit import aimdo as aimdo_kit
 from lora_cache_testkit import host
 
 EVENTS = [("on", "a", 1.0), ("off", None, 0.0), ("on", "a", 1.0), ("off", None, 0.0), ("on", "a", 1.0),
@@ -79,9 +80,7 @@ def main(argv=None) -> int:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     want_aimdo = not args.tiny and any(c.startswith("dynamic") for c in configs)
     if want_aimdo:
-        # comfy-aimdo must hook the CUDA allocator before torch touches the GPU (ComfyUI's main.py).
-        import comfy_aimdo.control
-        comfy_aimdo.control.init()
+        aimdo_kit.hook()  # before torch touches the GPU
     host.boot(cpu=args.tiny)
 
     import comfy.model_management as mm
@@ -97,13 +96,7 @@ def main(argv=None) -> int:
 
     lc = host.load_package().lora_cache
     cuda = not args.tiny
-    aimdo = False
-    if want_aimdo and hasattr(mm, "get_all_torch_devices"):  # ComfyUI 0.3.75 has no dynamic VRAM
-        import comfy_aimdo.control
-        try:
-            aimdo = bool(comfy_aimdo.control.init_devices((d.index, 0) for d in mm.get_all_torch_devices()))
-        except TypeError:
-            aimdo = bool(comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()))
+    aimdo = want_aimdo and aimdo_kit.devices()
 
     out_dir = Path(args.out)
     result_name = (("sweep-" if args.sweep else "dynamic-") + args.model
@@ -118,12 +111,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
 
     def set_patcher(kind: str) -> None:
-        if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
-            return  # ComfyUI before dynamic VRAM (0.3.75): the classic patcher only
-        dynamic = kind == "dynamic"
-        comfy.model_patcher.CoreModelPatcher = (comfy.model_patcher.ModelPatcherDynamic if dynamic
-                                                else comfy.model_patcher.ModelPatcher)
-        importlib.import_module("comfy.memory_management").aimdo_enabled = dynamic
+        aimdo_kit.use_dynamic(kind == "dynamic")
 
     # Weights ComfyUI moves to the device while casting (dynamic VRAM streams each module's
     # weight and bias in one cast_to_gathered call); counted by wrapping it, for this benchmark.

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_cache_testkit import host
+from lora_cache_testkit import aimdo, host
 
 
 def main() -> int:
@@ -24,8 +24,7 @@ def main() -> int:
     p.add_argument("--order", default="cast,file,host,file,cast")
     p.add_argument("--out", default="benchmarks/out")
     args = p.parse_args()
-    import comfy_aimdo.control
-    comfy_aimdo.control.init()
+    aimdo.hook()  # before torch touches the GPU
     host.boot(cpu=False)
     import importlib
 
@@ -38,10 +37,7 @@ def main() -> int:
     import models
     import torch
     from safetensors.torch import save_file
-    try:
-        comfy_aimdo.control.init_devices((d.index, 0) for d in mm.get_all_torch_devices())
-    except TypeError:
-        comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices())
+    aimdo.devices()
     lc = host.load_package().lora_cache
     copies = importlib.import_module(lc.__name__ + ".copies")
 
@@ -56,8 +52,7 @@ def main() -> int:
     del built, sd
     gc.collect()
     torch.cuda.empty_cache()
-    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-    cmm.aimdo_enabled = True
+    aimdo.use_dynamic(True)
     base = comfy.sd.load_diffusion_model(str(path))
     cond, latent = spec.conditioning(), torch.zeros(spec.latent)
     noise = comfy.sample.prepare_noise(latent, 42)

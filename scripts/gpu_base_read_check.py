@@ -18,13 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-try:  # comfy-aimdo must hook the CUDA allocator before torch touches the GPU (ComfyUI's main.py)
-    import comfy_aimdo.control
-    comfy_aimdo.control.init()
-except ImportError:
-    comfy_aimdo = None
+from lora_cache_testkit import aimdo, host
 
-from lora_cache_testkit import host
+aimdo.hook()  # before torch touches the GPU
 
 host.boot(cpu=False)
 
@@ -39,21 +35,11 @@ sys.path.insert(0, str(host.ROOT / "benchmarks"))
 import models  # noqa: E402  (benchmarks/models.py: an SDXL-shaped UNet from ComfyUI's classes)
 
 
-def _aimdo_devices() -> bool:
-    if comfy_aimdo is None or not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
-        return False
-    devices = mm.get_all_torch_devices()
-    try:
-        return bool(comfy_aimdo.control.init_devices((d.index, 0) for d in devices))
-    except TypeError:
-        return bool(comfy_aimdo.control.init_devices(d.index for d in devices))
-
-
 def main() -> int:
     pkg = host.load_package().lora_cache
     base_read = importlib.import_module(pkg.__name__ + ".base_read")
     copies = importlib.import_module(pkg.__name__ + ".copies")
-    report: dict = {"device": torch.cuda.get_device_name(0), "aimdo": _aimdo_devices()}
+    report: dict = {"device": torch.cuda.get_device_name(0), "aimdo": aimdo.devices()}
     if not report["aimdo"]:
         print(json.dumps(report, indent=1))
         return 0
@@ -65,8 +51,7 @@ def main() -> int:
         sd = {k: v.detach().to("cpu", copy=True) for k, v in built.model.diffusion_model.state_dict().items()}
     save_file(sd, str(work / "unet.safetensors"))
     del built, sd
-    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-    importlib.import_module("comfy.memory_management").aimdo_enabled = True
+    aimdo.use_dynamic(True)
     base = comfy.sd.load_diffusion_model(str(work / "unet.safetensors"), model_options={"dtype": dtype})
     device = mm.get_torch_device()
     report["patcher"] = type(base).__name__

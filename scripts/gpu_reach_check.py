@@ -15,19 +15,14 @@ COMFYUI_DIR=path/to/ComfyUI PYTHONPATH=testkit python3 scripts/gpu_reach_check.p
 """
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-try:  # comfy-aimdo must hook the CUDA allocator before torch touches the GPU (ComfyUI's main.py)
-    import comfy_aimdo.control
-    comfy_aimdo.control.init()
-except ImportError:
-    comfy_aimdo = None
+from lora_cache_testkit import aimdo, host
 
-from lora_cache_testkit import host
+aimdo.hook()  # before torch touches the GPU
 
 host.boot(cpu=False)
 
@@ -44,27 +39,9 @@ from lora_cache_testkit.sampling import tiny_sd_sampler
 from lora_cache_testkit.spies import count_model_calls
 
 
-def _aimdo_devices() -> bool:
-    if comfy_aimdo is None:
-        return False
-    devices = mm.get_all_torch_devices()
-    try:
-        return bool(comfy_aimdo.control.init_devices((d.index, 0) for d in devices))
-    except TypeError:
-        return bool(comfy_aimdo.control.init_devices(d.index for d in devices))
-
-
-def _set_patcher(dynamic: bool) -> None:
-    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
-        return
-    comfy.model_patcher.CoreModelPatcher = (comfy.model_patcher.ModelPatcherDynamic if dynamic
-                                            else comfy.model_patcher.ModelPatcher)
-    importlib.import_module("comfy.memory_management").aimdo_enabled = dynamic
-
-
 def main() -> int:
     lc = host.load_package().lora_cache
-    aimdo = _aimdo_devices()
+    dynamic_vram = aimdo.devices()
     work = Path(tempfile.mkdtemp(prefix="lc_reach_"))
     folder_paths.add_model_folder_path("loras", str(work), is_default=True)
     unet_sd = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
@@ -93,10 +70,10 @@ def main() -> int:
         torch.cuda.synchronize()
         return out.cpu(), calls["model_calls"], streamed["modules"]
 
-    report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "aimdo": aimdo,
+    report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "aimdo": dynamic_vram,
                     "layer": fused.DOWN, "configs": {}}
-    for config in (["dynamic"] if aimdo else []) + ["classic"]:
-        _set_patcher(config == "dynamic")
+    for config in (["dynamic"] if dynamic_vram else []) + ["classic"]:
+        aimdo.use_dynamic(config == "dynamic")
         mm.unload_all_models()
         lc.purge()
         base = comfy.sd.load_diffusion_model(str(work / "unet.safetensors"))

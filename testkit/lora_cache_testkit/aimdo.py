@@ -1,0 +1,48 @@
+"""comfy-aimdo for the GPU checks and the benchmarks, started the way ComfyUI's main.py starts it:
+`hook()` before torch touches the GPU (it hooks the CUDA allocator), `devices()` once ComfyUI is
+booted. Imports nothing else, so a script can call `hook()` first."""
+from __future__ import annotations
+
+
+def hook() -> bool:
+    """Whether comfy-aimdo is installed and hooked the allocator."""
+    try:
+        import comfy_aimdo.control
+    except ImportError:
+        return False
+    comfy_aimdo.control.init()
+    return True
+
+
+def devices() -> bool:
+    """Whether comfy-aimdo manages ComfyUI's devices (dynamic VRAM can run): False where it is
+    not installed or this ComfyUI has no dynamic VRAM (0.3.75)."""
+    try:
+        import comfy_aimdo.control
+    except ImportError:
+        return False
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic") or not hasattr(mm, "get_all_torch_devices"):
+        return False
+    found = [d for d in mm.get_all_torch_devices() if d.type == "cuda"]
+    if not found:
+        return False
+    try:  # newer comfy-aimdo takes (index, reserved bytes) pairs
+        return bool(comfy_aimdo.control.init_devices((d.index, 0) for d in found))
+    except TypeError:
+        return bool(comfy_aimdo.control.init_devices(d.index for d in found))
+
+
+def use_dynamic(on: bool) -> None:
+    """Models loaded from now on get ComfyUI's dynamic VRAM (ModelPatcherDynamic, weights mapped
+    from their file) or its classic patcher, as its --disable-dynamic-vram chooses at start-up.
+    Nothing on a ComfyUI without dynamic VRAM (0.3.75)."""
+    import importlib
+
+    import comfy.model_patcher
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        return
+    comfy.model_patcher.CoreModelPatcher = (comfy.model_patcher.ModelPatcherDynamic if on
+                                            else comfy.model_patcher.ModelPatcher)
+    importlib.import_module("comfy.memory_management").aimdo_enabled = on
