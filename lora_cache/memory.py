@@ -221,6 +221,11 @@ class Memory:
             # Weights that do not fit beside the sampling stream in at every step: there each byte
             # of factors this sampling does not use costs a byte of weights streamed per step.
             moved = self._give_way(device, f"the model streams its weights on {device} (dynamic VRAM)")
+            if moved and torch.device(device).type == "cuda":
+                # torch keeps freed blocks cached, where comfy-aimdo cannot place weights: hand them
+                # back (ComfyUI's soft_empty_cache would also wait for the whole device, the
+                # sampling's own prefetch included)
+                torch.cuda.empty_cache()
         else:
             moved = self._give_way(device, f"sampling needs {need / _MB:.0f} MB on {device}", short - freed)
         if moved:
