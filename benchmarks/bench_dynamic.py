@@ -41,6 +41,7 @@ import argparse
 import gc
 import importlib
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -337,8 +338,10 @@ def main(argv=None) -> int:
         res["parity"] = {"max_abs_ours_vs_stock": diff["ours"], "max_abs_sweep_vs_stock": diff["sweep"]}
         if config.startswith("dynamic"):
             texts = [rnd["sweep"]["sampling"] for rnd in res["rounds"]]
-            check(f"{config}: the sweep's base copies read from the model file",
-                  all("read from the model file" in t for t in texts),
+            counts = [re.search(r"copies of the base weight.*?built (\d+) in [\d.]+ ms(?:, (\d+) read from the "
+                                r"model file)?", t) for t in texts]
+            check(f"{config}: every base copy of the sweep read from the model file",
+                  all(c is not None and c.group(1) == c.group(2) for c in counts),
                   "; ".join(t.rpartition("copies of the base weight")[2] for t in texts))
         check(f"{config}: sweep image i within the rounding of stock's run i",
               diff["sweep"] <= max(2 * diff["ours"], 1e-3),

@@ -10,7 +10,6 @@ runs its chain unmerged and gives its copy up.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
@@ -72,29 +71,36 @@ def saving(layer: Layer, costs: cost_model.DeviceCosts, element: int) -> float:
                                       len(layer.chain), covered, element, costs)
 
 
-def choose(layer_list: Iterable[Layer], budget: int, device: torch.device, dtype: torch.dtype,
-           model: torch.nn.Module, why_short: str) -> Choice:
-    """The copies for a sampling: the layers' current copies where they hold what is asked, new
-    ones built within `budget` bytes where the cost model says they save the most per byte;
-    every other layer runs unmerged. A copy that cannot be built (the device ran out of memory)
-    leaves its layer unmerged."""
-    layer_list = list(layer_list)
+def wanted(layer_list: list[Layer], budget: int, device: torch.device, dtype: torch.dtype) -> tuple[set[int], int]:
+    """The layers (module ids) that get a copy within `budget` bytes, where the cost model says
+    they save the most per byte, and the bytes they take."""
     costs = cost_model.device_costs(device)
     element = dtype.itemsize
-    wanted, _ = cost_model.choose(
+    return cost_model.choose(
         [cost_model.LayerCost(id(ly.module), weight_of(ly.module).numel() * element,
                               saving(ly, costs, element), ly.required)
          for ly in layer_list], budget)
-    # Stale copies and copies of layers left unmerged go before anything is built.
+
+
+def drop_stale(layer_list: list[Layer], keep: set[int]) -> None:
+    """Copies that hold something else than asked, and copies of layers not in `keep`, go before
+    anything is built."""
     for ly in layer_list:
         slot = layers.slot_of(ly.module)
         current = slot.copy if slot is not None else None
-        if current is not None and (current.key != ly.key or id(ly.module) not in wanted):
+        if current is not None and (current.key != ly.key or id(ly.module) not in keep):
             copies.REGISTRY.drop(ly.module)
+
+
+def build_chosen(layer_list: list[Layer], keep: set[int], device: torch.device, dtype: torch.dtype,
+                 model: torch.nn.Module, why_short: str) -> Choice:
+    """The copies for a sampling: the layers' current copies where they hold what is asked, new
+    ones built for the other layers in `keep`; every other layer runs unmerged. A copy that
+    cannot be built (the device ran out of memory) leaves its layer unmerged."""
     out: dict[int, MergedCopy] = {}
     built, from_file, t0, short = 0, 0, time.perf_counter(), None
     for ly in layer_list:
-        if id(ly.module) not in wanted:
+        if id(ly.module) not in keep:
             continue
         copy = layers.slot_of(ly.module, create=True).copy
         if copy is None:
@@ -155,9 +161,16 @@ def for_sampling(patcher, chains: list[LayerChain], items: list[StackItem], base
         held = sum(c.nbytes for ly in candidates + base_layers
                    if (c := layers.slot_of(ly.module, create=True).copy) is not None)
         budget, why = MEMORY.copy_budget(patcher, shape, held)
-        choice = choose(candidates, budget, device, dtype, patcher.model, why)
+        keep, used = wanted(candidates, budget, device, dtype)
+        keep_base, _ = wanted(base_layers, budget - used, device, dtype)
+        drop_stale(candidates, keep)
+        drop_stale(base_layers, keep_base)
+        # Copies of base weights first: they read the model file where comfy-aimdo does not hold
+        # the weight (base_read.py), and a merged copy's cast brings back comfy-aimdo's pages,
+        # which neighbouring layers share.
         if base_layers:
-            base_choice = choose(base_layers, budget - choice.bytes, device, dtype, patcher.model, why)
+            base_choice = build_chosen(base_layers, keep_base, device, dtype, patcher.model, why)
+        choice = build_chosen(candidates, keep, device, dtype, patcher.model, why)
     chosen = [c for c in (choice, base_choice) if c is not None]
     served = {mid: copy for c in chosen for mid, copy in c.copies.items()}
     for lc in [*chains, *base]:

@@ -51,6 +51,14 @@ def can_offload(home: torch.device | None) -> TypeGuard[torch.device]:
     return home is not None and torch.device(home).type != "cpu"
 
 
+def _hand_back(device, freed: int) -> None:
+    """Under dynamic VRAM, after our tensors left `device`: torch keeps the freed blocks cached,
+    where comfy-aimdo cannot place weights, so they go back to the driver (ComfyUI's
+    soft_empty_cache would also wait for the whole device, the sampling's own prefetch included)."""
+    if freed and torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def move_factors(entry: Entry, to_host: bool) -> None:
     """Moves every layer's factors of `entry` in place (low_rank.move_layer: the objects the layers
     hold stay the same, a shared down projection moves as one)."""
@@ -215,17 +223,16 @@ class Memory:
         if freed:
             log.info("[LoRA Cache] %d bytes of merged copies this sampling does not use dropped on %s: it needs "
                      "the room", freed, device)
+        dynamic = load_state.is_dynamic(patcher)
         if freed >= short or not can_offload(device):
+            if dynamic:
+                _hand_back(device, freed)
             return
-        if load_state.is_dynamic(patcher):
+        if dynamic:
             # Weights that do not fit beside the sampling stream in at every step: there each byte
             # of factors this sampling does not use costs a byte of weights streamed per step.
             moved = self._give_way(device, f"the model streams its weights on {device} (dynamic VRAM)")
-            if moved and torch.device(device).type == "cuda":
-                # torch keeps freed blocks cached, where comfy-aimdo cannot place weights: hand them
-                # back (ComfyUI's soft_empty_cache would also wait for the whole device, the
-                # sampling's own prefetch included)
-                torch.cuda.empty_cache()
+            _hand_back(device, freed + moved)
         else:
             moved = self._give_way(device, f"sampling needs {need / _MB:.0f} MB on {device}", short - freed)
         if moved:

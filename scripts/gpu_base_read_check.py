@@ -92,7 +92,8 @@ def main() -> int:
         layers = linears(base)
         made = []
         # copies of the base weight on every other layer, then copies with a LoRA-shaped update on
-        # the rest (their casts fault in comfy-aimdo's pages, which neighbouring layers share)
+        # the rest: the order copy_choice.for_sampling builds them in (a merged copy's cast faults
+        # in comfy-aimdo's pages, which neighbouring layers share)
         for i, (_, m) in sorted(enumerate(layers), key=lambda x: x[0] % 2):
             chain = ()
             if i % 2:

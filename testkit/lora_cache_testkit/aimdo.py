@@ -10,8 +10,7 @@ def hook() -> bool:
         import comfy_aimdo.control
     except ImportError:
         return False
-    comfy_aimdo.control.init()
-    return True
+    return bool(comfy_aimdo.control.init())
 
 
 def devices() -> bool:
