@@ -39,7 +39,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 class Base(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor | None
-    owned: bool  # read into tensors of ours: a copy may keep them as they are
+    # read from the model file into tensors of ours, which a copy may keep as they are; else
+    # ComfyUI's or comfy-aimdo's, valid only inside `base_of`'s block
     from_file: bool
 
 
@@ -48,8 +49,7 @@ def base_of(module: torch.nn.Module, dtype: torch.dtype, device: torch.device,
             file_ok: bool = False) -> Iterator[Base]:
     """The layer's weight and bias as its forward's cast would hand them over, on `device` in
     `dtype`; `file_ok`: read from the model file where that gives the same tensor and the weight
-    is not resident. Unless `owned`, they are ComfyUI's or comfy-aimdo's and valid only inside
-    the block."""
+    is not resident."""
     read = _from_file(module, dtype, device) if file_ok else None
     if read is not None:
         yield read
@@ -57,7 +57,7 @@ def base_of(module: torch.nn.Module, dtype: torch.dtype, device: torch.device,
     weight, bias, stream = comfy.ops.cast_bias_weight(module, dtype=dtype, device=device, bias_dtype=dtype,
                                                       offloadable=True)
     try:
-        yield Base(weight, bias, False, False)
+        yield Base(weight, bias, False)
     finally:
         comfy.ops.uncast_bias_weight(module, weight, bias, stream)
 
@@ -93,7 +93,7 @@ def _from_file(module: torch.nn.Module, dtype: torch.dtype, device: torch.device
             return None  # not a slice of a model file it can read
         out.append(dest)
     assert out[0] is not None
-    return Base(out[0], out[1], True, True)
+    return Base(out[0], out[1], True)
 
 
 def _maybe_resident(module: torch.nn.Module) -> bool:
