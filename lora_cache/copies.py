@@ -94,19 +94,23 @@ def _addmm_ready(chain: Chain, w: torch.Tensor) -> bool:
 def build(module: torch.nn.Module, chain: Chain, key: CopyKey, dtype: torch.dtype,
           device: torch.device) -> MergedCopy:
     """The copy of `module`'s weight with `chain` merged, on `device` in `dtype`, from the weight
-    ComfyUI's cast hands the layer's forward (base_read.py; a copy of the base weight alone may
-    be read from the model file instead), and the bias beside it (the cast's is copied: under
-    dynamic VRAM it is a view of memory comfy-aimdo may hand to another layer later)."""
+    ComfyUI's cast hands the layer's forward (base_read.py), and the bias beside it (the cast's
+    is copied: under dynamic VRAM it is a view of memory comfy-aimdo may hand to another layer
+    later)."""
     if not hasattr(module, "weight_function"):  # a torch layer, not one of ComfyUI's ops
         bias = getattr(module, "bias", None)
         return MergedCopy(key, merged(weight_of(module).detach().to(device, dtype), chain),
                           None if bias is None else bias.detach().to(device, dtype, copy=True))
-    with base_read.base_of(module, dtype, device, file_ok=not chain) as base:
-        if base.from_file:  # a copy of the base weight, read into tensors of its own
-            return MergedCopy(key, base.weight, base.bias, True)
+    with base_read.base_of(module, dtype, device) as base:
         w = merged(base.weight, chain)
         b = None if base.bias is None else base.bias.detach().clone()
     return MergedCopy(key, w, b)
+
+
+def of_base(key: CopyKey, base: base_read.Base) -> MergedCopy:
+    """A copy of the base weight alone, kept as `base` read it from the model file."""
+    assert base.from_file, "the cast's tensors are ComfyUI's, valid only inside base_of"
+    return MergedCopy(key, base.weight, base.bias, True)
 
 
 class _Held(NamedTuple):

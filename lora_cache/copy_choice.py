@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import build, copies, cost_model, events, layers, weight_update
+from . import base_read, build, copies, cost_model, events, layers, weight_update
 from .copies import CopyKey, MergedCopy
 from .form_base import Chain, weight_of
 from .memory import MEMORY
@@ -99,13 +99,17 @@ def build_chosen(layer_list: list[Layer], keep: set[int], device: torch.device, 
     cannot be built (the device ran out of memory) leaves its layer unmerged."""
     out: dict[int, MergedCopy] = {}
     built, from_file, t0, short = 0, 0, time.perf_counter(), None
-    for ly in layer_list:
-        if id(ly.module) not in keep:
-            continue
+    chosen = [ly for ly in layer_list if id(ly.module) in keep]
+    # copies of base weights read from the model file in a few large reads, before any cast
+    read = base_read.read_from_file([ly.module for ly in chosen if not ly.chain
+                                     and layers.slot_of(ly.module, create=True).copy is None], dtype, device)
+    for ly in chosen:
         copy = layers.slot_of(ly.module, create=True).copy
         if copy is None:
+            base = read.pop(id(ly.module), None)
             try:
-                copy = copies.build(ly.module, ly.chain, ly.key, dtype, device)
+                copy = (copies.of_base(ly.key, base) if base is not None
+                        else copies.build(ly.module, ly.chain, ly.key, dtype, device))
             except torch.OutOfMemoryError:
                 short = f"{device} ran out of memory building copies"
                 break

@@ -1,9 +1,10 @@
 """GPU check of where copies get their base weight (lora_cache/base_read.py) under ComfyUI's
-dynamic VRAM with real comfy-aimdo: a layer comfy-aimdo does not hold on the device is read from
-the model file, and equals bit for bit what ComfyUI's cast hands the layer; a layer it holds
-resident, and a layer a stock LoRA patches, come through the cast. After an unload, copies of the
-base weight read the file and merged copies come through the cast (which leaves the weight
-resident for the layer's "off" runs); each equals the copy built from the cast's weight.
+dynamic VRAM with real comfy-aimdo: layers comfy-aimdo does not hold on the device are read from
+the model file, in spans of adjacent layers, and equal bit for bit what ComfyUI's cast hands the
+layers; a layer it holds resident, and a layer a stock LoRA patches, come through the cast. After
+an unload, the copy choice reads copies of the base weight from the file and builds merged copies
+through the cast (which leaves the weight resident for the layer's "off" runs); each equals the
+copy built from the cast's weight.
 
 An SDXL-shaped UNet in fp16 with random weights (benchmarks/models.py) comes through ComfyUI's
 loader from a file. Prints a JSON report; on a GPU machine, from
@@ -39,6 +40,7 @@ def main() -> int:
     pkg = host.load_package().lora_cache
     base_read = importlib.import_module(pkg.__name__ + ".base_read")
     copies = importlib.import_module(pkg.__name__ + ".copies")
+    copy_choice = importlib.import_module(pkg.__name__ + ".copy_choice")
     report: dict = {"device": torch.cuda.get_device_name(0), "aimdo": aimdo.devices()}
     if not report["aimdo"]:
         print(json.dumps(report, indent=1))
@@ -72,15 +74,13 @@ def main() -> int:
         return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
     def reads(patcher) -> dict:
-        """For every managed Linear: how base_read gets it, and whether that equals the cast's."""
-        from_file, equal = 0, 0
-        layers = linears(patcher)
-        for _, m in layers:
-            with base_read.base_of(m, dtype, device, file_ok=True) as b:
-                got = (b.weight.clone(), None if b.bias is None else b.bias.clone())
-                from_file += b.from_file
-            equal += same(got, cast(m))  # the cast after the read: the layer is resident from here on
-        return {"layers": len(layers), "from_file": from_file, "equal_to_cast": equal}
+        """For every managed Linear: whether base_read reads it from the file, and whether what it
+        reads equals the cast's."""
+        layers = [m for _, m in linears(patcher)]
+        read = base_read.read_from_file(layers, dtype, device)
+        # the casts after the read: every layer is resident from here on
+        equal = sum(same((b.weight, b.bias), cast(m)) for m in layers if (b := read.get(id(m))) is not None)
+        return {"layers": len(layers), "from_file": len(read), "equal_to_cast": equal}
 
     with torch.inference_mode():
         mm.unload_all_models()
@@ -90,24 +90,26 @@ def main() -> int:
         mm.unload_all_models()
         mm.load_models_gpu([base])
         layers = linears(base)
-        made = []
         # copies of the base weight on every other layer, then copies with a LoRA-shaped update on
-        # the rest: the order copy_choice.for_sampling builds them in (a merged copy's cast faults
-        # in comfy-aimdo's pages, which neighbouring layers share)
-        for i, (_, m) in sorted(enumerate(layers), key=lambda x: x[0] % 2):
-            chain = ()
+        # the rest, through the copy choice, in the order its for_sampling builds them (a merged
+        # copy's cast faults in comfy-aimdo's pages, which neighbouring layers share)
+        rows = {"base_copies": [], "merged_copies": []}
+        for i, (_, m) in enumerate(layers):
+            chain: tuple = ()
             if i % 2:
                 w = m.weight
                 up = torch.randn(w.shape[0], 4, dtype=dtype, device=device) * 0.01
                 down = torch.randn(4, w.shape[1], dtype=dtype, device=device) * 0.01
                 chain = ((up, down),)
-            made.append((m, chain, copies.build(m, _Forms(chain), copies.CopyKey((), ()), dtype, device)))
-        # each copy equals the one the same chain gives on the cast's weight
-        kinds = {"base_copies": [r for r in made if not r[1]], "merged_copies": [r for r in made if r[1]]}
-        for kind, rows in kinds.items():
-            report[kind] = {"layers": len(rows), "from_file": sum(c.from_file for *_, c in rows),
-                            "equal_to_merge_of_cast": sum(torch.equal(c.weight, copies.merged(cast(m)[0], _Forms(ch)))
-                                                          for m, ch, c in rows)}
+            rows["merged_copies" if chain else "base_copies"].append(
+                copy_choice.Layer(m, _Forms(chain), copies.CopyKey((i,), ()), False))
+        for kind, chosen in rows.items():
+            choice = copy_choice.build_chosen(chosen, {id(ly.module) for ly in chosen}, device, dtype, base.model, "")
+            made = [(ly.module, ly.chain, choice.copies[id(ly.module)]) for ly in chosen]
+            # each copy equals the one the same chain gives on the cast's weight
+            report[kind] = {"layers": len(made), "built": choice.built, "from_file": choice.from_file,
+                            "equal_to_merge_of_cast": sum(torch.equal(c.weight, copies.merged(cast(m)[0], ch))
+                                                          for m, ch, c in made)}
         # a LoRA on every managed Linear, in the generic key format ComfyUI's key map accepts
         g = torch.Generator().manual_seed(1)
         lora_sd = {}
@@ -119,11 +121,8 @@ def main() -> int:
         mm.unload_all_models()
         mm.load_models_gpu([stock])
         patched = [m for _, m in linears(stock) if getattr(m, "weight_lowvram_function", None) is not None]
-        via_file = 0
-        for m in patched:
-            with base_read.base_of(m, dtype, device, file_ok=True) as b:
-                via_file += b.from_file
-        report["stock_patched"] = {"layers": len(patched), "from_file": via_file}
+        report["stock_patched"] = {"layers": len(patched),
+                                   "from_file": len(base_read.read_from_file(patched, dtype, device))}
     print(json.dumps(report, indent=1))
     return 0
 

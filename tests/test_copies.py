@@ -128,6 +128,30 @@ def copy_objects(model) -> dict[str, object]:
             if "lora_cache_slot" in m.__dict__ and m.lora_cache_slot.copy is not None}
 
 
+def test_base_weights_are_read_from_the_file_in_spans(lc):
+    """Base copies read their weights with one file read per span of adjacent tensors: a gap of
+    norms or biases between two layers is read along, a far one or another file starts a new read,
+    and no read passes the span size unless one tensor alone does."""
+    from importlib import import_module
+
+    base_read = import_module(lc.__name__ + ".base_read")
+    mib = 1 << 20
+    t = torch.empty(0)
+    a, b = object(), object()
+
+    def s(file, offset_mib, size_mib):
+        return base_read._Slice(0, "weight", t, file, offset_mib * mib, size_mib * mib)
+
+    # out of order, as layers come in module order and not in file order
+    slices = [s(a, 10, 4), s(a, 0, 4), s(a, 4, 5), s(b, 0, 1), s(a, 15, 1),
+              s(a, 100, 300), s(a, 400, 200), s(a, 600, 60)]
+    spans = [[(x.file_ref is a, x.offset // mib) for x in span] for span in base_read._spans(slices)]
+    assert spans == [[(True, 0), (True, 4), (True, 10), (True, 15)],  # gaps of 1 MiB and under
+                     [(True, 100)], [(True, 400)], [(True, 600)],  # 300 MiB alone; 200 + 60 > 256
+                     [(False, 0)]] or spans == [[(False, 0)], [(True, 0), (True, 4), (True, 10), (True, 15)],
+                                                [(True, 100)], [(True, 400)], [(True, 600)]]
+
+
 def test_copies_kept_across_runs_and_rebuilt_only_on_change(fresh, copy_loras):
     """auto on the CPU host (its memory holds every copy): the first sampling builds a copy per
     adapted layer; off keeps them; a re-enable runs the same copies (nothing built, the same

@@ -90,16 +90,17 @@ def test_gpu_reach_check():
 
 def test_gpu_base_read_check():
     """Where copies get their base weight under real comfy-aimdo (scripts/gpu_base_read_check.py):
-    a layer it does not hold on the device is read from the model file and equals the cast's
-    tensor bit for bit; resident layers and layers a stock LoRA patches come through the cast;
-    after an unload base copies read the file and merged copies take the cast, each equal to the
-    copy of the cast's weight."""
+    layers it does not hold on the device are read from the model file, in spans of adjacent
+    layers, and equal the cast's tensors bit for bit; resident layers and layers a stock LoRA
+    patches come through the cast; after an unload the copy choice reads base copies from the file
+    and builds merged copies through the cast, each equal to the copy of the cast's weight."""
     r = report("gpu_base_read_check.py")
     if not r["aimdo"]:
         pytest.skip("comfy-aimdo is not active on this machine")
     first, resident, base, merged = r["after_load"], r["resident"], r["base_copies"], r["merged_copies"]
     assert first["layers"] > 0 and first["from_file"] == first["equal_to_cast"] == first["layers"], first
-    assert resident["from_file"] == 0 and resident["equal_to_cast"] == resident["layers"], resident
-    assert base["from_file"] == base["equal_to_merge_of_cast"] == base["layers"] > 0, base
-    assert merged["from_file"] == 0 and merged["equal_to_merge_of_cast"] == merged["layers"] > 0, merged
+    assert resident["layers"] == first["layers"] and resident["from_file"] == 0, resident
+    assert base["from_file"] == base["built"] == base["equal_to_merge_of_cast"] == base["layers"] > 0, base
+    assert merged["from_file"] == 0 and merged["built"] == merged["equal_to_merge_of_cast"] == merged["layers"] > 0, \
+        merged
     assert r["stock_patched"]["layers"] > 0 and r["stock_patched"]["from_file"] == 0, r["stock_patched"]
