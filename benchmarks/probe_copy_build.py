@@ -1,7 +1,8 @@
 """How fast base-weight copies of a model's linear layers reach the device under dynamic VRAM,
 by each way of reading them: ComfyUI's cast per layer (what merged copies take), comfy-aimdo's
-file reader straight into a device tensor per layer (what base copies take), the same reader over
-spans of adjacent layers with each weight cloned out, and a plain copy from the mmap'd host tensor. Each way
+file reader straight into a device tensor per layer, the same reader over spans of adjacent
+layers with each weight cloned out, base_read.read_from_file (what base copies take: the spans
+after its residency checks), and a plain copy from the mmap'd host tensor. Each way
 starts from an unloaded model. Also the model's own first load (one step after an unload, less a
 warm step).
 
@@ -24,6 +25,8 @@ def main() -> int:
     p.add_argument("--model", default="sdxl", choices=("sdxl", "flux"))
     p.add_argument("--order", default="cast,file,spans,host,file,spans,cast")
     p.add_argument("--out", default="benchmarks/out")
+    p.add_argument("--empty-cache", action="store_true",
+                   help="hand torch's cached blocks back before each way, as the memory owner does under streaming")
     args = p.parse_args()
     aimdo.hook()  # before torch touches the GPU
     host.boot(cpu=False)
@@ -100,6 +103,8 @@ def main() -> int:
         lc.purge()
         gc.collect()
         torch.cuda.synchronize()
+        if args.empty_cache:
+            torch.cuda.empty_cache()
 
     with torch.inference_mode():
         sample(1)
@@ -124,7 +129,11 @@ def main() -> int:
             t = time.perf_counter()
             if way == "spans":
                 direct = read_spans(layers, held)
-            for m in layers if way != "spans" else ():
+            elif way == "lib":  # the library's read, with its residency checks
+                got = base_read.read_from_file(layers, dtype, dev)
+                direct = len(got)
+                held.extend(got[id(m)].weight if id(m) in got else m.weight.to(dev, copy=True) for m in layers)
+            for m in layers if way not in ("spans", "lib") else ():
                 if way == "cast":
                     with base_read.base_of(m, dtype, dev) as b:
                         held.append(b.weight.clone())

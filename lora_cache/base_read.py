@@ -81,7 +81,8 @@ def read_from_file(modules: list[torch.nn.Module], dtype: torch.dtype,
     reader = getattr(_host_buffer, "read_file_to_device", None)
     if reader is None or device.type != "cuda":
         return {}
-    slices = [s for m in modules if not _maybe_resident(m) for s in _slices_of(m, dtype)]
+    pages: dict[int, list[int]] = {}
+    slices = [s for m in modules if not _maybe_resident(m, pages) for s in _slices_of(m, dtype)]
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(device)
     got: dict[tuple[int, str], torch.Tensor] = {}
@@ -147,10 +148,11 @@ def _spans(slices: list[_Slice]) -> list[list[_Slice]]:
     return spans
 
 
-def _maybe_resident(module: torch.nn.Module) -> bool:
+def _maybe_resident(module: torch.nn.Module, pages: dict[int, list[int]]) -> bool:
     """Whether comfy-aimdo may hold the layer's weight on the device: it was cast into its vbar
     and the pages are still there (the cast checks their signature; a page evicted and faulted
-    again for a neighbour only makes the cast stream it)."""
+    again for a neighbour only makes the cast stream it). `pages`: each vbar's residency flags,
+    read once per call of read_from_file (a read copies every page's flag)."""
     if getattr(module, "_v_signature", None) is None:
         return False
     v: tuple = module._v  # type: ignore[assignment]  # comfy-aimdo's (vbar, address, bytes)
@@ -158,6 +160,9 @@ def _maybe_resident(module: torch.nn.Module) -> bool:
     residency = getattr(vbar, "get_residency", None)
     if residency is None:
         return True  # this comfy-aimdo cannot tell: the cast decides
+    flags = pages.get(id(vbar))
+    if flags is None:
+        flags = pages[id(vbar)] = residency()
     start = addr - vbar.base_addr
-    pages = residency()[start // _VBAR_PAGE:(start + max(size, 1) - 1) // _VBAR_PAGE + 1]
-    return bool(pages) and all(p & 1 for p in pages)
+    mine = flags[start // _VBAR_PAGE:(start + max(size, 1) - 1) // _VBAR_PAGE + 1]
+    return bool(mine) and all(p & 1 for p in mine)

@@ -45,10 +45,11 @@ class Choice(NamedTuple):
     build_ms: float
     short: str | None  # why some layers that could have a copy run unmerged
     from_file: int = 0  # of those built, how many read their base weight from the model file
+    read_ms: float = 0.0  # the file reads' part of build_ms
 
     def describe(self, what: str = "merged copies", rest: str = "unmerged") -> str:
         n = len(self.copies)
-        read = f", {self.from_file} read from the model file" if self.from_file else ""
+        read = f", {self.from_file} read from the model file in {self.read_ms:.0f} ms" if self.from_file else ""
         built = f"built {self.built} in {self.build_ms:.0f} ms{read}" if self.built else "none built"
         size = f"{self.bytes / _GIB:.2f} GiB" if self.bytes >= _GIB else f"{self.bytes / _MIB:.1f} MiB"
         text = f"{what}: {n} of {self.layers} layers, {size} ({built}); {rest}: {self.layers - n}"
@@ -103,6 +104,9 @@ def build_chosen(layer_list: list[Layer], keep: set[int], device: torch.device, 
     # copies of base weights read from the model file in a few large reads, before any cast
     read = base_read.read_from_file([ly.module for ly in chosen if not ly.chain
                                      and layers.slot_of(ly.module, create=True).copy is None], dtype, device)
+    if read and device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # for read_ms only: the builds sync below anyway
+    read_ms = (time.perf_counter() - t0) * 1000.0 if read else 0.0
     for ly in chosen:
         copy = layers.slot_of(ly.module, create=True).copy
         if copy is None:
@@ -124,7 +128,7 @@ def build_chosen(layer_list: list[Layer], keep: set[int], device: torch.device, 
     if short is None and len(out) < len(layer_list):
         short = why_short
     return Choice(out, len(layer_list), sum(c.nbytes for c in out.values()), built, ms if built else 0.0, short,
-                  from_file)
+                  from_file, read_ms)
 
 
 def _hooked_keys(patcher) -> set[str]:

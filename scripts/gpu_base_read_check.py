@@ -102,7 +102,7 @@ def main() -> int:
                 down = torch.randn(4, w.shape[1], dtype=dtype, device=device) * 0.01
                 chain = ((up, down),)
             rows["merged_copies" if chain else "base_copies"].append(
-                copy_choice.Layer(m, _Forms(chain), copies.CopyKey((i,), ()), False))
+                copy_choice.Layer(m, _Forms(chain), copies.CopyKey((), (i,)), False))
         for kind, chosen in rows.items():
             choice = copy_choice.build_chosen(chosen, {id(ly.module) for ly in chosen}, device, dtype, base.model, "")
             made = [(ly.module, ly.chain, choice.copies[id(ly.module)]) for ly in chosen]
