@@ -11,7 +11,8 @@ and noisy, so single series prove nothing: the report takes medians over rounds,
 
 Per event: node ms, event seconds, the modules and bytes ComfyUI streamed to the device while
 sampling (its gathered casts), whether `patches_uuid` changed, and for ours the sampling's
-merged-copy choice (layers, bytes, how many built and in how long). Then, for ours, 100 more
+merged-copy choice (layers, bytes, how many built and in how long), torch's device memory after the
+node call and the blocks its allocator keeps cached after the sampling. Then, for ours, 100 more
 events (toggles, strengths, switches; 1 step each) with the device memory after each.
 
 Checks (a failed check makes the exit status 1, the numbers are written either way):
@@ -233,13 +234,18 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             m = apply(tag, strength)
             t_node = time.perf_counter()
+            held = torch.cuda.memory_allocated() if cuda else 0
             out = sample(m, args.steps)
             t_end = time.perf_counter()
             first = step_ends[0] if step_ends else 0.0
             row = {"event": label, "node_ms": (t_node - t) * 1000.0, "event_s": t_end - t, "first_step_s": first,
                    "later_steps_s": (step_ends[-1] - first) if step_ends else 0.0,
                    "streamed_bytes": streamed["bytes"], "streamed_modules": streamed["modules"],
-                   "uuid_kept": m.patches_uuid == base_uuid}
+                   "uuid_kept": m.patches_uuid == base_uuid,
+                   # torch's tensors after the node call, and the blocks torch keeps beyond its
+                   # tensors after the sampling: memory comfy-aimdo cannot hold weights in
+                   "allocated_at_node": held,
+                   "torch_cache_after": (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) if cuda else 0}
             if loader.startswith("ours"):
                 now = lc.stats()["memory"]["counters"]
                 row["factors_moved"] = {k: now.get(k, 0) - moves.get(k, 0) for k in ("moved_to_cpu", "moved_back")}
@@ -254,7 +260,8 @@ def main(argv=None) -> int:
                   f"(step 1 {first:6.3f} s, later {row['later_steps_s']:6.3f} s"
                   + (f", ours' setup {row['setup_ms']:.0f} ms" if row.get("setup_ms") is not None else "")
                   + ("".join(f", {k.replace('_', ' ')} {v}" for k, v in row.get("factors_moved", {}).items() if v))
-                  + ")  "
+                  + f", torch: {held / 2**20:.0f} MiB at the node, {row['torch_cache_after'] / 2**20:.0f} MiB cached "
+                  "after)  "
                   f"streamed {streamed['modules']:5d} modules {streamed['bytes'] / 2**20:9.1f} MiB  "
                   f"{row.get('sampling', '')}", flush=True)
         return rows
