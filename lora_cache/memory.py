@@ -121,13 +121,25 @@ class Memory:
             return {e for es in self._pins.values() for e in es}
 
     def pin(self, model_id: int, entries: list[Entry]) -> None:
-        """The sampling of model `model_id` uses `entries` now: they are moved back to their
-        device if needed and not evicted until `unpin`."""
+        """The sampling of model `model_id` uses `entries` now: they are not moved off or evicted
+        until `unpin`. Factors moved off come back with `bring_back`, after `leave_room` moved off
+        the ones the sampling does not use."""
         with self._lock:
             self._pins[model_id] = list(entries)
             for e in entries:
                 self.policy.mark_used(e)
-                self.ensure_resident(e)
+
+    def reattach(self, entry: Entry, patcher) -> None:
+        """At the node, for an adapter whose factors were moved off: on the classic patcher they
+        come back now, so that ComfyUI's load for the sampling counts them; under dynamic VRAM at
+        the sampling's start (`bring_back`), after the factors it does not use left the device,
+        since comfy-aimdo keeps fewer weights resident for whatever else is there."""
+        if not load_state.is_dynamic(patcher):
+            self.ensure_resident(entry)
+
+    def bring_back(self, entries: list[Entry]) -> None:
+        for e in entries:
+            self.ensure_resident(e)
 
     def unpin(self, model_id: int) -> None:
         with self._lock:
@@ -204,6 +216,10 @@ class Memory:
         model = patcher.model
         return max(0, patcher.model_size() - model.model_loaded_weight_memory) if model.model_lowvram else 0
 
+    def _coming_back(self, device) -> int:
+        """Bytes of pinned factors that are off `device` now and come back for the sampling."""
+        return sum(e.nbytes for e in self.pinned() if not e.resident and e.home == device)
+
     def leave_room(self, patcher, shape: tuple[int, ...] | None, keep: Collection[int] = ()) -> None:
         """Before a sampling, after ComfyUI loaded the model: the least memory the sampling needs
         comes before merged copies it does not use (other models', and this model's on layers
@@ -215,7 +231,7 @@ class Memory:
         if shape is None or torch.device(device).type == "cpu":
             return
         need = self._sampling_need(patcher, shape)
-        short = need + self._weights_missing(patcher) - mm.get_free_memory(device)
+        short = need + self._weights_missing(patcher) + self._coming_back(device) - mm.get_free_memory(device)
         if short <= 0:
             return
         freed = copies.REGISTRY.drop_where(lambda held: held.device == str(torch.device(device))

@@ -142,8 +142,8 @@ def _activate(patcher, sampling: bool = False) -> None:
     _deactivate(id(model))  # a run that never reached cleanup must not stack up
     items = [_current(item, patcher) for item in stack]
     swept_entries = [_current(StackItem(e, 1.0, "unmerged"), patcher).entry for e in sw.entries] if sw else []
-    # never evicted while active; moved back if needed
-    MEMORY.pin(id(model), [item.entry for item in items] + swept_entries)
+    used = [item.entry for item in items] + swept_entries
+    MEMORY.pin(id(model), used)  # never moved off or evicted while active
     act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [])
     _active[id(model)] = act
     chains = layer_chains(items)
@@ -158,6 +158,9 @@ def _activate(patcher, sampling: bool = False) -> None:
     if sampling:
         # What the sampling needs comes before cached factors and copies it does not use.
         MEMORY.leave_room(patcher, _shapes.get(id(model)), keep=adapted | {id(lc.module) for lc in base})
+    # Factors moved off come back after the unused ones left: under dynamic VRAM comfy-aimdo
+    # evicts weights for whatever is on the device beside them.
+    MEMORY.bring_back(used)
     merged, info = (copy_choice.for_sampling(patcher, chains, items, base, _shapes.get(id(model)))
                     if sampling and (chains or base) else ({}, None))
     for lc in chains:

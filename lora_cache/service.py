@@ -111,7 +111,7 @@ def _apply_side(side: _Side, lora_name: str, ident, mode: str, patches_of: Calla
             _last_run.pop(run_key, None)
         return d, side.full(entry.patches)
     if d.reattach:
-        MEMORY.ensure_resident(entry)
+        MEMORY.reattach(entry, side.patcher)
     entry.last_strength = side.strength
     if run_key is not None:
         _last_run[run_key] = LastRun(lora_name, side.strength)

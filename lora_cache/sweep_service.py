@@ -48,7 +48,7 @@ def _entry(patcher, lora_name: str) -> tuple[Entry, bool]:
             raise LoraCacheError(f"LoRA Cache Sweep: '{lora_name}' on {path}: {problem}; sweep LoRA, LoCon, LoHa "
                                  f"or LoKr files")
     if load_state.unattached_problem(entry) is not None:
-        MEMORY.ensure_resident(entry)
+        MEMORY.reattach(entry, patcher)
     return entry, built
 
 

@@ -1,9 +1,9 @@
 """The GPU checks, on a machine with a CUDA GPU (`pytest -m gpu`): scripts/gpu_smoke.py,
-scripts/gpu_memory_check.py and scripts/gpu_graph_check.py run as they are (their own process,
-ComfyUI booted for the GPU), and their JSON reports are checked: the paths the node took, no
-weight work by ComfyUI, outputs equal to stock within fp16 rounding, ComfyUI's patch path under
---lowvram / --novram, blocks with our forward equal captured in a CUDA graph and eager. Skipped
-without a GPU."""
+scripts/gpu_memory_check.py, scripts/gpu_graph_check.py and the dynamic-VRAM checks run as they
+are (their own process, ComfyUI booted for the GPU), and their JSON reports are checked: the paths
+the node took, no weight work by ComfyUI, outputs equal to stock within fp16 rounding, ComfyUI's
+patch path under --lowvram / --novram, blocks with our forward equal captured in a CUDA graph and
+eager. Skipped without a GPU."""
 from __future__ import annotations
 
 import json
@@ -104,3 +104,25 @@ def test_gpu_base_read_check():
     assert merged["from_file"] == 0 and merged["built"] == merged["equal_to_merge_of_cast"] == merged["layers"] > 0, \
         merged
     assert r["stock_patched"]["layers"] > 0 and r["stock_patched"]["from_file"] == 0, r["stock_patched"]
+
+
+def test_gpu_dynamic_moves_check():
+    """Factors moved off and back under real comfy-aimdo (scripts/gpu_dynamic_moves_check.py):
+    with a budget that holds one adapter, a switch back moves nothing at the node call; the
+    sampling brings the used adapter's factors back and the other's leave; every output equals
+    stock within fp16 rounding."""
+    r = report("gpu_dynamic_moves_check.py")
+    if not r["aimdo"]:
+        pytest.skip("comfy-aimdo is not active on this machine")
+    assert r["patcher"] == "ModelPatcherDynamic", r["patcher"]
+    for run in r["runs"]:
+        assert within_rounding(run), run
+    first_b = r["runs"][1]
+    assert first_b["resident_after"] == {"a": False, "b": True}, first_b
+    for run, used, other in ((r["runs"][2], "a", "b"), (r["runs"][3], "b", "a")):
+        assert run["path"] == "build" and "moved to cpu" in run["reason"], run
+        assert run["moved_at_node"] == {"moved_to_cpu": 0, "moved_back": 0}, run
+        assert run["resident_at_node"] == {used: False, other: True}, run
+        assert run["moved_in_run"] == {"moved_to_cpu": 1, "moved_back": 1}, run
+        assert run["resident_after"] == {used: True, other: False}, run
+

@@ -1,0 +1,83 @@
+"""GPU check of cached factors moving off and back under ComfyUI's dynamic VRAM with real
+comfy-aimdo (lora_cache/memory.py): with a device budget that holds one adapter's factors, a
+switch moves the other's to pinned host memory; a switch back moves nothing at the node call
+(under dynamic VRAM the factors come back at the sampling's start, after the unused ones left,
+since comfy-aimdo keeps fewer weights resident for whatever else is on the device), and the
+sampling then runs on them on the device, equal to stock within fp16 rounding.
+
+The tiny SD-type UNet in fp16 comes through ComfyUI's loader from a file. Prints a JSON report;
+on a GPU machine, from the repository root (benchmarks/device/setup.sh prepares one for ComfyUI
+0.33.0): COMFYUI_DIR=path/to/ComfyUI PYTHONPATH=testkit python3 scripts/gpu_dynamic_moves_check.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from lora_cache_testkit import aimdo, host
+
+aimdo.hook()  # before torch touches the GPU
+
+host.boot(cpu=False)
+
+import comfy.model_management as mm
+import comfy.sd
+import folder_paths
+import torch
+from safetensors.torch import save_file
+
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit.sampling import stock_lora, tiny_sd_sampler
+
+
+def main() -> int:
+    lc = host.load_package().lora_cache
+    report: dict = {"device": torch.cuda.get_device_name(0), "aimdo": aimdo.devices(), "runs": []}
+    if not report["aimdo"]:
+        print(json.dumps(report, indent=1))
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="lc_moves_"))
+    folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
+    unet_sd16 = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
+    ref_sd = {k: v.float() for k, v in unet_sd16.items()}
+    for name, seed in (("a", 1), ("b", 2)):
+        tiny_models.write_lora(tmp / f"{name}.safetensors", tiny_models.sd_lora_state_dict(ref_sd, seed=seed))
+    # written before dynamic VRAM is on, loaded from the file after: weights mapped from it
+    save_file(unet_sd16, str(tmp / "unet.safetensors"))
+    aimdo.use_dynamic(True)
+    base = comfy.sd.load_diffusion_model(str(tmp / "unet.safetensors"))
+    report["patcher"] = type(base).__name__
+    sample = tiny_sd_sampler()
+    stock = {n: sample(stock_lora(base, tmp / f"{n}.safetensors")) for n in "ab"}
+    owner, counters = lc.MEMORY, lc.MEMORY.policy.counters
+
+    def run(label: str, n: str) -> None:
+        before = dict(counters)
+        m, _, ev = lc.apply(base, None, f"{n}.safetensors", 1.0, 0.0, True, "auto")
+        at_node = {k: counters[k] - before.get(k, 0) for k in ("moved_to_cpu", "moved_back")}
+        ents = {e.lora[0]: e for e in lc.STORE.entries()}
+        resident_at_node = {k: e.resident for k, e in sorted(ents.items())}
+        out = sample(m)
+        report["runs"].append({
+            "run": label, "path": ev.path, "reason": ev.reason, "node_ms": ev.ms,
+            "moved_at_node": at_node,
+            "moved_in_run": {k: counters[k] - before.get(k, 0) for k in ("moved_to_cpu", "moved_back")},
+            "resident_at_node": resident_at_node,
+            "resident_after": {k: e.resident for k, e in sorted(ents.items())},
+            "device_after": {k: e.device for k, e in sorted(ents.items())},
+            "max_abs_diff_vs_stock": float((out - stock[n]).abs().max()), "ref_max_abs": float(stock[n].abs().max())})
+
+    run("a first use", "a")
+    owner.budget.overrides[str(mm.get_torch_device())] = lc.STORE.entries()[0].nbytes + 1
+    run("b first use (budget holds one)", "b")
+    run("a again", "a")
+    run("b again", "b")
+    owner.budget.overrides.clear()
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
