@@ -23,7 +23,7 @@ from lora_cache_testkit import aimdo, host
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="sdxl", choices=("sdxl", "flux"))
-    p.add_argument("--order", default="cast,file,spans,host,file,spans,cast")
+    p.add_argument("--order", default="cast,file,spans,lib,host,file,spans,lib,cast")
     p.add_argument("--out", default="benchmarks/out")
     p.add_argument("--empty-cache", action="store_true",
                    help="hand torch's cached blocks back before each way, as the memory owner does under streaming")
@@ -132,7 +132,12 @@ def main() -> int:
             elif way == "lib":  # the library's read, with its residency checks
                 got = base_read.read_from_file(layers, dtype, dev)
                 direct = len(got)
-                held.extend(got[id(m)].weight if id(m) in got else m.weight.to(dev, copy=True) for m in layers)
+                for m in layers:
+                    if id(m) in got:
+                        held.append(got[id(m)].weight)
+                        continue
+                    with base_read.base_of(m, dtype, dev) as b:  # what the library does with the rest
+                        held.append(b.weight.clone())
             for m in layers if way not in ("spans", "lib") else ():
                 if way == "cast":
                     with base_read.base_of(m, dtype, dev) as b:

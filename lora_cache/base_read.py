@@ -16,6 +16,7 @@ comfy-aimdo holds resident comes through the cast, which is then a device copy.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -25,6 +26,8 @@ import comfy.ops
 import torch
 
 from .form_base import weight_of
+
+log = logging.getLogger("lora_cache")
 
 _host_buffer: ModuleType | None
 try:  # comfy-aimdo, which ComfyUI's dynamic VRAM streams with; without it no weight is read from its file
@@ -86,20 +89,30 @@ def read_from_file(modules: list[torch.nn.Module], dtype: torch.dtype,
     index = device.index if device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(device)
     got: dict[tuple[int, str], torch.Tensor] = {}
-    try:
-        for span in _spans(slices):
-            start = span[0].offset
-            size = max(s.offset + s.size for s in span) - start
+    buf: torch.Tensor | None = None
+    for span in _spans(slices):
+        start = span[0].offset
+        size = max(s.offset + s.size for s in span) - start
+        buf = None  # the last span's buffer goes before the next one is allocated
+        try:
             buf = torch.empty(size, dtype=torch.uint8, device=device)
-            # queued on the current stream, so the clones below follow it
+            # queued on the current stream, so the copies below follow it
             reader(span[0].file_ref, start, size, stream.cuda_stream, buf.data_ptr(), index, mark_cold=False)
             for s in span:
-                at = s.offset - start
-                got[(s.module_id, s.name)] = buf[at:at + s.size].view(s.tensor.dtype).view(s.tensor.shape).clone()
-    except (TypeError, RuntimeError):
-        # out of device memory, a comfy-aimdo whose reader differs, or the reader failing: what
-        # was read serves, the cast gives the rest
-        pass
+                t = torch.empty(s.tensor.shape, dtype=s.tensor.dtype, device=device)
+                # through bytes: a tensor's offset in the span need not suit its dtype's alignment
+                t.view(-1).view(torch.uint8).copy_(buf[s.offset - start:s.offset - start + s.size])
+                got[(s.module_id, s.name)] = t
+        except torch.OutOfMemoryError:
+            break  # what was read serves, the cast gives the rest
+        except (TypeError, RuntimeError) as e:
+            # a comfy-aimdo whose reader differs or fails: this span's layers take the cast
+            log.debug("[LoRA Cache] reading %d bytes of the model file failed (%s); those layers take the cast",
+                      size, e)
+    buf = None
+    if got:
+        # the span buffers go back to the driver, where comfy-aimdo can place weights
+        torch.cuda.empty_cache()
     out: dict[int, Base] = {}
     for m in modules:
         weight = got.get((id(m), "weight"))

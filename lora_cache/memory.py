@@ -134,8 +134,10 @@ class Memory:
         come back now, so that ComfyUI's load for the sampling counts them; under dynamic VRAM at
         the sampling's start (`bring_back`), after the factors it does not use left the device,
         since comfy-aimdo keeps fewer weights resident for whatever else is there."""
-        if not load_state.is_dynamic(patcher):
-            self.ensure_resident(entry)
+        with self._lock:
+            self.policy.mark_used(entry)  # the last one the host budget would drop meanwhile
+            if not load_state.is_dynamic(patcher):
+                self.ensure_resident(entry)
 
     def bring_back(self, entries: list[Entry]) -> None:
         for e in entries:
@@ -216,9 +218,11 @@ class Memory:
         model = patcher.model
         return max(0, patcher.model_size() - model.model_loaded_weight_memory) if model.model_lowvram else 0
 
-    def _coming_back(self, device) -> int:
-        """Bytes of pinned factors that are off `device` now and come back for the sampling."""
-        return sum(e.nbytes for e in self.pinned() if not e.resident and e.home == device)
+    def _coming_back(self, model_id: int, device) -> int:
+        """Bytes of the factors the sampling of model `model_id` uses that are off `device` now
+        and come back for it."""
+        with self._lock:
+            return sum(e.nbytes for e in self._pins.get(model_id, ()) if not e.resident and e.home == device)
 
     def leave_room(self, patcher, shape: tuple[int, ...] | None, keep: Collection[int] = ()) -> None:
         """Before a sampling, after ComfyUI loaded the model: the least memory the sampling needs
@@ -231,7 +235,8 @@ class Memory:
         if shape is None or torch.device(device).type == "cpu":
             return
         need = self._sampling_need(patcher, shape)
-        short = need + self._weights_missing(patcher) + self._coming_back(device) - mm.get_free_memory(device)
+        coming = self._coming_back(id(patcher.model), device)
+        short = need + self._weights_missing(patcher) + coming - mm.get_free_memory(device)
         if short <= 0:
             return
         freed = copies.REGISTRY.drop_where(lambda held: held.device == str(torch.device(device))

@@ -147,20 +147,22 @@ def _activate(patcher, sampling: bool = False) -> None:
     act = _Activation(weakref.ref(patcher, functools.partial(_owner_gone, id(model))), [])
     _active[id(model)] = act
     chains = layer_chains(items)
+    adapted = {id(lc.module) for lc in chains}
+    if sampling:
+        # What the sampling needs comes before cached factors and copies it does not use (copies
+        # on its adapted and swept layers stay).
+        swept_ids = {id(module) for e in swept_entries for _, module, _ in e.modules()}
+        MEMORY.leave_room(patcher, _shapes.get(id(model)), keep=adapted | swept_ids)
+    # Factors moved off come back after the unused ones left (under dynamic VRAM comfy-aimdo
+    # evicts weights for whatever is on the device beside them), and before anything binds them.
+    MEMORY.bring_back(used)
     swept = (sweep.posts(patcher, sw, swept_entries, {id(lc.module): lc.chain for lc in chains}, chain_order.additive)
              if sw else {})
-    adapted = {id(lc.module) for lc in chains}
     n_swept, n_layers = len(swept), len(adapted | swept.keys())
     # A swept layer without adapters of its own runs its base weight: where ComfyUI casts that per
     # call (dynamic VRAM), a copy of it kept on the device spares the cast, as a merged copy does.
     base = [LayerChain(s.path, s.module) for mid, s in swept.items()
             if mid not in adapted and layers.casts_per_call(s.module)]
-    if sampling:
-        # What the sampling needs comes before cached factors and copies it does not use.
-        MEMORY.leave_room(patcher, _shapes.get(id(model)), keep=adapted | {id(lc.module) for lc in base})
-    # Factors moved off come back after the unused ones left: under dynamic VRAM comfy-aimdo
-    # evicts weights for whatever is on the device beside them.
-    MEMORY.bring_back(used)
     merged, info = (copy_choice.for_sampling(patcher, chains, items, base, _shapes.get(id(model)))
                     if sampling and (chains or base) else ({}, None))
     for lc in chains:

@@ -3,7 +3,9 @@ comfy-aimdo (lora_cache/memory.py): with a device budget that holds one adapter'
 switch moves the other's to pinned host memory; a switch back moves nothing at the node call
 (under dynamic VRAM the factors come back at the sampling's start, after the unused ones left,
 since comfy-aimdo keeps fewer weights resident for whatever else is on the device), and the
-sampling then runs on them on the device, equal to stock within fp16 rounding.
+sampling then runs on them on the device, equal to stock within fp16 rounding. The same for a
+LoRA Cache Sweep of an adapter moved off, whose per-image update binds its factors at the
+sampling's start: they are back on the device by then (the sampling copies no factors to it).
 
 The tiny SD-type UNet in fp16 comes through ComfyUI's loader from a file. Prints a JSON report;
 on a GPU machine, from the repository root (benchmarks/device/setup.sh prepares one for ComfyUI
@@ -11,6 +13,7 @@ on a GPU machine, from the repository root (benchmarks/device/setup.sh prepares 
 """
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import tempfile
@@ -74,6 +77,26 @@ def main() -> int:
     run("b first use (budget holds one)", "b")
     run("a again", "a")
     run("b again", "b")
+    # The sweep of a (moved off by b): its per-image update binds the factors at the sampling's
+    # start, so they must be back on the device by then; bound on the host, every swept layer
+    # would copy them to the device at every call (page-locked to device copies, counted here).
+    sweep_service = importlib.import_module(lc.__name__ + ".sweep_service")
+    before = dict(counters)
+    res = sweep_service.apply_sweep(base, None, ["a.safetensors"], "1")
+    at_node = {k: counters[k] - before.get(k, 0) for k in ("moved_to_cpu", "moved_back")}
+    ents = {e.lora[0]: e for e in lc.STORE.entries()}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = sample(res.model)
+        torch.cuda.synchronize()
+    copies = [e.name for e in prof.events() if "Memcpy" in e.name]
+    report["sweep"] = {
+        "path_reason": res.event.reason, "moved_at_node": at_node,
+        "moved_in_run": {k: counters[k] - before.get(k, 0) for k in ("moved_to_cpu", "moved_back")},
+        "resident_after": {k: e.resident for k, e in sorted(ents.items())},
+        "device_after": {k: e.device for k, e in sorted(ents.items())},
+        "swept_layers": len(ents["a"].layers), "memcpy": len(copies),
+        "memcpy_pinned_to_device": sum("HtoD" in n and "Pinned" in n for n in copies),
+        "max_abs_diff_vs_stock": float((out - stock["a"]).abs().max()), "ref_max_abs": float(stock["a"].abs().max())}
     owner.budget.overrides.clear()
     print(json.dumps(report, indent=1))
     return 0

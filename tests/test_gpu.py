@@ -110,7 +110,8 @@ def test_gpu_dynamic_moves_check():
     """Factors moved off and back under real comfy-aimdo (scripts/gpu_dynamic_moves_check.py):
     with a budget that holds one adapter, a switch back moves nothing at the node call; the
     sampling brings the used adapter's factors back and the other's leave; every output equals
-    stock within fp16 rounding."""
+    stock within fp16 rounding; a sweep of an adapter moved off runs on its factors brought back
+    to the device before its per-image update binds them."""
     r = report("gpu_dynamic_moves_check.py")
     if not r["aimdo"]:
         pytest.skip("comfy-aimdo is not active on this machine")
@@ -125,4 +126,12 @@ def test_gpu_dynamic_moves_check():
         assert run["resident_at_node"] == {used: False, other: True}, run
         assert run["moved_in_run"] == {"moved_to_cpu": 1, "moved_back": 1}, run
         assert run["resident_after"] == {used: True, other: False}, run
+        assert run["device_after"][used].startswith("cuda"), run
+    sw = r["sweep"]
+    assert within_rounding(sw), sw
+    assert sw["moved_at_node"] == {"moved_to_cpu": 0, "moved_back": 0}, sw
+    assert sw["moved_in_run"] == {"moved_to_cpu": 1, "moved_back": 1}, sw
+    assert sw["resident_after"] == {"a": True, "b": False} and sw["device_after"]["a"].startswith("cuda"), sw
+    # the profiler saw the sampling's copies, and no per-call copy of the swept layers' factors
+    assert sw["memcpy"] > 0 and sw["memcpy_pinned_to_device"] < sw["swept_layers"], sw
 
