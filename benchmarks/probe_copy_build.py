@@ -46,33 +46,25 @@ def main() -> int:
     base_read = importlib.import_module(lc.__name__ + ".base_read")
     import comfy_aimdo.host_buffer
 
-    def read_spans(layers, held, gap=1 << 20, most=256 << 20) -> int:
-        """Every layer's weight in few reads: file slices that lie within `gap` bytes of each other
-        read as one span of at most `most` bytes into a device buffer, each weight cloned out of
-        it. Returns the reads."""
-        slices = sorted(((m.weight.untyped_storage()._comfy_tensor_file_slice, i)
-                         for i, m in enumerate(layers)), key=lambda x: (id(x[0].file_ref), x[0].offset))
-        groups: list[list] = []
-        for info, i in slices:
-            g = groups[-1] if groups else None
-            if (g is not None and g[0][0].file_ref is info.file_ref and info.offset - g[-1][0].offset
-                    - g[-1][0].size <= gap and info.offset + info.size - g[0][0].offset <= most):
-                g.append((info, i))
-            else:
-                groups.append([(info, i)])
+    def read_spans(layers, held) -> int:
+        """Every layer's weight in the library's spans of adjacent file slices (base_read._spans),
+        without its residency checks: each span read into a device buffer, each weight cloned out
+        of it. Returns the reads."""
+        slices = [s for m in layers for s in base_read._slices_of(m, dtype) if s.name == "weight"]
         out: dict[int, torch.Tensor] = {}
         stream = torch.cuda.current_stream().cuda_stream
-        for g in groups:
-            start = g[0][0].offset
-            size = g[-1][0].offset + g[-1][0].size - start
+        spans = base_read._spans(slices)
+        for span in spans:
+            start = span[0].offset
+            size = max(x.offset + x.size for x in span) - start
             buf = torch.empty(size, dtype=torch.uint8, device=dev)
-            comfy_aimdo.host_buffer.read_file_to_device(g[0][0].file_ref, start, size, stream, buf.data_ptr(),
+            comfy_aimdo.host_buffer.read_file_to_device(span[0].file_ref, start, size, stream, buf.data_ptr(),
                                                         dev.index, mark_cold=False)
-            for info, i in g:
-                w = layers[i].weight
-                out[i] = buf[info.offset - start:info.offset - start + info.size].view(w.dtype).view(w.shape).clone()
-        held.extend(out[i] for i in range(len(layers)))
-        return len(groups)
+            for x in span:
+                out[x.module_id] = buf[x.offset - start:x.offset - start + x.size].view(x.tensor.dtype).view(
+                    x.tensor.shape).clone()
+        held.extend(out[id(m)] for m in layers)
+        return len(spans)
 
     dtype = torch.float16 if args.model == "sdxl" else torch.bfloat16
     spec = models.Spec(args.model, False, dtype)

@@ -56,21 +56,27 @@ def main() -> int:
     stock = {n: sample(stock_lora(base, tmp / f"{n}.safetensors")) for n in "ab"}
     owner, counters = lc.MEMORY, lc.MEMORY.policy.counters
 
+    def moved(before: dict) -> dict:
+        return {k: counters[k] - before.get(k, 0) for k in ("moved_to_cpu", "moved_back")}
+
+    def residency() -> dict:
+        return {e.lora[0]: e.resident for e in lc.STORE.entries()}
+
+    def after(before: dict, out: torch.Tensor, n: str) -> dict:
+        """What the sampling moved since `before` (the counters before the node call), where the
+        factors are now, and the output against stock's for LoRA `n`."""
+        return {"moved_in_run": moved(before), "resident_after": residency(),
+                "device_after": {e.lora[0]: e.device for e in lc.STORE.entries()},
+                "max_abs_diff_vs_stock": float((out - stock[n]).abs().max()),
+                "ref_max_abs": float(stock[n].abs().max())}
+
     def run(label: str, n: str) -> None:
         before = dict(counters)
         m, _, ev = lc.apply(base, None, f"{n}.safetensors", 1.0, 0.0, True, "auto")
-        at_node = {k: counters[k] - before.get(k, 0) for k in ("moved_to_cpu", "moved_back")}
-        ents = {e.lora[0]: e for e in lc.STORE.entries()}
-        resident_at_node = {k: e.resident for k, e in sorted(ents.items())}
-        out = sample(m)
-        report["runs"].append({
-            "run": label, "path": ev.path, "reason": ev.reason, "node_ms": ev.ms,
-            "moved_at_node": at_node,
-            "moved_in_run": {k: counters[k] - before.get(k, 0) for k in ("moved_to_cpu", "moved_back")},
-            "resident_at_node": resident_at_node,
-            "resident_after": {k: e.resident for k, e in sorted(ents.items())},
-            "device_after": {k: e.device for k, e in sorted(ents.items())},
-            "max_abs_diff_vs_stock": float((out - stock[n]).abs().max()), "ref_max_abs": float(stock[n].abs().max())})
+        at_node, resident_at_node = moved(before), residency()
+        report["runs"].append({"run": label, "path": ev.path, "reason": ev.reason, "node_ms": ev.ms,
+                               "moved_at_node": at_node, "resident_at_node": resident_at_node,
+                               **after(before, sample(m), n)})
 
     run("a first use", "a")
     owner.budget.overrides[str(mm.get_torch_device())] = lc.STORE.entries()[0].nbytes + 1
@@ -83,20 +89,15 @@ def main() -> int:
     sweep_service = importlib.import_module(lc.__name__ + ".sweep_service")
     before = dict(counters)
     res = sweep_service.apply_sweep(base, None, ["a.safetensors"], "1")
-    at_node = {k: counters[k] - before.get(k, 0) for k in ("moved_to_cpu", "moved_back")}
-    ents = {e.lora[0]: e for e in lc.STORE.entries()}
+    at_node = moved(before)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = sample(res.model)
         torch.cuda.synchronize()
     copies = [e.name for e in prof.events() if "Memcpy" in e.name]
-    report["sweep"] = {
-        "path_reason": res.event.reason, "moved_at_node": at_node,
-        "moved_in_run": {k: counters[k] - before.get(k, 0) for k in ("moved_to_cpu", "moved_back")},
-        "resident_after": {k: e.resident for k, e in sorted(ents.items())},
-        "device_after": {k: e.device for k, e in sorted(ents.items())},
-        "swept_layers": len(ents["a"].layers), "memcpy": len(copies),
-        "memcpy_pinned_to_device": sum("HtoD" in n and "Pinned" in n for n in copies),
-        "max_abs_diff_vs_stock": float((out - stock["a"]).abs().max()), "ref_max_abs": float(stock["a"].abs().max())}
+    swept = next(len(e.layers) for e in lc.STORE.entries() if e.lora[0] == "a")
+    report["sweep"] = {"reason": res.event.reason, "moved_at_node": at_node, **after(before, out, "a"),
+                       "swept_layers": swept, "memcpy": len(copies),
+                       "memcpy_pinned_to_device": sum("HtoD" in n and "Pinned" in n for n in copies)}
     owner.budget.overrides.clear()
     print(json.dumps(report, indent=1))
     return 0
