@@ -72,8 +72,73 @@ def parse(argv=None):
     p.add_argument("--sweep", default=None, metavar="STRENGTHS",
                    help="the sweep rounds instead of the 8-event series: these strengths as separate runs "
                         "(stock, ours) and as one LoRA Cache Sweep")
+    p.add_argument("--profile", default="", metavar="EVENTS",
+                   help="events of ours to profile in the last round, numbers 1-8 comma-separated (e.g. '5,6': "
+                        "the last 'on' and the strength change): torch.profiler over step 1 (ComfyUI's load "
+                        "and our setup with it) and over step 2, tables and the step-1 trace written beside the "
+                        "report")
     p.add_argument("--out", default="benchmarks/out")
     return p.parse_args(argv)
+
+
+class StepProfile:
+    """torch.profiler over a sampling's step 1 (from the sampling's start: ComfyUI's load and our
+    setup are in it) and over its step 2, each ended by a device sync; what the GPU and the host
+    spent there written to `<stem>.txt`, the step-1 trace to `<stem>-step1.json.gz`."""
+
+    def __init__(self, stem: Path, sync):
+        self.stem, self.sync, self.part, self.prof, self.text = stem, sync, 0, None, []
+
+    def _new(self):
+        import torch
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        p = torch.profiler.profile(activities=acts)
+        p.start()
+        return p, time.perf_counter()
+
+    def begin(self) -> None:
+        self.part = 1
+        self.prof = self._new()
+
+    def step_end(self) -> None:
+        if self.prof is None:
+            return
+        self.sync()
+        p, t0 = self.prof
+        wall = time.perf_counter() - t0
+        p.stop()
+        self.text.append(_profile_tables(p, f"step {self.part}", wall))
+        if self.part == 1:
+            import gzip
+            import os
+            trace = self.stem.with_name(self.stem.name + "-step1.json")
+            p.export_chrome_trace(str(trace))
+            with open(trace, "rb") as f, gzip.open(str(trace) + ".gz", "wb") as g:
+                g.write(f.read())
+            os.remove(trace)
+        self.prof = None
+        if self.part == 1:
+            self.part = 2
+            self.prof = self._new()
+        else:
+            self.stem.with_suffix(".txt").write_text("\n\n".join(self.text))
+
+
+def _profile_tables(p, title: str, wall: float) -> str:
+    avg = p.key_averages()
+    dev = "self_device_time_total"
+    try:
+        by_dev = avg.table(sort_by=dev, row_limit=30)
+    except Exception:
+        dev = "self_cuda_time_total"
+        by_dev = avg.table(sort_by=dev, row_limit=30)
+    kernels = sum(getattr(e, dev, 0) for e in avg if getattr(e, "device_type", None) is not None
+                  and str(e.device_type).endswith("CUDA"))
+    return (f"== {title}: {wall * 1000:.1f} ms wall, {kernels / 1000:.1f} ms on the device (self, all ops)\n"
+            f"-- by self device time\n{by_dev}\n-- by self CPU time\n"
+            f"{avg.table(sort_by='self_cpu_time_total', row_limit=40)}")
 
 
 def main(argv=None) -> int:
@@ -189,11 +254,19 @@ def main(argv=None) -> int:
     # step carries what a sampling does before its first model call (loading, our activation).
     step_ends: list[float] = []
 
-    def sample(m, steps, noise=noise, latent=latent):
+    def sample(m, steps, noise=noise, latent=latent, profile: str | None = None):
+        prof = StepProfile(out_dir / f"profile-{re.sub(r'[^A-Za-z0-9]+', '-', profile)}", sync) if profile else None
         t0 = time.perf_counter()
         step_ends.clear()
+
+        def step_end(*a):
+            step_ends.append(time.perf_counter() - t0)
+            if prof is not None:
+                prof.step_end()
+        if prof is not None:
+            prof.begin()
         out = comfy.sample.sample(m, noise, steps, cfg, "euler", "simple", cond, cond, latent, seed=42,
-                                  disable_pbar=True, callback=lambda *a: step_ends.append(time.perf_counter() - t0))
+                                  disable_pbar=True, callback=step_end)
         sync()
         return out.float().cpu()
 
@@ -220,7 +293,7 @@ def main(argv=None) -> int:
         return {"s": time.perf_counter() - t, **streamed, "first_step_s": first,
                 "later_steps_s": (step_ends[-1] - first) if step_ends else 0.0}
 
-    def series(loader, base, outs) -> list[dict]:
+    def series(loader, base, outs, last_round: bool = False) -> list[dict]:
         mm.unload_all_models()
         lc.purge()
         gc.collect()
@@ -235,7 +308,8 @@ def main(argv=None) -> int:
             m = apply(tag, strength)
             t_node = time.perf_counter()
             held = torch.cuda.memory_allocated() if cuda else 0
-            out = sample(m, args.steps)
+            out = sample(m, args.steps, profile=f"{loader}-{len(rows) + 1}-{label}" if (
+                last_round and loader.startswith("ours") and len(rows) + 1 in profiled) else None)
             t_end = time.perf_counter()
             first = step_ends[0] if step_ends else 0.0
             row = {"event": label, "node_ms": (t_node - t) * 1000.0, "event_s": t_end - t, "first_step_s": first,
@@ -266,6 +340,7 @@ def main(argv=None) -> int:
                   f"{row.get('sampling', '')}", flush=True)
         return rows
 
+    profiled = {int(x) for x in args.profile.split(",") if x.strip()}
     failed = []
 
     def check(name: str, ok: bool, detail: str) -> None:
@@ -366,7 +441,7 @@ def main(argv=None) -> int:
                   f"{b['later_steps_s']:6.3f} s)  streamed {b['modules']:5d} modules {b['bytes'] / 2**20:9.1f} MiB",
                   flush=True)
             for loader in loaders:
-                rnd["loaders"][loader] = series(loader, base, outs)
+                rnd["loaders"][loader] = series(loader, base, outs, last_round=r == args.rounds - 1)
             res["rounds"].append(rnd)
             report["configs"][config] = res  # written after every round: a run stopped at its limit keeps it
             (out_dir / result_name).write_text(json.dumps(report, indent=1))
