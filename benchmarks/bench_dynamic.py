@@ -254,9 +254,30 @@ def main(argv=None) -> int:
     # step carries what a sampling does before its first model call (loading, our activation).
     step_ends: list[float] = []
 
+    # Host times in the last sampling, after its start: ComfyUI's ON_PRE_RUN (after its load for
+    # the sampling; ours runs at that point too), and the first model call's start and end.
+    marks: dict = {}
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
+
+    def mark(m) -> None:
+        def pre_run(patcher):
+            marks.setdefault("pre_run", time.perf_counter() - marks["t0"])
+
+        def model_call(executor, *a, **kw):
+            marks.setdefault("call_start", time.perf_counter() - marks["t0"])
+            out = executor(*a, **kw)
+            marks.setdefault("call_end", time.perf_counter() - marks["t0"])
+            return out
+        m.remove_callbacks_with_key(CallbacksMP.ON_PRE_RUN, "bench")
+        m.add_callback_with_key(CallbacksMP.ON_PRE_RUN, "bench", pre_run)
+        m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, "bench")
+        m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "bench", model_call)
+
     def sample(m, steps, noise=noise, latent=latent, profile: str | None = None):
         prof = StepProfile(out_dir / f"profile-{re.sub(r'[^A-Za-z0-9]+', '-', profile)}", sync) if profile else None
-        t0 = time.perf_counter()
+        mark(m)
+        marks.clear()
+        t0 = marks["t0"] = time.perf_counter()
         step_ends.clear()
 
         def step_end(*a):
@@ -285,10 +306,14 @@ def main(argv=None) -> int:
         ours.last = None
         return ours
 
+    base_outs: list = []  # the base images of the series rounds, for the "off" check
+
     def base_image(base, *batch) -> dict:
         streamed.update(bytes=0, modules=0)
         t = time.perf_counter()
-        sample(base, args.steps, *batch)
+        out = sample(base, args.steps, *batch)
+        if not batch:
+            base_outs.append(out)
         first = step_ends[0] if step_ends else 0.0
         return {"s": time.perf_counter() - t, **streamed, "first_step_s": first,
                 "later_steps_s": (step_ends[-1] - first) if step_ends else 0.0}
@@ -319,6 +344,7 @@ def main(argv=None) -> int:
                    # torch's tensors after the node call, and the blocks torch keeps beyond its
                    # tensors after the sampling: memory comfy-aimdo cannot hold weights in
                    "allocated_at_node": held,
+                   "step1_marks_ms": {k: round(v * 1000, 1) for k, v in marks.items() if k != "t0"},
                    "torch_cache_after": (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) if cuda else 0}
             if loader.startswith("ours"):
                 now = lc.stats()["memory"]["counters"]
@@ -335,7 +361,7 @@ def main(argv=None) -> int:
                   + (f", ours' setup {row['setup_ms']:.0f} ms" if row.get("setup_ms") is not None else "")
                   + ("".join(f", {k.replace('_', ' ')} {v}" for k, v in row.get("factors_moved", {}).items() if v))
                   + f", torch: {held / 2**20:.0f} MiB at the node, {row['torch_cache_after'] / 2**20:.0f} MiB cached "
-                  "after)  "
+                  "after; step 1 ms: " + " ".join(f"{k} {v:.0f}" for k, v in row["step1_marks_ms"].items()) + ")  "
                   f"streamed {streamed['modules']:5d} modules {streamed['bytes'] / 2**20:9.1f} MiB  "
                   f"{row.get('sampling', '')}", flush=True)
         return rows
@@ -465,6 +491,13 @@ def main(argv=None) -> int:
         if "bypass" in outs and "stock" in outs:
             check(f"{config}: outputs within the bypass loader's spread", ours_diff <= max(1.5 * spread, 1e-3),
                   f"ours {ours_diff:.4g} vs bypass {spread:.4g} (max |latent - stock|)")
+        if "ours" in loaders and base_outs:
+            # ours with the adapter off runs ComfyUI's forward on ComfyUI's own weights: the base
+            # image again, however the adapter-on samplings before it computed their updates
+            off = float((outs["ours"][(None, 0.0)] - base_outs[-1]).abs().max())
+            res["parity"]["max_abs_ours_off_vs_base"] = off
+            check(f"{config}: ours with the adapter off is the base image", off <= 1e-3,
+                  f"max |latent - base image| {off:.3g} (last round)")
         if "ours" in loaders:
             ours_rows = [rnd["loaders"]["ours"] for rnd in res["rounds"]]
             reenable = [rws[2]["built"] for rws in ours_rows]

@@ -75,12 +75,14 @@ def device_costs(device: torch.device | str) -> DeviceCosts:
 def unmerged_saving(out_f: int, in_f: int, rows: int | None, steps: int, adapters: int, covered: int,
                     element_size: int, costs: DeviceCosts) -> float:
     """Seconds per call that a copy saves over the cheaper of the two unmerged ways of a
-    Linear's low-rank update (weight_update.py): the weight update reads the weight and writes a
-    new one (a launch per factor step); the output update reads the input again per adapter and reads and
-    writes the output columns each step covers (a launch per adapter and per step). `covered`:
-    the output rows the steps cover together; `rows`: the input rows of this layer's last call,
-    None where not known yet (then the weight update's cost, its bound)."""
-    weight_update = 2 * out_f * in_f * element_size / costs.bytes_per_s + steps * costs.launch_s
+    Linear's low-rank update (weight_update.py): the weight update copies the weight into a new
+    one, then reads and writes the rows each step covers (a launch per factor step); the output
+    update reads the input again per adapter and reads and writes the output columns each step
+    covers (a launch per adapter and per step). `covered`: the output rows the steps cover
+    together; `rows`: the input rows of this layer's last call, None where not known yet (then
+    the weight update's cost, its bound)."""
+    weight_update = (2 * (out_f + covered) * in_f * element_size / costs.bytes_per_s
+                     + steps * costs.launch_s)
     if rows is None:
         return weight_update
     output_update = (rows * (adapters * in_f + 2 * covered) * element_size / costs.bytes_per_s

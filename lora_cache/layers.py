@@ -41,7 +41,7 @@ SLOT_ATTR = "lora_cache_slot"
 
 class LayerSlot:
     __slots__ = ("active", "installed", "prev_forward", "plan", "chain", "chain_pre", "weight_plan",
-                 "weight_fn", "copy", "merged", "rows", "probed", "cast", "bypassed", "post")
+                 "copy", "merged", "rows", "probed", "cast", "bypassed", "post")
 
     def __init__(self) -> None:
         self.active: Chain = ()
@@ -50,10 +50,8 @@ class LayerSlot:
         # What the direct forward computes (the output update), built on activate.
         # None when some active form is not a low-rank Linear one.
         self.plan: weight_update.Plan | None = None
-        # The same updates as additions to the weight (the weight update), and the weight
-        # function that ComfyUI's cast applies them through; None where `plan` is.
+        # The same updates as additions to the weight (the weight update); None where `plan` is.
         self.weight_plan: weight_update.WeightPlan | None = None
-        self.weight_fn: Callable | None = None
         # Every active form as an Op, in chain order (see run_chain); chain_pre: some Op
         # changes the input side.
         self.chain: tuple[Op, ...] = ()
@@ -110,9 +108,8 @@ def activate(module: torch.nn.Module, chain: Chain | list, merged: MergedCopy | 
     if merged is None:
         slot.plan = weight_update.plan_of(slot.active)
         weight = getattr(module, "weight", None)
-        wp = slot.weight_plan = (weight_update.as_weight_plan(slot.plan, weight)
-                                 if slot.plan is not None and isinstance(weight, torch.Tensor) else None)
-        slot.weight_fn = None if wp is None else (lambda w: weight_update.merged_weight(w, wp))
+        slot.weight_plan = (weight_update.as_weight_plan(slot.plan, weight)
+                            if slot.plan is not None and isinstance(weight, torch.Tensor) else None)
         slot.chain = _chain(module, slot.active)
         slot.chain_pre = any(op.pre is not None for op in slot.chain)
     _install(module, slot)
@@ -127,7 +124,6 @@ def deactivate(module: torch.nn.Module) -> None:
     slot.post = None
     slot.plan = None
     slot.weight_plan = None
-    slot.weight_fn = None
     slot.chain = ()
     slot.chain_pre = False
     _uninstall(module, slot)
@@ -383,6 +379,38 @@ def casts_per_call(module: torch.nn.Module) -> bool:
                 or getattr(module, "bias_function", None))
 
 
+def _own_copy(module: torch.nn.Module, weight: torch.Tensor) -> bool:
+    """Whether the weight ComfyUI's cast hands its weight functions is its copy for this one call,
+    which the update may go into in place: under dynamic VRAM a weight streamed through the cast
+    buffer (comfy-aimdo gave it no place of its own: no signature), never the resident one it
+    hands over as it is and keeps; on ComfyUI's other casts always (it copies the weight for
+    weight functions, or moves it to the device for this call). Anything not known to be a copy
+    counts as kept."""
+    if not hasattr(module, "_v"):
+        return True
+    return getattr(module, "_v_signature", False) is None and weight is not getattr(module, "_v_weight", None)
+
+
+def _cast_update(module: torch.nn.Module, wp: weight_update.WeightPlan, numel: int, done: list) -> Callable:
+    """A weight function for one call: the weight update, in place where ComfyUI hands over its
+    own copy and no weight function of another party's came before (it may hand on a tensor it
+    keeps), into a new tensor where the weight stays; each only where it moves less memory than
+    the output update for `numel` inputs, else the weight as it is (then the caller adds the
+    output update). `done` gets an entry where the update went in."""
+    alone = not module.weight_function
+
+    def update(w: torch.Tensor) -> torch.Tensor:
+        if alone and _own_copy(module, w):
+            if numel >= wp.in_place_numel:
+                done.append(True)
+                return weight_update.add_in_place(w, wp)
+        elif numel >= wp.merge_numel:
+            done.append(True)
+            return weight_update.merged_weight(w, wp)
+        return w
+    return update
+
+
 def _through_weight_function(module: torch.nn.Module, fn: Callable, base: Callable, x: torch.Tensor,
                              *args, **kwargs) -> torch.Tensor:
     """ComfyUI's forward with `fn` after the layer's own weight functions for this one call: its
@@ -442,6 +470,8 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
     # dtype, or skip their fast path when any is set. comfy-aimdo hands its resident weight to
     # them as it is; ComfyUI's other casts copy it first.
     through_fn = casts and copyable(module)
+    # ComfyUI's stock cast copies a weight on the device for weight functions (none under dynamic
+    # VRAM): with ours there only for the update, that copy is part of its cost.
     fn_numel_factor = 1 if hasattr(module, "_v") else 2
 
     def direct(x):
@@ -460,18 +490,24 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
             n = x.numel()
             slot.rows = n // x.shape[-1]
             wp = slot.weight_plan
+            y = None
             if wp is not None and not torch.is_grad_enabled():
                 if use_direct and n >= wp.merge_numel:
                     every_op()
                     return linear(x, weight_update.merged_weight(cast(torch.Tensor, module.weight), wp),
                                   cast(torch.Tensor | None, module.bias))
-                fn = slot.weight_fn
-                if (through_fn and plain and fn is not None and module.weight.dtype == x.dtype
-                        and n >= wp.merge_numel * fn_numel_factor):
-                    return _through_weight_function(module, fn, base, x)
+                if (through_fn and plain and module.weight.dtype == x.dtype
+                        and n >= wp.in_place_numel * fn_numel_factor):
+                    # whether the update goes into the weight is known only once the cast hands
+                    # it over (streamed or resident); where it does not, the output update follows
+                    done: list = []
+                    y = _through_weight_function(module, _cast_update(module, wp, n, done), base, x)
+                    if done:
+                        return y
             # Output update: the updates go into the output in place, one `x @ down` per adapter
             # (shared by q/k/v slices) and one addmm_ per factor.
-            y = direct(x) if use_direct else base(x, *args, **kwargs)
+            if y is None:
+                y = direct(x) if use_direct else base(x, *args, **kwargs)
             if y.requires_grad or not y.is_contiguous() or y.dtype != down0.dtype:
                 return _posts(slot.chain, x, y)
             x2 = x.reshape(-1, x.shape[-1])

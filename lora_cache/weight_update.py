@@ -5,13 +5,16 @@ When every active form on a layer is a low-rank Linear one (`LayerFactors`), its
 
 - output update (`Plan`): one `x @ down` per adapter and one addmm_ per factor into the output,
   which reads the input again and reads and writes the output again;
-- weight update (`WeightPlan`): a transient weight `W + alpha * up down` (one addmm per factor),
-  used by the layer's own product in place of W, which reads and writes the weight once. It wins
-  wherever the weight is smaller than the activations (SDXL's layers at 1024x1024, Flux's
-  image-token layers) and is one launch fewer per layer. The weight it reads is ComfyUI's: the
-  layer's own where the weight is resident and not cast, else the one ComfyUI casts or streams
-  for this call, through ComfyUI's per-call weight functions (the mechanism of its own lowvram
-  patches).
+- weight update (`WeightPlan`): the weight `W + alpha * up down` (one addmm per factor), used by
+  the layer's own product in place of W. Where W is one that stays (the layer's own, or one
+  comfy-aimdo keeps resident) the update writes a new tensor: torch's addmm copies W into it
+  before the product adds to it, so W is read twice and the new weight written twice. Where W
+  is ComfyUI's own copy for this one call (a weight it streams through its cast buffer), the
+  update goes into it in place: W read and written once. Either wins wherever the weight is
+  small beside the activations (SDXL's layers at 1024x1024; in place, Flux's image-token
+  layers). The weight it reads is ComfyUI's: the layer's own where the weight is resident and
+  not cast, else the one ComfyUI casts or streams for this call, through ComfyUI's per-call
+  weight functions (the mechanism of its own lowvram patches).
 
 A merged copy of such a layer (copies.py) is the weight update's weight, built once.
 """
@@ -87,15 +90,18 @@ class WeightPlan(NamedTuple):
     """The plan's updates as additions to the weight [out, in] (the weight update).
 
     `tiles` steps come first and cover every row exactly once between them (Flux's q/k/v/mlp
-    slices of one fused weight); then the transient weight is written by them, each from its
-    rows of W, with no copy of W first.
-    `merge_numel`: the input size (rows x in) from which the weight update moves less memory
-    than the output update, where the weight is read in place (slices and stacked adapters
-    counted); a weight that ComfyUI copies before its weight functions costs twice that."""
+    slices of one fused weight); then the new weight is written by them, each from its rows of W,
+    with no copy of W first.
+    `merge_numel`: the input size (rows x in) from which the weight update into a new tensor
+    moves less memory than the output update (slices and stacked adapters counted);
+    `in_place_numel`: the same for the update in place, into a weight that is ComfyUI's copy for
+    this call. A weight that ComfyUI copies for its weight functions only because ours is there
+    costs twice `in_place_numel`."""
 
     tiles: int
     steps: tuple[WeightStep, ...]
     merge_numel: float
+    in_place_numel: float
 
 
 def as_weight_plan(plan: Plan, weight: torch.Tensor) -> WeightPlan | None:
@@ -117,14 +123,13 @@ def as_weight_plan(plan: Plan, weight: torch.Tensor) -> WeightPlan | None:
             a[1] == b[0] for a, b in pairwise(covered)):
         tiles = len(first)
     # Memory each update moves per call. Output update: x [rows, in] read again per adapter, each
-    # factor's output columns read and written. Weight update: W read and the new weight written
-    # once, plus a read and write of its rows for every step after the first pass (all steps
-    # where W is copied first).
+    # factor's output columns read and written. Weight update in place: each step's rows read and
+    # written. Into a new tensor: W copied first as well (addmm's own copy of its input, or a clone).
     lengths = [out_f if s.start is None else cast(int, s.stop) - s.start for s in steps]
     per_row = len(plan) * in_f + 2 * sum(lengths)
-    first_pass = tiles or (1 if steps[0].start is None else 0)
-    weight_cost = 2 * out_f * in_f + 2 * in_f * sum(lengths[first_pass:])
-    return WeightPlan(tiles, tuple(steps), weight_cost / per_row * in_f)
+    in_place = 2 * in_f * sum(lengths)
+    return WeightPlan(tiles, tuple(steps), (2 * out_f * in_f + in_place) / per_row * in_f,
+                      in_place / per_row * in_f)
 
 
 def merged_weight(weight: torch.Tensor, wp: WeightPlan) -> torch.Tensor:
@@ -145,6 +150,13 @@ def merged_weight(weight: torch.Tensor, wp: WeightPlan) -> torch.Tensor:
         rest = steps
     add_steps(out, rest)
     return out
+
+
+def add_in_place(weight: torch.Tensor, wp: WeightPlan) -> torch.Tensor:
+    """`weight` with every step's update added in place: for a weight that is ComfyUI's copy for
+    one call and no one else's."""
+    add_steps(weight, wp.steps)
+    return weight
 
 
 def add_steps(weight: torch.Tensor, steps: tuple[WeightStep, ...]) -> None:

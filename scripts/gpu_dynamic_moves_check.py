@@ -85,7 +85,8 @@ def main() -> int:
     run("b again", "b")
     # The sweep of a (moved off by b): its per-image update binds the factors at the sampling's
     # start, so they must be back on the device by then; bound on the host, every swept layer
-    # would copy them to the device at every call (page-locked to device copies, counted here).
+    # would copy them to the device at every call (page-locked to device copies, counted here;
+    # the move back itself copies each layer's down and up once).
     sweep_service = importlib.import_module(lc.__name__ + ".sweep_service")
     before = dict(counters)
     res = sweep_service.apply_sweep(base, None, ["a.safetensors"], "1")

@@ -323,14 +323,20 @@ def test_mixed_stack_in_any_order_equals_stock_chain(pkg, host, sd_patcher, flux
 
 
 def count_weight_update(pkg, monkeypatch) -> list:
-    """Wraps weight_update.merged_weight (this package's weight update) to count the layers it serves."""
+    """Wraps this package's weight update (into a new tensor: merged_weight; in place:
+    add_in_place) to count the layers it serves, and how it starts the new weight."""
     calls: list = []
-    real = pkg.weight_update.merged_weight
+    real, in_place = pkg.weight_update.merged_weight, pkg.weight_update.add_in_place
 
     def counted(weight, wp):
         calls.append("tiles" if wp.tiles else "whole" if wp.steps[0].start is None else "copy")
         return real(weight, wp)
+
+    def counted_in_place(weight, wp):
+        calls.append("in place")
+        return in_place(weight, wp)
     monkeypatch.setattr(pkg.weight_update, "merged_weight", counted)
+    monkeypatch.setattr(pkg.weight_update, "add_in_place", counted_in_place)
     return calls
 
 

@@ -132,6 +132,8 @@ def test_gpu_dynamic_moves_check():
     assert sw["moved_at_node"] == {"moved_to_cpu": 0, "moved_back": 0}, sw
     assert sw["moved_in_run"] == {"moved_to_cpu": 1, "moved_back": 1}, sw
     assert sw["resident_after"] == {"a": True, "b": False} and sw["device_after"]["a"].startswith("cuda"), sw
-    # the profiler saw the sampling's copies, and no per-call copy of the swept layers' factors
-    assert sw["memcpy"] > 0 and sw["memcpy_pinned_to_device"] < sw["swept_layers"], sw
+    # the profiler saw the sampling's copies: each swept layer's down and up coming back once at
+    # its start, and no copy per model call (factors bound on the host: one per layer and call,
+    # 4 calls)
+    assert sw["memcpy"] > 0 and sw["memcpy_pinned_to_device"] <= 2 * sw["swept_layers"], sw
 
