@@ -273,6 +273,22 @@ def main(argv=None) -> int:
         m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, "bench")
         m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "bench", model_call)
 
+    # Python's garbage collections in the last sampling (and the node call before it): when a
+    # full (generation 2) one started after the sampling's start, and how long each took; the
+    # node call's and the sampling's total.
+    collections: dict = {"gc_ms": 0.0, "full": []}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            collections["t"] = time.perf_counter()
+            return
+        took = (time.perf_counter() - collections.pop("t", time.perf_counter())) * 1000.0
+        collections["gc_ms"] += took
+        if info.get("generation") == 2:
+            collections["full"].append((round((time.perf_counter() - marks.get("t0", 0.0)) * 1000.0 - took),
+                                        round(took, 1)))
+    gc.callbacks.append(on_gc)
+
     def sample(m, steps, noise=noise, latent=latent, profile: str | None = None):
         prof = StepProfile(out_dir / f"profile-{re.sub(r'[^A-Za-z0-9]+', '-', profile)}", sync) if profile else None
         mark(m)
@@ -329,6 +345,7 @@ def main(argv=None) -> int:
             streamed.update(bytes=0, modules=0)
             moves = dict(lc.stats()["memory"]["counters"])
             sync()
+            collections.update(gc_ms=0.0, full=[])
             t = time.perf_counter()
             m = apply(tag, strength)
             t_node = time.perf_counter()
@@ -345,6 +362,9 @@ def main(argv=None) -> int:
                    # tensors after the sampling: memory comfy-aimdo cannot hold weights in
                    "allocated_at_node": held,
                    "step1_marks_ms": {k: round(v * 1000, 1) for k, v in marks.items() if k != "t0"},
+                   # Python's collections in the event: total ms, and each full one (ms after the
+                   # sampling's start, negative: in the node call; ms it took)
+                   "gc_ms": round(collections["gc_ms"], 1), "gc_full": list(collections["full"]),
                    "torch_cache_after": (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) if cuda else 0}
             if loader.startswith("ours"):
                 now = lc.stats()["memory"]["counters"]
@@ -361,7 +381,9 @@ def main(argv=None) -> int:
                   + (f", ours' setup {row['setup_ms']:.0f} ms" if row.get("setup_ms") is not None else "")
                   + ("".join(f", {k.replace('_', ' ')} {v}" for k, v in row.get("factors_moved", {}).items() if v))
                   + f", torch: {held / 2**20:.0f} MiB at the node, {row['torch_cache_after'] / 2**20:.0f} MiB cached "
-                  "after; step 1 ms: " + " ".join(f"{k} {v:.0f}" for k, v in row["step1_marks_ms"].items()) + ")  "
+                  "after; step 1 ms: " + " ".join(f"{k} {v:.0f}" for k, v in row["step1_marks_ms"].items())
+                  + f"; gc {row['gc_ms']:.0f} ms" + "".join(f", full at {a} ms: {d} ms" for a, d in row["gc_full"])
+                  + ")  "
                   f"streamed {streamed['modules']:5d} modules {streamed['bytes'] / 2**20:9.1f} MiB  "
                   f"{row.get('sampling', '')}", flush=True)
         return rows
