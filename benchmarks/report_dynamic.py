@@ -57,8 +57,9 @@ def _title(r: dict, config: str, res: dict) -> str:
     kind = "" if r.get("adapter", "lora") == "lora" else f" {ADAPTERS[r['adapter']]} (rank {r['rank']})"
     host = f"ComfyUI {r['comfyui']}" + (f", comfy-aimdo {r['aimdo_version']}"
                                          if config.startswith("dynamic") and r.get("aimdo_version") else "")
+    started = f", run {r['started'][:16]}" if r.get("started") else ""
     return (f"{r['model']}{kind}, {CONFIGS.get(config, config)} ({host}, {res['patcher']}, {r['steps']} steps, "
-            f"{len(res['rounds'])} rounds)")
+            f"{len(res['rounds'])} rounds{started})")
 
 
 def tables(results: list[dict]) -> str:

@@ -409,7 +409,8 @@ def test_weight_update_after_stock_lowvram_patch_through_comfy_cast(pkg, host, s
         finally:
             pkg.layers.deactivate(module)
         checked += 1
-    assert checked and len(calls) == checked, (checked, len(calls))
+    # a weight function before ours may hand on a tensor it keeps: the update goes into a new one
+    assert checked and len(calls) == checked and "in place" not in calls, (checked, calls)
 
 
 def test_copy_equals_stock_merge_for_every_type(pkg, host, sd_patcher):
@@ -575,6 +576,7 @@ def test_weight_update_only_through_comfy_stock_cast(pkg, monkeypatch):
             lin.weight.copy_(torch.randn(32, 32, generator=g) / 8)
             lin.bias.copy_(torch.randn(32, generator=g) / 8)
         down, up = torch.randn(32, 4, generator=g) / 6, torch.randn(4, 32, generator=g) / 2
+        saved = lin.weight.detach().clone()
         pkg.layers.activate(lin, [((pkg.low_rank.LayerFactors("linear", down, up, 0.5),), 0.8)])
         try:
             x = torch.randn(512, 32, generator=g)
@@ -583,9 +585,11 @@ def test_weight_update_only_through_comfy_stock_cast(pkg, monkeypatch):
                 got = lin(x)
         finally:
             pkg.layers.deactivate(lin)
+        assert torch.equal(lin.weight, saved), cls.__name__  # the layer's own weight is never written
         update = 0.4 * (down.double() @ up.double()).t()
         want, magnitude = compare.reference(torch.nn.functional.linear, x, [lin.weight * scale, update], lin.bias)
         ratio = compare.error_ratio(got, want, compare.tolerance(magnitude, 32 + 1, got.dtype))
         assert ratio <= 1, (cls.__name__, ratio)
-        assert len(calls) == (1 if cls is comfy.ops.manual_cast.Linear else 0), (cls.__name__, calls)
+        # ComfyUI's stock cast copies the weight for its weight functions: the update goes into that copy
+        assert calls == (["in place"] if cls is comfy.ops.manual_cast.Linear else []), (cls.__name__, calls)
 
