@@ -381,12 +381,16 @@ def casts_per_call(module: torch.nn.Module) -> bool:
 
 def _own_copy(module: torch.nn.Module, weight: torch.Tensor) -> bool:
     """Whether the weight ComfyUI's cast hands its weight functions is its copy for this one call,
-    which the update may go into in place: under dynamic VRAM a weight streamed through the cast
-    buffer (comfy-aimdo gave it no place of its own: no signature), never the resident one it
-    hands over as it is and keeps; on ComfyUI's other casts always (it copies the weight for
-    weight functions, or moves it to the device for this call). Anything not known to be a copy
-    counts as kept."""
-    if not hasattr(module, "_v"):
+    which the update may go into in place: under dynamic VRAM (the layer has comfy-aimdo's `_v`)
+    a weight streamed through the cast buffer (comfy-aimdo gave it no place of its own: no
+    signature), never the resident one it hands over as it is and keeps; on ComfyUI's other casts
+    always (it copies the weight for weight functions, or moves it to the device for this call).
+    Never the layer's own parameter, whatever the cast."""
+    own = module.weight
+    if (isinstance(own, torch.Tensor) and own.device == weight.device
+            and own.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()):
+        return False
+    if getattr(module, "_v", None) is None:
         return True
     return getattr(module, "_v_signature", False) is None and weight is not getattr(module, "_v_weight", None)
 
@@ -471,8 +475,9 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
     # them as it is; ComfyUI's other casts copy it first.
     through_fn = casts and copyable(module)
     # ComfyUI's stock cast copies a weight on the device for weight functions (none under dynamic
-    # VRAM): with ours there only for the update, that copy is part of its cost.
-    fn_numel_factor = 1 if hasattr(module, "_v") else 2
+    # VRAM: newer ComfyUI gives every layer `_v`, None unless comfy-aimdo manages it): with ours
+    # there only for the update, that copy is part of its cost.
+    fn_numel_factor = 1 if getattr(module, "_v", None) is not None else 2
 
     def direct(x):
         every_op()
