@@ -137,3 +137,20 @@ def test_gpu_dynamic_moves_check():
     # 4 calls)
     assert sw["memcpy"] > 0 and sw["memcpy_pinned_to_device"] <= 2 * sw["swept_layers"], sw
 
+
+
+def test_gpu_streamed_update_check():
+    """The unmerged weight update where comfy-aimdo streams the weights
+    (scripts/gpu_streamed_update_check.py): with the device filled, some layer's update goes in
+    place into the weight ComfyUI streams through its cast buffer; ours equals stock within fp16
+    rounding, and a base sampling after ours equals the one before it to the bit (no resident
+    weight written)."""
+    r = report("gpu_streamed_update_check.py")
+    if not r["aimdo"]:
+        pytest.skip("comfy-aimdo is not active on this machine")
+    assert r["patcher"] == "ModelPatcherDynamic", r["patcher"]
+    for run in r["runs"]:
+        assert run["path"] == "build", run
+        assert within_rounding(run), run
+        assert run["base_after_vs_before"] == 0.0, run
+    assert r["runs"][-1]["weight_updates"]["in_place"] > 0, r["runs"]  # some fill made comfy-aimdo stream

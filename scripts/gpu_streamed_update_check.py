@@ -1,0 +1,108 @@
+"""GPU check of the unmerged weight update where ComfyUI's dynamic VRAM streams the weights, with
+real comfy-aimdo (lora_cache/layers.py, weight_update.py): with the device filled so that
+comfy-aimdo cannot keep every weight resident, a layer whose weight streams through ComfyUI's cast
+buffer takes the update in place in that buffer, a resident one into a new tensor, and no
+resident weight is written: a base sampling after ours equals the one before it to the bit, and
+ours equals stock within fp16 rounding.
+
+The tiny SD-type UNet in fp16 comes through ComfyUI's loader from a file; the LoRA runs in mode
+unmerged (no merged copies), at a latent where the weight update moves less memory than the
+output update. The device is filled in steps, leaving less room each time, until some weight
+update went in place (or none of the steps made comfy-aimdo stream). Prints a JSON report; on a
+GPU machine, from the repository root (benchmarks/device/setup.sh prepares one for ComfyUI
+0.33.0): COMFYUI_DIR=path/to/ComfyUI PYTHONPATH=testkit python3 scripts/gpu_streamed_update_check.py
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from lora_cache_testkit import aimdo, host
+
+aimdo.hook()  # before torch touches the GPU
+
+host.boot(cpu=False)
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.sd
+import folder_paths
+import torch
+from safetensors.torch import save_file
+
+from lora_cache_testkit import tiny_models
+from lora_cache_testkit.sampling import stock_lora
+
+
+def main() -> int:
+    lc = host.load_package().lora_cache
+    report: dict = {"device": torch.cuda.get_device_name(0), "aimdo": aimdo.devices(), "runs": []}
+    if not report["aimdo"]:
+        print(json.dumps(report, indent=1))
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix="lc_streamed_"))
+    folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
+    unet_sd16 = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
+    tiny_models.write_lora(tmp / "a.safetensors",
+                           tiny_models.sd_lora_state_dict({k: v.float() for k, v in unet_sd16.items()}, seed=1))
+    save_file(unet_sd16, str(tmp / "unet.safetensors"))
+    aimdo.use_dynamic(True)
+    base = comfy.sd.load_diffusion_model(str(tmp / "unet.safetensors"))
+    report["patcher"] = type(base).__name__
+
+    g = torch.Generator().manual_seed(3)
+    cond = [[torch.randn(1, 77, 1024, generator=g), {}]]
+    latent = torch.zeros(1, 4, 32, 32)  # 1024 rows a call at the top: the weight update wins there
+    noise = comfy.sample.prepare_noise(latent, 42)
+
+    def sample(model) -> torch.Tensor:
+        return comfy.sample.sample(model, noise, 3, 1.5, "euler", "normal", cond, cond, latent, seed=42).float()
+
+    # which way each weight update went: in place (ComfyUI's copy for the call) or a new tensor
+    wu = lc.weight_update
+    ways = {"in_place": 0, "new_tensor": 0}
+    real_in_place, real_new = wu.add_in_place, wu.merged_weight
+
+    def counted_in_place(w, wp):
+        ways["in_place"] += 1
+        return real_in_place(w, wp)
+
+    def counted_new(w, wp):
+        ways["new_tensor"] += 1
+        return real_new(w, wp)
+    wu.add_in_place, wu.merged_weight = counted_in_place, counted_new
+
+    model_bytes = base.model_size()
+    for share in (4, 16, 64):  # room left for the weights: a quarter of them, then less
+        mm.unload_all_models()
+        lc.purge()
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info()
+        need = mm.minimum_inference_memory() + int(base.model.memory_required([2, *latent.shape[1:]]))
+        filler = torch.empty(max(0, free - need - model_bytes // share), dtype=torch.uint8, device="cuda")
+        try:
+            before = sample(base)
+            stock = sample(stock_lora(base, tmp / "a.safetensors"))
+            ways.update(in_place=0, new_tensor=0)
+            m, _, ev = lc.apply(base, None, "a.safetensors", 1.0, 0.0, True, "unmerged")
+            out = sample(m)
+            took = dict(ways)
+            after = sample(base)
+        finally:
+            del filler
+        report["runs"].append({"room": f"1/{share} of the weights", "path": ev.path, "reason": ev.reason,
+                               "weight_updates": took,
+                               "max_abs_diff_vs_stock": float((out - stock).abs().max()),
+                               "ref_max_abs": float(stock.abs().max()),
+                               "base_after_vs_before": float((after - before).abs().max())})
+        if took["in_place"]:
+            break
+    wu.add_in_place, wu.merged_weight = real_in_place, real_new
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
