@@ -19,7 +19,9 @@ sibling runs); only the owner's eject or cleanup deactivates.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import logging
 import time
 import weakref
@@ -128,11 +130,33 @@ def _current(item: StackItem, patcher) -> StackItem:
     return item._replace(entry=build.twin(entry, patcher))
 
 
+@contextlib.contextmanager
+def _uncollected():
+    """No garbage collection while an activation sets up: the many small objects it makes for
+    every layer and drops at its end are freed by their reference counts. A collection in between
+    would move the ones still alive to the oldest generation, which only a full collection frees,
+    and a full collection traces every object of the process (a quarter of a second under
+    ComfyUI); it runs once enough such objects have come together."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _activate(patcher, sampling: bool = False) -> None:
     """Activates the patcher's adapters on its model. For a sampling, layers get merged copies
     where their modes allow them and memory and the cost model say so (copy_choice.py); every other
     layer runs its chain unmerged. A sweep's layers add each image's update after their output
     (sweep.py). The sampling records one event."""
+    with _uncollected():
+        _set_up(patcher, sampling)
+
+
+def _set_up(patcher, sampling: bool) -> None:
     stack = active_items(patcher)
     sw = patcher.get_attachment(sweep.KEY) if sampling else None
     if not stack and sw is None:

@@ -173,6 +173,54 @@ def test_fast_path_flags_only_while_sampling(fresh, loras, monkeypatch):
         assert slot.active == () and slot.chain == ()
 
 
+@pytest.mark.parametrize("mode", ["auto", "unmerged"])
+def test_activations_reuse_the_layers_forwards_and_collect_no_garbage(fresh, loras, monkeypatch, mode):
+    """A re-enable, a strength change and a switch back install the forward each layer got at its
+    first activation (it reads the copy or the plans of the sampling from the layer's slot), and
+    no garbage collection runs while an activation sets up, even with the collector's thresholds
+    at their lowest: the objects it makes and drops are freed by their reference counts, never
+    moved to the generation that only a full collection of the process frees. Outputs match
+    stock throughout."""
+    import gc
+
+    from lora_cache_loader.lora_cache import layers, scope
+    h = fresh
+    stock = {s: h.run(wf.sd([wf.stock(loras["a"], s)]))["out"] for s in (1.0, 0.6)}
+    installed: dict = {}
+    real_install = layers._install
+
+    def install(module, slot):
+        real_install(module, slot)
+        installed.setdefault(id(module), set()).add(id(slot.built[2]))
+    monkeypatch.setattr(layers, "_install", install)
+    inside, collected = [False], []
+
+    def on_gc(phase, info):
+        if phase == "start" and inside[0]:
+            collected.append(info["generation"])
+    real_set_up = scope._set_up
+
+    def set_up(patcher, sampling):
+        inside[0] = True
+        try:
+            real_set_up(patcher, sampling)
+        finally:
+            inside[0] = False
+    monkeypatch.setattr(scope, "_set_up", set_up)
+    thresholds = gc.get_threshold()
+    gc.callbacks.append(on_gc)
+    gc.set_threshold(1, 1, 1)
+    try:
+        for strength, enabled in ((1.0, True), (1.0, False), (1.0, True), (0.6, True), (1.0, True)):
+            out = h.run(wf.sd([wf.ours(loras["a"], strength, enabled=enabled, mode=mode)]))["out"]
+            assert close(out, stock[strength]) if enabled else not close(out, stock[1.0])
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(on_gc)
+    assert installed and all(len(ids) == 1 for ids in installed.values()), installed
+    assert collected == [], collected
+
+
 def test_forward_after_comfy_bypass_loader_is_the_direct_one(fresh, loras, monkeypatch):
     """ComfyUI's bypass loader leaves each layer it injected into with its own class forward
     bound on the instance once it ejects; ours takes that for no forward of another party's:
