@@ -16,8 +16,6 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 from lora_cache_testkit import aimdo, host
 
@@ -26,13 +24,9 @@ aimdo.hook()  # before torch touches the GPU
 host.boot(cpu=False)
 
 import comfy.model_management as mm
-import comfy.sd
-import folder_paths
 import torch
-from safetensors.torch import save_file
 
-from lora_cache_testkit import tiny_models
-from lora_cache_testkit.sampling import stock_lora, tiny_sd_sampler
+from lora_cache_testkit.sampling import stock_lora, tiny_fp16_model_from_file, tiny_sd_sampler
 
 
 def main() -> int:
@@ -41,16 +35,7 @@ def main() -> int:
     if not report["aimdo"]:
         print(json.dumps(report, indent=1))
         return 0
-    tmp = Path(tempfile.mkdtemp(prefix="lc_moves_"))
-    folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
-    unet_sd16 = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
-    ref_sd = {k: v.float() for k, v in unet_sd16.items()}
-    for name, seed in (("a", 1), ("b", 2)):
-        tiny_models.write_lora(tmp / f"{name}.safetensors", tiny_models.sd_lora_state_dict(ref_sd, seed=seed))
-    # written before dynamic VRAM is on, loaded from the file after: weights mapped from it
-    save_file(unet_sd16, str(tmp / "unet.safetensors"))
-    aimdo.use_dynamic(True)
-    base = comfy.sd.load_diffusion_model(str(tmp / "unet.safetensors"))
+    base, tmp = tiny_fp16_model_from_file("lc_moves_", {"a": 1, "b": 2})
     report["patcher"] = type(base).__name__
     sample = tiny_sd_sampler()
     stock = {n: sample(stock_lora(base, tmp / f"{n}.safetensors")) for n in "ab"}

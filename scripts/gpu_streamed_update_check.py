@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 from lora_cache_testkit import aimdo, host
 
@@ -27,13 +25,9 @@ host.boot(cpu=False)
 
 import comfy.model_management as mm
 import comfy.sample
-import comfy.sd
-import folder_paths
 import torch
-from safetensors.torch import save_file
 
-from lora_cache_testkit import tiny_models
-from lora_cache_testkit.sampling import stock_lora
+from lora_cache_testkit.sampling import stock_lora, tiny_fp16_model_from_file
 
 
 def main() -> int:
@@ -42,14 +36,7 @@ def main() -> int:
     if not report["aimdo"]:
         print(json.dumps(report, indent=1))
         return 0
-    tmp = Path(tempfile.mkdtemp(prefix="lc_streamed_"))
-    folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
-    unet_sd16 = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
-    tiny_models.write_lora(tmp / "a.safetensors",
-                           tiny_models.sd_lora_state_dict({k: v.float() for k, v in unet_sd16.items()}, seed=1))
-    save_file(unet_sd16, str(tmp / "unet.safetensors"))
-    aimdo.use_dynamic(True)
-    base = comfy.sd.load_diffusion_model(str(tmp / "unet.safetensors"))
+    base, tmp = tiny_fp16_model_from_file("lc_streamed_", {"a": 1})
     report["patcher"] = type(base).__name__
 
     g = torch.Generator().manual_seed(3)

@@ -12,6 +12,27 @@ import comfy.utils
 import torch
 
 
+def tiny_fp16_model_from_file(prefix: str, loras: dict[str, int]):
+    """The tiny SD-type UNet in fp16 loaded through ComfyUI's loader from a file under dynamic
+    VRAM (comfy-aimdo maps its weights from the file), and rank-4 LoRA files on its attention and
+    feed-forward layers (name -> seed, written as name.safetensors) in a new loras folder:
+    (base, the folder)."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from . import aimdo, tiny_models
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
+    unet_sd16 = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
+    ref_sd = {k: v.float() for k, v in unet_sd16.items()}
+    for name, seed in loras.items():
+        tiny_models.write_lora(tmp / f"{name}.safetensors", tiny_models.sd_lora_state_dict(ref_sd, seed=seed))
+    # written before dynamic VRAM is on, loaded from the file after: weights mapped from it
+    save_file(unet_sd16, str(tmp / "unet.safetensors"))
+    aimdo.use_dynamic(True)
+    return comfy.sd.load_diffusion_model(str(tmp / "unet.safetensors")), tmp
+
+
 def tiny_fp16_model_and_lora(name: str = "a.safetensors"):
     """The tiny SD-type UNet in fp16 (a ModelPatcher) and a rank-4 LoRA on its attention,
     feed-forward and resnet convolutions, written as `name` into a new loras folder: (base, the
