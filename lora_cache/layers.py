@@ -41,7 +41,7 @@ SLOT_ATTR = "lora_cache_slot"
 
 class LayerSlot:
     __slots__ = ("active", "installed", "prev_forward", "plan", "chain", "chain_pre", "weight_plan",
-                 "copy", "merged", "rows", "probed", "cast", "bypassed", "post", "built")
+                 "copy", "merged", "rows", "probed", "cast", "bypassed", "post")
 
     def __init__(self) -> None:
         self.active: Chain = ()
@@ -73,8 +73,6 @@ class LayerSlot:
         # (x, y) -> y applied after everything above: a sweep's per-image update (sweep.py),
         # which no merged copy can hold.
         self.post: Callable | None = None
-        # The forward built for this layer: (the forward it wraps, what it was built for, it).
-        self.built: tuple | None = None
 
 
 @overload
@@ -431,44 +429,30 @@ def _through_weight_function(module: torch.nn.Module, fn: Callable, base: Callab
 
 def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     prev = module.__dict__.get("forward")
-    # The forward reads what changes from one sampling to the next (the copy, the plans) from the
-    # slot at each call, so the one built for the same forward under it and the same cast serves
-    # every later activation: an activation makes no new objects per layer for the garbage
-    # collector to trace.
-    merged = slot.merged is not None
-    stock, casts = (True, True) if merged else (_stock_forward(module), casts_per_call(module))
-    made_for = (merged, stock, casts, merged or copyable(module), getattr(module, "_v", None) is not None)
-    if slot.built is None or slot.built[0] is not prev or slot.built[1] != made_for:
-        base = prev if prev is not None else type(module).forward.__get__(module)
-        forward = (_merged_forward(module, slot, base) if merged
-                   else _unmerged_forward(module, slot, base, stock, casts))
-        slot.built = (prev, made_for, forward)
-    forward = slot.built[2]
+    base = prev if prev is not None else type(module).forward.__get__(module)
+    every_op = _EVERY_OP
+    copy = slot.merged
+    if copy is None:
+        forward = _unmerged_forward(module, slot, base, _stock_forward(module), casts_per_call(module))
+    else:
+        w, b = copy.weight, copy.bias
+        run = F.linear if isinstance(module, torch.nn.Linear) else cast(_ConvNd, module)._conv_forward
+        swap = handing_over(w)
+
+        def forward(x, *args, **kwargs):
+            # The adapted layer is its own product on the merged copy: nothing else per call.
+            if args or kwargs:
+                # arguments only ComfyUI's forward knows: its forward, handed the copy as weight
+                return _through_weight_function(module, swap, base, x, *args, **kwargs)
+            every_op()
+            if x.dtype != w.dtype or x.device != w.device:
+                return run(x, to_input(w, x), None if b is None else to_input(b, x))
+            return run(x, w, b)
     if slot.post is not None:
         forward = _then(forward, slot.post)
     slot.prev_forward = prev
     slot.installed = forward
     module.__dict__["forward"] = forward
-
-
-def _merged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable) -> Callable:
-    every_op = _EVERY_OP
-    run = F.linear if isinstance(module, torch.nn.Linear) else cast(_ConvNd, module)._conv_forward
-
-    def forward(x, *args, **kwargs):
-        # The adapted layer is its own product on the merged copy: nothing else per call.
-        copy = slot.merged
-        if copy is None:  # called after its sampling ended (held on to elsewhere): the layer as it is
-            return base(x, *args, **kwargs)
-        w, b = copy.weight, copy.bias
-        if args or kwargs:
-            # arguments only ComfyUI's forward knows: its forward, handed the copy as weight
-            return _through_weight_function(module, handing_over(w), base, x, *args, **kwargs)
-        every_op()
-        if x.dtype != w.dtype or x.device != w.device:
-            return run(x, to_input(w, x), None if b is None else to_input(b, x))
-        return run(x, w, b)
-    return forward
 
 
 def _then(forward: Callable, post: Callable) -> Callable:
