@@ -372,3 +372,42 @@ def test_stats_read_while_the_map_drops_entries_never_deadlocks(mem, loras):
     threads[0].join(timeout=10)
     assert not any(t.is_alive() for t in threads), "stats() and the map's drop wait on each other"
     assert owner.stats()["pinned"] == 0 and e not in store.entries()
+
+
+@pytest.mark.parametrize("mode", ["auto", "unmerged"])
+def test_dropped_model_is_freed_by_reference_counts(host, loras, mode):
+    """A model that ComfyUI drops after samplings with ours (adapter on, off, on again) is freed by
+    reference counts once our cache forgets its adapters: no adapted layer waits for the garbage
+    collector (between samplings a layer holds no reference cycle of ours; ComfyUI warns of a
+    leak and forces a full collection where a dropped model's modules stay alive)."""
+    import gc
+    import weakref
+
+    import comfy.sample
+    import comfy.sd
+
+    lc = host.lc
+    base = comfy.sd.load_diffusion_model(str(host.unets / "tiny_sd.safetensors"))
+    g = torch.Generator().manual_seed(3)
+    cond = [[torch.randn(1, 77, 1024, generator=g), {}]]
+    latent = torch.zeros(1, 4, 16, 16)
+    noise = comfy.sample.prepare_noise(latent, 42)
+    for enabled in (True, False, True):
+        m = lc.apply(base, None, loras["m_a"], 0.8, 0.0, enabled, mode)[0]
+        comfy.sample.sample(m, noise, 2, 1.5, "euler", "normal", cond, cond, latent, seed=42, disable_pbar=True)
+    adapted = [weakref.ref(mod) for e in lc.STORE.entries() for _, mod, _ in e.modules()]
+    model = weakref.ref(base.model)
+    del m
+    mm.unload_all_models()
+    lc.purge()
+    gc.collect()  # whatever was garbage before the drop
+    assert adapted and model() is not None
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        del base
+        alive = sum(r() is not None for r in adapted)
+        assert model() is None and alive == 0, (model() is None, alive, len(adapted))
+    finally:
+        if was:
+            gc.enable()
