@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     import folder_paths
     import models  # benchmarks/models.py, beside this script
     import torch
+    from gc_watch import GcWatch
     from report_dynamic import summarize
     from safetensors.torch import save_file
 
@@ -273,21 +274,8 @@ def main(argv=None) -> int:
         m.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, "bench")
         m.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "bench", model_call)
 
-    # Python's garbage collections in the last sampling (and the node call before it): when a
-    # full (generation 2) one started after the sampling's start, and how long each took; the
-    # node call's and the sampling's total.
-    collections: dict = {"gc_ms": 0.0, "full": []}
-
-    def on_gc(phase, info):
-        if phase == "start":
-            collections["t"] = time.perf_counter()
-            return
-        took = (time.perf_counter() - collections.pop("t", time.perf_counter())) * 1000.0
-        collections["gc_ms"] += took
-        if info.get("generation") == 2:
-            collections["full"].append((round((time.perf_counter() - marks.get("t0", 0.0)) * 1000.0 - took),
-                                        round(took, 1)))
-    gc.callbacks.append(on_gc)
+    # Python's garbage collections in each event (the node call and the sampling)
+    collections = GcWatch()
 
     def sample(m, steps, noise=noise, latent=latent, profile: str | None = None):
         prof = StepProfile(out_dir / f"profile-{re.sub(r'[^A-Za-z0-9]+', '-', profile)}", sync) if profile else None
@@ -345,7 +333,7 @@ def main(argv=None) -> int:
             streamed.update(bytes=0, modules=0)
             moves = dict(lc.stats()["memory"]["counters"])
             sync()
-            collections.update(gc_ms=0.0, full=[])
+            collections.reset()
             t = time.perf_counter()
             m = apply(tag, strength)
             t_node = time.perf_counter()
@@ -364,7 +352,7 @@ def main(argv=None) -> int:
                    "step1_marks_ms": {k: round(v * 1000, 1) for k, v in marks.items() if k != "t0"},
                    # Python's collections in the event: total ms, and each full one (ms after the
                    # sampling's start, negative: in the node call; ms it took)
-                   "gc_ms": round(collections["gc_ms"], 1), "gc_full": list(collections["full"]),
+                   "gc_ms": round(collections.ms, 1), "gc_full": collections.full_after(marks["t0"]),
                    "torch_cache_after": (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) if cuda else 0}
             if loader.startswith("ours"):
                 now = lc.stats()["memory"]["counters"]

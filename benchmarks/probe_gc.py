@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     import folder_paths
     import models  # benchmarks/models.py, beside this script
     import torch
+    from gc_watch import GcWatch
     from safetensors.torch import save_file
 
     lc = host.load_package().lora_cache
@@ -56,17 +57,7 @@ def main(argv=None) -> int:
     noise = comfy.sample.prepare_noise(latent, 42)
     lora_sd = {tag: comfy.utils.load_torch_file(str(work / f"{tag}.safetensors"), safe_load=True) for tag in "ab"}
 
-    state: dict = {"t0": 0.0, "gc_ms": 0.0, "full": []}
-
-    def on_gc(phase, info):
-        if phase == "start":
-            state["start"] = time.perf_counter()
-            return
-        took = (time.perf_counter() - state["start"]) * 1000.0
-        state["gc_ms"] += took
-        if info["generation"] == 2:
-            state["full"].append((round((state["start"] - state["t0"]) * 1000.0), round(took)))
-    gc.callbacks.append(on_gc)
+    collections = GcWatch()
 
     def apply(loader, tag, strength):
         if loader == "stock":
@@ -88,19 +79,21 @@ def main(argv=None) -> int:
                 lc.purge()
                 gc.collect()
                 for label, tag, strength in EVENTS:
-                    state.update(gc_ms=0.0, full=[], t0=time.perf_counter())
+                    collections.reset()
+                    t0 = time.perf_counter()
                     m = apply(loader, tag, strength)
                     t_node = time.perf_counter()
                     sample(m)
                     t_end = time.perf_counter()
                     setup = lc.stats()["samplings"][-1].get("setup_ms") if loader == "ours" and tag else None
-                    totals[loader][0] += state["gc_ms"]
-                    totals[loader][1] += len(state["full"])
-                    print(f"round {r + 1} {loader:5s} {label:12s} node {(t_node - state['t0']) * 1000:7.1f} ms  "
-                          f"event {t_end - state['t0']:6.2f} s  "
+                    full = collections.full_after(t0)
+                    totals[loader][0] += collections.ms
+                    totals[loader][1] += len(full)
+                    print(f"round {r + 1} {loader:5s} {label:12s} node {(t_node - t0) * 1000:7.1f} ms  "
+                          f"event {t_end - t0:6.2f} s  "
                           + (f"setup {setup:6.0f} ms  " if setup is not None else "")
-                          + f"gc {state['gc_ms']:6.1f} ms"
-                          + "".join(f", full at {a} ms: {d} ms" for a, d in state["full"]), flush=True)
+                          + f"gc {collections.ms:6.1f} ms"
+                          + "".join(f", full at {a} ms: {d} ms" for a, d in full), flush=True)
     print("; ".join(f"{k}: {v[1]} full collections, {v[0]:.0f} ms of collections over {args.rounds * len(EVENTS)} "
                     f"events" for k, v in totals.items()), flush=True)
     return 0

@@ -41,7 +41,7 @@ SLOT_ATTR = "lora_cache_slot"
 
 class LayerSlot:
     __slots__ = ("active", "installed", "prev_forward", "plan", "chain", "chain_pre", "weight_plan",
-                 "copy", "merged", "rows", "probed", "cast", "bypassed", "post")
+                 "weight_fn", "in_weight", "copy", "merged", "rows", "probed", "cast", "bypassed", "post")
 
     def __init__(self) -> None:
         self.active: Chain = ()
@@ -50,8 +50,12 @@ class LayerSlot:
         # What the direct forward computes (the output update), built on activate.
         # None when some active form is not a low-rank Linear one.
         self.plan: weight_update.Plan | None = None
-        # The same updates as additions to the weight (the weight update); None where `plan` is.
+        # The same updates as additions to the weight (the weight update), and the weight
+        # function that carries it in ComfyUI's cast (_cast_update); None where `plan` is.
+        # in_weight: the last call's update went into the weight.
         self.weight_plan: weight_update.WeightPlan | None = None
+        self.weight_fn: Callable | None = None
+        self.in_weight = False
         # Every active form as an Op, in chain order (see run_chain); chain_pre: some Op
         # changes the input side.
         self.chain: tuple[Op, ...] = ()
@@ -108,8 +112,9 @@ def activate(module: torch.nn.Module, chain: Chain | list, merged: MergedCopy | 
     if merged is None:
         slot.plan = weight_update.plan_of(slot.active)
         weight = getattr(module, "weight", None)
-        slot.weight_plan = (weight_update.as_weight_plan(slot.plan, weight)
-                            if slot.plan is not None and isinstance(weight, torch.Tensor) else None)
+        wp = slot.weight_plan = (weight_update.as_weight_plan(slot.plan, weight)
+                                 if slot.plan is not None and isinstance(weight, torch.Tensor) else None)
+        slot.weight_fn = None if wp is None else _cast_update(module, slot, wp)
         slot.chain = _chain(module, slot.active)
         slot.chain_pre = any(op.pre is not None for op in slot.chain)
     _install(module, slot)
@@ -124,6 +129,7 @@ def deactivate(module: torch.nn.Module) -> None:
     slot.post = None
     slot.plan = None
     slot.weight_plan = None
+    slot.weight_fn = None
     slot.chain = ()
     slot.chain_pre = False
     _uninstall(module, slot)
@@ -395,21 +401,24 @@ def _own_copy(module: torch.nn.Module, weight: torch.Tensor) -> bool:
     return getattr(module, "_v_signature", False) is None and weight is not getattr(module, "_v_weight", None)
 
 
-def _cast_update(module: torch.nn.Module, wp: weight_update.WeightPlan, numel: int, done: list) -> Callable:
-    """A weight function for one call: the weight update, in place where ComfyUI hands over its
-    own copy and no weight function of another party's came before (it may hand on a tensor it
-    keeps), into a new tensor where the weight stays; each only where it moves less memory than
-    the output update for `numel` inputs, else the weight as it is (then the caller adds the
-    output update). `done` gets an entry where the update went in."""
-    alone = not module.weight_function
+def _cast_update(module: torch.nn.Module, slot: LayerSlot, wp: weight_update.WeightPlan) -> Callable:
+    """The weight function that carries the layer's weight update in ComfyUI's cast for a
+    sampling: in place where ComfyUI hands over its own copy and no weight function of another
+    party's comes before it (one may hand on a tensor it keeps), into a new tensor where the
+    weight stays; each only where it moves less memory than the output update for the call's
+    input (`slot.rows` rows), else the weight as it is (then the forward adds the output update).
+    Sets `slot.in_weight` where the update went in."""
+    in_f = wp.steps[0].down_t.shape[1]
 
     def update(w: torch.Tensor) -> torch.Tensor:
-        if alone and _own_copy(module, w):
+        numel = cast(int, slot.rows) * in_f
+        fns = cast(list, module.weight_function)
+        if fns and fns[0] is update and _own_copy(module, w):
             if numel >= wp.in_place_numel:
-                done.append(True)
+                slot.in_weight = True
                 return weight_update.add_in_place(w, wp)
         elif numel >= wp.merge_numel:
-            done.append(True)
+            slot.in_weight = True
             return weight_update.merged_weight(w, wp)
         return w
     return update
@@ -505,9 +514,9 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
                         and n >= wp.in_place_numel * fn_numel_factor):
                     # whether the update goes into the weight is known only once the cast hands
                     # it over (streamed or resident); where it does not, the output update follows
-                    done: list = []
-                    y = _through_weight_function(module, _cast_update(module, wp, n, done), base, x)
-                    if done:
+                    slot.in_weight = False
+                    y = _through_weight_function(module, cast(Callable, slot.weight_fn), base, x)
+                    if slot.in_weight:
                         return y
             # Output update: the updates go into the output in place, one `x @ down` per adapter
             # (shared by q/k/v slices) and one addmm_ per factor.
