@@ -413,7 +413,10 @@ def _cast_update(module: torch.nn.Module, slot: LayerSlot, wp: weight_update.Wei
     def update(w: torch.Tensor) -> torch.Tensor:
         numel = cast(int, slot.rows) * in_f
         fns = cast(list, module.weight_function)
-        if fns and fns[0] is update and _own_copy(module, w):
+        # through the slot, not its own name: a function that refers to itself is a reference
+        # cycle, which would keep the plan's tensors (views of the factors) until a full
+        # collection after the slot let it go
+        if fns and fns[0] is slot.weight_fn and _own_copy(module, w):
             if numel >= wp.in_place_numel:
                 slot.in_weight = True
                 return weight_update.add_in_place(w, wp)
