@@ -144,13 +144,15 @@ def test_gpu_streamed_update_check():
     (scripts/gpu_streamed_update_check.py): with the device filled, some layer's update goes in
     place into the weight ComfyUI streams through its cast buffer; ours equals stock within fp16
     rounding, and a base sampling after ours equals the one before it to the bit (no resident
-    weight written)."""
+    weight written). A fill where the sampling ran out of memory is skipped by the script."""
     r = report("gpu_streamed_update_check.py")
     if not r["aimdo"]:
         pytest.skip("comfy-aimdo is not active on this machine")
     assert r["patcher"] == "ModelPatcherDynamic", r["patcher"]
-    for run in r["runs"]:
+    ran = [run for run in r["runs"] if "out_of_memory" not in run]
+    assert ran, r["runs"]
+    for run in ran:
         assert run["path"] == "build", run
         assert within_rounding(run), run
-        assert run["base_after_vs_before"] == 0.0, run
+        assert run["base_after_vs_again"] == 0.0, run
     assert r["runs"][-1]["weight_updates"]["in_place"] > 0, r["runs"]  # some fill made comfy-aimdo stream
