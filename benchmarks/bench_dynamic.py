@@ -531,8 +531,10 @@ def main(argv=None) -> int:
                 _, tag, strength = cycle[i % len(cycle)]
                 sample(apply(tag, strength), 1)
                 mem.append(torch.cuda.memory_allocated() if cuda else 0)
+                print(f"  soak {i + 1}: {tag or 'off'} {strength}: allocated {mem[-1] / 2**20:.0f} MiB", flush=True)
             settled = mem[len(mem) // 10:]
-            res["soak"] = {"events": args.soak, "allocated_min": min(settled), "allocated_max": max(settled),
+            res["soak"] = {"events": args.soak, "allocated": mem,
+                           "allocated_min": min(settled), "allocated_max": max(settled),
                            "cache_bytes": sum(e.nbytes for e in lc.STORE.entries()),
                            "copies": lc.stats()["memory"]["copies"]}
             check(f"{config}: device memory flat over {args.soak} events",
