@@ -74,9 +74,9 @@ def parse(argv=None):
                         "(stock, ours) and as one LoRA Cache Sweep")
     p.add_argument("--profile", default="", metavar="EVENTS",
                    help="events of ours to profile in the last round, numbers 1-8 comma-separated (e.g. '5,6': "
-                        "the last 'on' and the strength change): torch.profiler over step 1 (ComfyUI's load "
-                        "and our setup with it) and over step 2, tables and the step-1 trace written beside the "
-                        "report")
+                        "the last 'on' and the strength change): cProfile over the node call, torch.profiler "
+                        "over step 1 (ComfyUI's load and our setup with it) and over step 2, tables and the "
+                        "step-1 trace written beside the report")
     p.add_argument("--out", default="benchmarks/out")
     return p.parse_args(argv)
 
@@ -322,6 +322,24 @@ def main(argv=None) -> int:
         return {"s": time.perf_counter() - t, **streamed, "first_step_s": first,
                 "later_steps_s": (step_ends[-1] - first) if step_ends else 0.0}
 
+    def profiled_call(name: str, fn, *args):
+        """fn(*args) under cProfile: the node call's Python time by function, written beside the
+        event's step profile (`profile-<name>-node.txt`)."""
+        import cProfile
+        import io
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        try:
+            return fn(*args)
+        finally:
+            pr.disable()
+            sync()
+            text = io.StringIO()
+            pstats.Stats(pr, stream=text).sort_stats("cumulative").print_stats(40)
+            stem = re.sub(r'[^A-Za-z0-9]+', '-', name)
+            (out_dir / f"profile-{stem}-node.txt").write_text(text.getvalue())
+
     def series(loader, base, outs, last_round: bool = False) -> list[dict]:
         mm.unload_all_models()
         lc.purge()
@@ -334,12 +352,13 @@ def main(argv=None) -> int:
             moves = dict(lc.stats()["memory"]["counters"])
             sync()
             collections.reset()
+            name = f"{loader}-{len(rows) + 1}-{label}" if (
+                last_round and loader.startswith("ours") and len(rows) + 1 in profiled) else None
             t = time.perf_counter()
-            m = apply(tag, strength)
+            m = apply(tag, strength) if name is None else profiled_call(name, apply, tag, strength)
             t_node = time.perf_counter()
             held = torch.cuda.memory_allocated() if cuda else 0
-            out = sample(m, args.steps, profile=f"{loader}-{len(rows) + 1}-{label}" if (
-                last_round and loader.startswith("ours") and len(rows) + 1 in profiled) else None)
+            out = sample(m, args.steps, profile=name)
             t_end = time.perf_counter()
             first = step_ends[0] if step_ends else 0.0
             row = {"event": label, "node_ms": (t_node - t) * 1000.0, "event_s": t_end - t, "first_step_s": first,

@@ -19,9 +19,13 @@ pytestmark = pytest.mark.slow
 def test_benchmark_tiny_run_and_report(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_dynamic.py"), "--tiny", "--configs", "classic",
-           "--rounds", "2", "--steps", "2", "--soak", "8", "--out", str(out)]
+           "--rounds", "2", "--steps", "2", "--soak", "8", "--profile", "7", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the profiled event (the other LoRA's first use): the node call by function, the steps by op
+    node = (out / "profile-ours-7-other-LoRA-node.txt").read_text()
+    assert "lora_cache/service.py" in node and "load_lora" in node, node[:2000]
+    assert "== step 2" in (out / "profile-ours-7-other-LoRA.txt").read_text()
     results = out / "dynamic-sdxl.json"
     r = json.loads(results.read_text())
     import comfy.sd
