@@ -466,20 +466,29 @@ def test_moved_factors_are_freed_by_reference_counts(mem, loras, mode, monkeypat
 
 @pytest.mark.parametrize("mode", ["auto", "unmerged"])
 def test_samplings_leave_no_reference_cycles_of_ours(host, loras, mode):
-    """After samplings with ours (adapter on, off, a strength change, another adapter), nothing of
-    ours is garbage that only the collector frees: a cycle made at a sampling's setup would keep
-    its tensors (a weight plan's views of the factors, so the factors' device memory after they
-    moved off) until a full collection, which may come many samplings later."""
+    """After samplings with ours (adapter on, off, a strength change, another adapter; a text
+    encoder's adapter on, off, on), nothing of ours is garbage that only the collector frees: a
+    cycle made at a sampling's setup would keep its tensors (a weight plan's views of the factors,
+    so the factors' device memory after they moved off) until a full collection, which may come
+    many samplings later."""
     import gc
 
     h = host
     h.new_executor()
+    te_lora = "te_cycles.safetensors"
+    targets = {f"lora_te_text_model_encoder_layers_{layer}_self_attn_{p}": (64, 64)
+               for layer in range(2) for p in ("q_proj", "v_proj")}
+    tiny_models.write_lora(h.loras / te_lora, tiny_models.adapter_state_dict("lora", targets, seed=90))
     gc.collect()
     was = gc.isenabled()
     gc.disable()
     try:
         for n, strength, on in (("m_a", 0.9, True), ("m_a", 0.9, False), ("m_a", 0.6, True), ("m_b", 0.9, True)):
             h.run(wf.sd([wf.ours(loras[n], strength, enabled=on, mode=mode)]))
+        for enabled in (True, False, True):  # the text encoder too, through the model-and-CLIP node
+            h.run(wf.clip("LoraCacheLoader", {"lora_name": te_lora, "strength_model": 0.5, "strength_clip": 0.8,
+                                              "enabled": enabled, "mode": mode}))
+        assert h.last_event()["clip_path"] == "fast", h.last_event()
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
         # classes aside: ComfyUI's node API clones the node class for each execution, and a class
