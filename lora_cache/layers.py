@@ -51,7 +51,7 @@ class LayerSlot:
         # None when some active form is not a low-rank Linear one.
         self.plan: weight_update.Plan | None = None
         # The same updates as additions to the weight (the weight update), and the weight
-        # function that carries it in ComfyUI's cast (_cast_update); None where `plan` is.
+        # function that carries it in ComfyUI's cast (_CastUpdate.update); None where `plan` is.
         # in_weight: the last call's update went into the weight.
         self.weight_plan: weight_update.WeightPlan | None = None
         self.weight_fn: Callable | None = None
@@ -114,7 +114,7 @@ def activate(module: torch.nn.Module, chain: Chain | list, merged: MergedCopy | 
         weight = getattr(module, "weight", None)
         wp = slot.weight_plan = (weight_update.as_weight_plan(slot.plan, weight)
                                  if slot.plan is not None and isinstance(weight, torch.Tensor) else None)
-        slot.weight_fn = None if wp is None else _cast_update(module, slot, wp)
+        slot.weight_fn = None if wp is None else _CastUpdate(module, slot, wp).update
         slot.chain = _chain(module, slot.active)
         slot.chain_pre = any(op.pre is not None for op in slot.chain)
     _install(module, slot)
@@ -161,12 +161,28 @@ class Reached(NamedTuple):
     cast: bool  # it cast the layer's weight outside that forward, for a product of its own
 
 
-@dataclass
+@dataclass(slots=True)
 class _Probe:
     serve: Callable  # the forward that serves the layer once the probe ends
     forward: bool = False
     cast: bool = False
     depth: int = 0  # inside the layer's forward: a cast there is the forward's own
+
+    # Bound methods rather than closures: fewer objects per layer for the garbage collector.
+    def noting(self, *args, **kwargs):
+        """In front of the installed forward: notes the call."""
+        self.forward = True
+        self.depth += 1
+        try:
+            return self.serve(*args, **kwargs)
+        finally:
+            self.depth -= 1
+
+    def noting_cast(self, weight: torch.Tensor) -> torch.Tensor:
+        """After the layer's own weight functions: notes a cast outside the forward."""
+        if not self.depth:
+            self.cast = True
+        return weight
 
 
 def probe(module: torch.nn.Module) -> None:
@@ -179,24 +195,11 @@ def probe(module: torch.nn.Module) -> None:
     if slot is None or slot.installed is None or module.__dict__.get("forward") is not slot.installed:
         return
     state = slot.probed = _Probe(cast(Callable, slot.installed))
-    serve = state.serve
-
-    def noting(*args, **kwargs):
-        state.forward = True
-        state.depth += 1
-        try:
-            return serve(*args, **kwargs)
-        finally:
-            state.depth -= 1
-
-    def noting_cast(weight: torch.Tensor) -> torch.Tensor:
-        if not state.depth:
-            state.cast = True
-        return weight
+    noting = state.noting  # one bound method, kept: the installed forward is compared by identity
     slot.installed = noting
     module.__dict__["forward"] = noting
     if hasattr(module, "weight_function"):
-        _put_weight_function(module, slot, noting_cast)
+        _put_weight_function(module, slot, state.noting_cast)
 
 
 def end_probe(module: torch.nn.Module) -> Reached:
@@ -401,21 +404,26 @@ def _own_copy(module: torch.nn.Module, weight: torch.Tensor) -> bool:
     return getattr(module, "_v_signature", False) is None and weight is not getattr(module, "_v_weight", None)
 
 
-def _cast_update(module: torch.nn.Module, slot: LayerSlot, wp: weight_update.WeightPlan) -> Callable:
+class _CastUpdate:
     """The weight function that carries the layer's weight update in ComfyUI's cast for a
-    sampling: in place where ComfyUI hands over its own copy and no weight function of another
-    party's comes before it (one may hand on a tensor it keeps), into a new tensor where the
-    weight stays; each only where it moves less memory than the output update for the call's
-    input (`slot.rows` rows), else the weight as it is (then the forward adds the output update).
-    Sets `slot.in_weight` where the update went in."""
-    in_f = wp.steps[0].down_t.shape[1]
+    sampling (`update`, kept as `slot.weight_fn`): in place where ComfyUI hands over its own copy
+    and no weight function of another party's comes before it (one may hand on a tensor it
+    keeps), into a new tensor where the weight stays; each only where it moves less memory than
+    the output update for the call's input (`slot.rows` rows), else the weight as it is (then the
+    forward adds the output update). Sets `slot.in_weight` where the update went in."""
 
-    def update(w: torch.Tensor) -> torch.Tensor:
-        numel = cast(int, slot.rows) * in_f
+    __slots__ = ("module", "slot", "wp", "in_f")
+
+    def __init__(self, module: torch.nn.Module, slot: LayerSlot, wp: weight_update.WeightPlan) -> None:
+        self.module, self.slot, self.wp = module, slot, wp
+        self.in_f = wp.steps[0].down_t.shape[1]
+
+    def update(self, w: torch.Tensor) -> torch.Tensor:
+        slot, wp, module = self.slot, self.wp, self.module
+        numel = cast(int, slot.rows) * self.in_f
         fns = cast(list, module.weight_function)
-        # through the slot, not its own name: a function that refers to itself is a reference
-        # cycle, which would keep the plan's tensors (views of the factors) until a full
-        # collection after the slot let it go
+        # the slot holds the one bound method handed to ComfyUI (each attribute access makes a
+        # new one)
         if fns and fns[0] is slot.weight_fn and _own_copy(module, w):
             if numel >= wp.in_place_numel:
                 slot.in_weight = True
@@ -424,7 +432,6 @@ def _cast_update(module: torch.nn.Module, slot: LayerSlot, wp: weight_update.Wei
             slot.in_weight = True
             return weight_update.merged_weight(w, wp)
         return w
-    return update
 
 
 def _through_weight_function(module: torch.nn.Module, fn: Callable, base: Callable, x: torch.Tensor,
@@ -442,29 +449,40 @@ def _through_weight_function(module: torch.nn.Module, fn: Callable, base: Callab
 def _install(module: torch.nn.Module, slot: LayerSlot) -> None:
     prev = module.__dict__.get("forward")
     base = prev if prev is not None else type(module).forward.__get__(module)
-    every_op = _EVERY_OP
     copy = slot.merged
     if copy is None:
-        forward = _unmerged_forward(module, slot, base, _stock_forward(module), casts_per_call(module))
+        forward = _Unmerged(module, slot, base, _stock_forward(module), casts_per_call(module)).forward
     else:
-        w, b = copy.weight, copy.bias
-        run = F.linear if isinstance(module, torch.nn.Linear) else cast(_ConvNd, module)._conv_forward
-        swap = handing_over(w)
-
-        def forward(x, *args, **kwargs):
-            # The adapted layer is its own product on the merged copy: nothing else per call.
-            if args or kwargs:
-                # arguments only ComfyUI's forward knows: its forward, handed the copy as weight
-                return _through_weight_function(module, swap, base, x, *args, **kwargs)
-            every_op()
-            if x.dtype != w.dtype or x.device != w.device:
-                return run(x, to_input(w, x), None if b is None else to_input(b, x))
-            return run(x, w, b)
+        forward = _OnCopy(module, copy, base).forward
     if slot.post is not None:
         forward = _then(forward, slot.post)
     slot.prev_forward = prev
     slot.installed = forward
     module.__dict__["forward"] = forward
+
+
+class _OnCopy:
+    """A layer's forward on its merged copy: the layer's own product on the copy, nothing else
+    per call. An object with slots, installed as its bound method, rather than a closure: a
+    sampling keeps one for every adapted layer, and each closure cell would be one more object
+    that survives into the collector's oldest generation (a bound method calls as fast)."""
+
+    __slots__ = ("module", "weight", "bias", "run", "base", "every_op")
+
+    def __init__(self, module: torch.nn.Module, copy: MergedCopy, base: Callable) -> None:
+        self.module, self.weight, self.bias, self.base = module, copy.weight, copy.bias, base
+        self.run = F.linear if isinstance(module, torch.nn.Linear) else cast(_ConvNd, module)._conv_forward
+        self.every_op = _EVERY_OP
+
+    def forward(self, x, *args, **kwargs):
+        w, b = self.weight, self.bias
+        if args or kwargs:
+            # arguments only ComfyUI's forward knows: its forward, handed the copy as weight
+            return _through_weight_function(self.module, handing_over(w), self.base, x, *args, **kwargs)
+        self.every_op()
+        if x.dtype != w.dtype or x.device != w.device:
+            return self.run(x, to_input(w, x), None if b is None else to_input(b, x))
+        return self.run(x, w, b)
 
 
 def _then(forward: Callable, post: Callable) -> Callable:
@@ -473,36 +491,45 @@ def _then(forward: Callable, post: Callable) -> Callable:
     return with_post
 
 
-def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, stock: bool,
-                      casts: bool) -> Callable:
-    linear, every_op = F.linear, _EVERY_OP
-    # The direct path: ComfyUI's Linear forward would only check the cast settings and call
-    # F.linear; with the check done here, the base product and the updates run without
-    # ComfyUI's Python frames. Where the layer casts its weight per call, ComfyUI's own forward
-    # computes the base product.
-    direct_ok = stock and isinstance(module, torch.nn.Linear) and not casts
-    # The weight update goes through ComfyUI's weight functions only where its cast is the stock
-    # one: other ops classes (scaled fp8, fp8 matmul) hand them a weight in another scale or
-    # dtype, or skip their fast path when any is set. comfy-aimdo hands its resident weight to
-    # them as it is; ComfyUI's other casts copy it first.
-    through_fn = casts and copyable(module)
-    # ComfyUI's stock cast copies a weight on the device for weight functions (none under dynamic
-    # VRAM: newer ComfyUI gives every layer `_v`, None unless comfy-aimdo manages it): with ours
-    # there only for the update, that copy is part of its cost.
-    fn_numel_factor = 1 if getattr(module, "_v", None) is not None else 2
+class _Unmerged:
+    """A layer's forward with its chain unmerged (`forward`, installed as the bound method; an
+    object with slots rather than closures for the same reason as `_OnCopy`): the output update
+    or the weight update for a chain of low-rank Linear factors (`slot.plan`), each form's Op in
+    chain order for any other chain."""
 
-    def direct(x):
-        every_op()
-        return linear(x, cast(torch.Tensor, module.weight), cast(torch.Tensor | None, module.bias))
+    __slots__ = ("module", "slot", "base", "every_op", "direct_ok", "through_fn", "fn_numel_factor")
 
-    def forward(x, *args, **kwargs):
+    def __init__(self, module: torch.nn.Module, slot: LayerSlot, base: Callable, stock: bool, casts: bool) -> None:
+        self.module, self.slot, self.base, self.every_op = module, slot, base, _EVERY_OP
+        # The direct path: ComfyUI's Linear forward would only check the cast settings and call
+        # F.linear; with the check done here, the base product and the updates run without
+        # ComfyUI's Python frames. Where the layer casts its weight per call, ComfyUI's own forward
+        # computes the base product.
+        self.direct_ok = stock and isinstance(module, torch.nn.Linear) and not casts
+        # The weight update goes through ComfyUI's weight functions only where its cast is the
+        # stock one: other ops classes (scaled fp8, fp8 matmul) hand them a weight in another scale
+        # or dtype, or skip their fast path when any is set. comfy-aimdo hands its resident weight
+        # to them as it is; ComfyUI's other casts copy it first.
+        self.through_fn = casts and copyable(module)
+        # ComfyUI's stock cast copies a weight on the device for weight functions (none under
+        # dynamic VRAM: newer ComfyUI gives every layer `_v`, None unless comfy-aimdo manages it):
+        # with ours there only for the update, that copy is part of its cost.
+        self.fn_numel_factor = 1 if getattr(module, "_v", None) is not None else 2
+
+    def direct(self, x):
+        self.every_op()
+        module = self.module
+        return F.linear(x, cast(torch.Tensor, module.weight), cast(torch.Tensor | None, module.bias))
+
+    def forward(self, x, *args, **kwargs):
+        module, slot, base = self.module, self.slot, self.base
         plan = slot.plan
         plain = not args and not kwargs
-        use_direct = direct_ok and plain and x.dtype == module.weight.dtype
+        use_direct = self.direct_ok and plain and x.dtype == module.weight.dtype
         if plan is not None:
             down0 = plan[0][0] if plan else None
             if down0 is None or x.dtype != down0.dtype or x.device != down0.device:
-                y = direct(x) if use_direct else base(x, *args, **kwargs)
+                y = self.direct(x) if use_direct else base(x, *args, **kwargs)
                 return _posts(slot.chain, x, y)
             n = x.numel()
             slot.rows = n // x.shape[-1]
@@ -510,11 +537,11 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
             y = None
             if wp is not None and not torch.is_grad_enabled():
                 if use_direct and n >= wp.merge_numel:
-                    every_op()
-                    return linear(x, weight_update.merged_weight(cast(torch.Tensor, module.weight), wp),
-                                  cast(torch.Tensor | None, module.bias))
-                if (through_fn and plain and module.weight.dtype == x.dtype
-                        and n >= wp.in_place_numel * fn_numel_factor):
+                    self.every_op()
+                    return F.linear(x, weight_update.merged_weight(cast(torch.Tensor, module.weight), wp),
+                                    cast(torch.Tensor | None, module.bias))
+                if (self.through_fn and plain and module.weight.dtype == x.dtype
+                        and n >= wp.in_place_numel * self.fn_numel_factor):
                     # whether the update goes into the weight is known only once the cast hands
                     # it over (streamed or resident); where it does not, the output update follows
                     slot.in_weight = False
@@ -524,7 +551,7 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
             # Output update: the updates go into the output in place, one `x @ down` per adapter
             # (shared by q/k/v slices) and one addmm_ per factor.
             if y is None:
-                y = direct(x) if use_direct else base(x, *args, **kwargs)
+                y = self.direct(x) if use_direct else base(x, *args, **kwargs)
             if y.requires_grad or not y.is_contiguous() or y.dtype != down0.dtype:
                 return _posts(slot.chain, x, y)
             x2 = x.reshape(-1, x.shape[-1])
@@ -539,6 +566,5 @@ def _unmerged_forward(module: torch.nn.Module, slot: LayerSlot, base: Callable, 
                         y2[:, start:start + length].addmm_(hh, up, alpha=alpha)  # type: ignore[operator]
             return y
         if use_direct:
-            return run_chain(slot.chain, slot.chain_pre, x, direct)
+            return run_chain(slot.chain, slot.chain_pre, x, self.direct)
         return run_chain(slot.chain, slot.chain_pre, x, lambda xi: base(xi, *args, **kwargs))
-    return forward
