@@ -103,27 +103,40 @@ class LayerFactors:
                     return y + alpha * delta(x)
                 return y.add_(delta(x), alpha=alpha)
             return Op(None, post_conv)
-        down, up = self.down, self.up
         # the output columns the update goes to; None: all of them
         start, stop = (None, None) if self.out_slice is None else (self.out_slice[0], sum(self.out_slice))
+        return Op(None, _LinearPost(self.down, self.up, alpha, start, stop).post)
 
-        def post(x, y):
-            d, u = to_input(down, x), to_input(up, x)
-            h = x.reshape(-1, x.shape[-1]) @ d
-            if not y.is_contiguous() or (torch.is_grad_enabled() and y.requires_grad):
-                delta = (h @ u).mul_(alpha).view(*y.shape[:-1], -1)
-                if start is None:
-                    return y + delta
-                y = y.clone()
-                y[..., start:stop] += delta
-                return y
-            y2 = y.view(-1, y.shape[-1])
+
+class _LinearPost:
+    """y += alpha * (x @ down) @ up (a Linear factor's tensors, laid out for addmm_) into the
+    output columns start:stop (None: all), in place where autograd does not record y. A slotted
+    object whose bound method is the Op, not a closure: an activation keeps one per factor, and
+    a closure tracks a cell per value."""
+
+    __slots__ = ("down", "up", "alpha", "start", "stop")
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, alpha: float, start: int | None,
+                 stop: int | None) -> None:
+        self.down, self.up, self.alpha, self.start, self.stop = down, up, alpha, start, stop
+
+    def post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        start, stop, alpha = self.start, self.stop, self.alpha
+        d, u = to_input(self.down, x), to_input(self.up, x)
+        h = x.reshape(-1, x.shape[-1]) @ d
+        if not y.is_contiguous() or (torch.is_grad_enabled() and y.requires_grad):
+            delta = (h @ u).mul_(alpha).view(*y.shape[:-1], -1)
             if start is None:
-                y2.addmm_(h, u, alpha=alpha)
-            else:
-                y2[:, start:stop].addmm_(h, u, alpha=alpha)
+                return y + delta
+            y = y.clone()
+            y[..., start:stop] += delta
             return y
-        return Op(None, post)
+        y2 = y.view(-1, y.shape[-1])
+        if start is None:
+            y2.addmm_(h, u, alpha=alpha)
+        else:
+            y2[:, start:stop].addmm_(h, u, alpha=alpha)
+        return y
 
 
 def move_layer(factors: tuple[LayerForm, ...], device: torch.device, pin: bool = False) -> None:

@@ -213,13 +213,13 @@ def test_activations_run_no_garbage_collection(fresh, loras, monkeypatch, mode):
     assert collected == [], collected
 
 
-@pytest.mark.parametrize("mode, per_layer", [("auto", 16), ("unmerged", 36)])
+@pytest.mark.parametrize("mode, per_layer", [("auto", 16), ("unmerged", 32)])
 def test_an_activation_makes_few_tracked_objects_per_layer(fresh, loras, monkeypatch, mode, per_layer):
     """A re-enable's setup makes few objects the garbage collector tracks per adapted layer (the
     forwards are slotted objects installed as bound methods, not closures with a cell per value):
     what a sampling keeps survives into the collector's oldest generation and counts towards its
     next full collection of the process, even once reference counts free it. The bounds hold with
-    headroom: a re-enable makes about 12 per layer in auto (merged copies) and 32 unmerged, where
+    headroom: a re-enable makes about 12 per layer in auto (merged copies) and 27 unmerged, where
     closures made 26 and 51."""
     import gc
 
