@@ -21,9 +21,7 @@ from pathlib import Path
 
 from lora_cache_testkit import aimdo, host
 
-aimdo.hook()  # before torch touches the GPU
-
-host.boot(cpu=False)
+aimdo.boot_on_gpu()  # before torch is imported: comfy-aimdo hooks the CUDA allocator
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -41,7 +39,7 @@ def main() -> int:
     base_read = importlib.import_module(pkg.__name__ + ".base_read")
     copies = importlib.import_module(pkg.__name__ + ".copies")
     copy_choice = importlib.import_module(pkg.__name__ + ".copy_choice")
-    report: dict = {"device": torch.cuda.get_device_name(0), "aimdo": aimdo.devices()}
+    report: dict = aimdo.gpu_report()
     if not report["aimdo"]:
         print(json.dumps(report, indent=1))
         return 0

@@ -19,9 +19,7 @@ import sys
 
 from lora_cache_testkit import aimdo, host
 
-aimdo.hook()  # before torch touches the GPU
-
-host.boot(cpu=False)
+aimdo.boot_on_gpu()  # before torch is imported: comfy-aimdo hooks the CUDA allocator
 
 import comfy.model_management as mm
 import torch
@@ -31,7 +29,7 @@ from lora_cache_testkit.sampling import stock_lora, tiny_fp16_model_from_file, t
 
 def main() -> int:
     lc = host.load_package().lora_cache
-    report: dict = {"device": torch.cuda.get_device_name(0), "aimdo": aimdo.devices(), "runs": []}
+    report: dict = {**aimdo.gpu_report(), "runs": []}
     if not report["aimdo"]:
         print(json.dumps(report, indent=1))
         return 0

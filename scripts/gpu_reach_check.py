@@ -22,9 +22,7 @@ from pathlib import Path
 
 from lora_cache_testkit import aimdo, host
 
-aimdo.hook()  # before torch touches the GPU
-
-host.boot(cpu=False)
+aimdo.boot_on_gpu()  # before torch is imported: comfy-aimdo hooks the CUDA allocator
 
 import comfy.model_management as mm
 import comfy.model_patcher

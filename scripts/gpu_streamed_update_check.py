@@ -21,34 +21,25 @@ import sys
 
 from lora_cache_testkit import aimdo, host
 
-aimdo.hook()  # before torch touches the GPU
-
-host.boot(cpu=False)
+aimdo.boot_on_gpu()  # before torch is imported: comfy-aimdo hooks the CUDA allocator
 
 import comfy.model_management as mm
-import comfy.sample
 import comfy.sd
 import torch
 
-from lora_cache_testkit.sampling import stock_lora, tiny_fp16_model_from_file
+from lora_cache_testkit.sampling import stock_lora, tiny_fp16_model_from_file, tiny_sd_sampler
 
 
 def main() -> int:
     lc = host.load_package().lora_cache
-    report: dict = {"device": torch.cuda.get_device_name(0), "aimdo": aimdo.devices(), "runs": []}
+    report: dict = {**aimdo.gpu_report(), "runs": []}
     if not report["aimdo"]:
         print(json.dumps(report, indent=1))
         return 0
     base, tmp = tiny_fp16_model_from_file("lc_streamed_", {"a": 1})
     report["patcher"] = type(base).__name__
 
-    g = torch.Generator().manual_seed(3)
-    cond = [[torch.randn(1, 77, 1024, generator=g), {}]]
-    latent = torch.zeros(1, 4, 32, 32)  # 1024 rows a call at the top: the weight update wins there
-    noise = comfy.sample.prepare_noise(latent, 42)
-
-    def sample(model) -> torch.Tensor:
-        return comfy.sample.sample(model, noise, 3, 1.5, "euler", "normal", cond, cond, latent, seed=42).float()
+    sample = tiny_sd_sampler(steps=3, size=32)  # 1024 rows a call at the top: the weight update wins there
 
     # which way each weight update went: in place (ComfyUI's copy for the call) or a new tensor
     wu = lc.weight_update

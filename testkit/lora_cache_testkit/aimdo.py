@@ -1,6 +1,7 @@
 """comfy-aimdo for the GPU checks and the benchmarks, started the way ComfyUI's main.py starts it:
 `hook()` before torch touches the GPU (it hooks the CUDA allocator), `devices()` once ComfyUI is
-booted. Imports nothing else, so a script can call `hook()` first."""
+booted; `boot_on_gpu()` starts a GPU script. Imports nothing else at its top, so a script can call
+it first."""
 from __future__ import annotations
 
 
@@ -11,6 +12,21 @@ def hook() -> bool:
     except ImportError:
         return False
     return bool(comfy_aimdo.control.init())
+
+
+def boot_on_gpu() -> None:
+    """The start of a dynamic-VRAM GPU script: `hook()` before torch touches the GPU, then the
+    ComfyUI host booted on the GPU."""
+    hook()
+    from . import host
+    host.boot(cpu=False)
+
+
+def gpu_report() -> dict:
+    """The head of a GPU script's JSON report: the device, and whether comfy-aimdo manages it
+    (`devices()`: where not, the script reports only this)."""
+    import torch
+    return {"device": torch.cuda.get_device_name(0), "aimdo": devices()}
 
 
 def devices() -> bool:

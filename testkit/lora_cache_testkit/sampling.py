@@ -49,11 +49,11 @@ def tiny_fp16_model_and_lora(name: str = "a.safetensors"):
     return comfy.sd.load_diffusion_model_state_dict(dict(unet_sd16)), tmp / name
 
 
-def tiny_sd_sampler(steps: int = 4, seed: int = 42):
-    """sample(model) -> the float latent of `steps` euler steps on a 16x16 latent, cfg 1.5."""
+def tiny_sd_sampler(steps: int = 4, seed: int = 42, size: int = 16):
+    """sample(model) -> the float latent of `steps` euler steps on a size x size latent, cfg 1.5."""
     g = torch.Generator().manual_seed(3)
     cond = [[torch.randn(1, 77, 1024, generator=g), {}]]
-    latent = torch.zeros(1, 4, 16, 16)
+    latent = torch.zeros(1, 4, size, size)
     noise = comfy.sample.prepare_noise(latent, seed)
 
     def sample(model) -> torch.Tensor:
