@@ -16,6 +16,7 @@ import comfy.utils
 import comfy.weight_adapter
 import torch
 
+from . import key_map as key_maps
 from .adapter_forms import BuildContext, Built, NoForm, Target, forms_for
 from .errors import LoraCacheError
 from .files import FileIdentity
@@ -67,7 +68,7 @@ def split_patches(sd: dict, model_patcher, clip, lora_name: str = "LoRA") -> tup
     one key map over both, one load_lora, so naming rules and warnings match stock."""
     unet_map = comfy.lora.model_lora_keys_unet(model_patcher.model, {}) if model_patcher is not None else {}
     clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
-    key_map = {**unet_map, **clip_map}
+    key_map = key_maps.for_file({**unet_map, **clip_map}, sd)
     try:
         loaded = comfy.lora.load_lora(sd, key_map)
     except KeyError as e:  # an adapter class found its first key and looked for a missing partner
