@@ -224,27 +224,6 @@ class Memory:
         with self._lock:
             return sum(e.nbytes for e in self._pins.get(model_id, ()) if not e.resident and e.home == device)
 
-    def before_load(self, patcher, used: Iterable[Entry]) -> int:
-        """Before ComfyUI loads the model of `patcher` for a sampling that uses `used`: under
-        dynamic VRAM, where the model's weights streamed at its last load (some of them on the
-        device, not all), cached factors the sampling does not use leave the device now.
-        comfy-aimdo places the weights at the load in the memory free then, so factors that leave
-        only at the sampling's start (`leave_room`) would stream their size of weights at every step
-        of this sampling: a switch to a new adapter would hold both adapters' factors at the load.
-        Returns the bytes moved."""
-        device = patcher.load_device
-        if not load_state.is_dynamic(patcher) or not can_offload(device):
-            return 0
-        loaded = patcher.loaded_size()
-        if loaded <= 0 or loaded >= patcher.model_size():
-            return 0
-        moved = self._give_way(device, f"the model streams its weights on {device} (dynamic VRAM)", keep=used)
-        if moved:
-            _hand_back(device, moved)
-            log.info("[LoRA Cache] %d bytes of cached factors not used by this sampling moved off %s before "
-                     "the model loads: its weights stream, and they would take their room", moved, device)
-        return moved
-
     def leave_room(self, patcher, shape: tuple[int, ...] | None, keep: Collection[int] = ()) -> None:
         """Before a sampling, after ComfyUI loaded the model: the least memory the sampling needs
         comes before merged copies it does not use (other models', and this model's on layers

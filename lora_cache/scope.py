@@ -274,10 +274,8 @@ def _model_call(executor, *args, **kwargs):
 
 
 def _outer_sample(executor, *args, **kwargs):
-    """Around one sampling, ComfyUI's load of the model included: tells ON_PRE_RUN the latent
-    shape, which the memory the sampling needs depends on (ON_PRE_RUN itself gets only the
-    patcher); where the weights stream, factors the sampling does not use leave the device before
-    the load (MEMORY.before_load). When the device runs out of
+    """Around one sampling: tells ON_PRE_RUN the latent shape, which the memory the sampling
+    needs depends on (ON_PRE_RUN itself gets only the patcher). When the device runs out of
     memory, merged copies give way first (the sampling runs with fewer), then cached factors that
     this sampling does not use, and the sampling runs once more."""
     patcher = executor.class_obj.model_patcher
@@ -288,7 +286,6 @@ def _outer_sample(executor, *args, **kwargs):
     chain_order.splice_late_patches(patcher)
     items = active_items(patcher)
     _shapes[id(patcher.model)] = tuple(noise.shape)
-    MEMORY.before_load(patcher, [item.entry for item in items] + (list(sw.entries) if sw is not None else []))
     try:
         try:
             return _sampled(executor, patcher, *args, **kwargs)

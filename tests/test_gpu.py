@@ -144,8 +144,7 @@ def test_gpu_streamed_update_check():
     (scripts/gpu_streamed_update_check.py): with the device filled, some layer's update goes in
     place into the weight ComfyUI streams through its cast buffer; ours equals stock within fp16
     rounding, and a base sampling after ours equals the one before it to the bit (no resident
-    weight written); a switch to a new adapter moves the other's factors off the device before
-    the model's load. A fill where the sampling ran out of memory is skipped by the script."""
+    weight written). A fill where the sampling ran out of memory is skipped by the script."""
     r = report("gpu_streamed_update_check.py")
     if not r["aimdo"]:
         pytest.skip("comfy-aimdo is not active on this machine")
@@ -157,11 +156,3 @@ def test_gpu_streamed_update_check():
         assert within_rounding(run), run
         assert run["base_after_vs_again"] == 0.0, run
     assert r["runs"][-1]["weight_updates"]["in_place"] > 0, r["runs"]  # some fill made comfy-aimdo stream
-    # a switch to a new adapter while the weights stream: the other adapter's factors left the
-    # device before the load, so comfy-aimdo placed weights in their room
-    switches = [run["switch"] for run in ran if run["switch"]["streamed_before"]]
-    assert switches, [run["switch"] for run in ran]
-    for sw in switches:
-        assert sw["path"] == "build", sw
-        assert sw["resident_at_load"] == {"a": False, "b": True}, sw
-        assert sw["moved_to_cpu"] == 1 and sw["resident_after"] == {"a": False, "b": True}, sw
