@@ -117,6 +117,11 @@ def _weights(ctx: BuildContext, t: Target, n: int) -> tuple:
 
 
 def _put(ctx: BuildContext, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and ctx.device.type != "cpu":
+        # A file's tensor takes its dtype and layout on the host: the device then gets one
+        # allocation per factor and one copy, not a strided copy made contiguous after (a second
+        # allocation and a kernel, the first left freed in torch's cache among the factors).
+        x = x.to(ctx.dtype).contiguous()
     return x.to(ctx.device, ctx.dtype).contiguous()
 
 
