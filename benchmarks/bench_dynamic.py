@@ -12,9 +12,9 @@ and noisy, so single series prove nothing: the report takes medians over rounds,
 Per event: node ms, event seconds, the modules and bytes ComfyUI streamed to the device while
 sampling (its gathered casts), whether `patches_uuid` changed, and for ours the sampling's
 merged-copy choice (layers, bytes, how many built and in how long), torch's device memory after the
-node call, and the blocks its allocator keeps cached after the node call and after the sampling
-(with the part in segments that also hold live tensors): comfy-aimdo cannot hold weights in
-them, so under streaming each cached MiB streams again at every step. Then, for ours, 100 more
+node call, and the blocks its allocator keeps cached after the node call, at the first model call
+(after our setup) and after the sampling, with the part in segments that also hold live tensors
+(which empty_cache cannot give back): comfy-aimdo cannot place weights in them. Then, for ours, 100 more
 events (toggles, strengths, switches; 1 step each) with the device memory after each.
 
 Checks (a failed check makes the exit status 1, the numbers are written either way):
@@ -260,13 +260,24 @@ def main(argv=None) -> int:
     # Host times in the last sampling, after its start: ComfyUI's ON_PRE_RUN (after its load for
     # the sampling; ours runs at that point too), and the first model call's start and end.
     marks: dict = {}
+    # torch's cached blocks and the part of them in split segments at the first model call (after
+    # our setup, before the sampling's own work): what the node call and the setup left there
+    cache_at_call: dict = {}
     from comfy.patcher_extension import CallbacksMP, WrappersMP
+
+    def torch_cache() -> tuple[int, int]:
+        if not cuda:
+            return 0, 0
+        return (torch.cuda.memory_reserved() - torch.cuda.memory_allocated(),
+                torch.cuda.memory_stats().get("inactive_split_bytes.all.current", 0))
 
     def mark(m) -> None:
         def pre_run(patcher):
             marks.setdefault("pre_run", time.perf_counter() - marks["t0"])
 
         def model_call(executor, *a, **kw):
+            if "call_start" not in marks:
+                cache_at_call["cached"], cache_at_call["split"] = torch_cache()
             marks.setdefault("call_start", time.perf_counter() - marks["t0"])
             out = executor(*a, **kw)
             marks.setdefault("call_end", time.perf_counter() - marks["t0"])
@@ -283,6 +294,7 @@ def main(argv=None) -> int:
         prof = StepProfile(out_dir / f"profile-{re.sub(r'[^A-Za-z0-9]+', '-', profile)}", sync) if profile else None
         mark(m)
         marks.clear()
+        cache_at_call.clear()
         t0 = marks["t0"] = time.perf_counter()
         step_ends.clear()
 
@@ -360,7 +372,7 @@ def main(argv=None) -> int:
             m = apply(tag, strength) if name is None else profiled_call(name, apply, tag, strength)
             t_node = time.perf_counter()
             held = torch.cuda.memory_allocated() if cuda else 0
-            cached_at_node = (torch.cuda.memory_reserved() - held) if cuda else 0
+            cached_at_node, split_at_node = torch_cache()
             out = sample(m, args.steps, profile=name)
             t_end = time.perf_counter()
             first = step_ends[0] if step_ends else 0.0
@@ -375,12 +387,13 @@ def main(argv=None) -> int:
                    # Python's collections in the event: total ms, and each full one (ms after the
                    # sampling's start, negative: in the node call; ms it took)
                    "gc_ms": round(collections.ms, 1), "gc_full": collections.full_after(marks["t0"]),
-                   "torch_cache_at_node": cached_at_node,
-                   "torch_cache_after": (torch.cuda.memory_reserved() - torch.cuda.memory_allocated()) if cuda else 0,
-                   # of those cached blocks, the free parts of segments that also hold live tensors
-                   # (torch.cuda.empty_cache cannot give them back)
-                   "torch_split_after": (torch.cuda.memory_stats().get("inactive_split_bytes.all.current", 0)
-                                         if cuda else 0)}
+                   # torch's cached blocks, and of those the free parts of segments that also hold
+                   # live tensors (torch.cuda.empty_cache cannot give them back), after the node
+                   # call, at the first model call and after the sampling
+                   "torch_cache_at_node": cached_at_node, "torch_split_at_node": split_at_node,
+                   "torch_cache_at_call": cache_at_call.get("cached", 0),
+                   "torch_split_at_call": cache_at_call.get("split", 0)}
+            row["torch_cache_after"], row["torch_split_after"] = torch_cache()
             if loader.startswith("ours"):
                 now = lc.stats()["memory"]["counters"]
                 row["factors_moved"] = {k: now.get(k, 0) - moves.get(k, 0) for k in ("moved_to_cpu", "moved_back")}
@@ -395,9 +408,10 @@ def main(argv=None) -> int:
                   f"(step 1 {first:6.3f} s, later {row['later_steps_s']:6.3f} s"
                   + (f", ours' setup {row['setup_ms']:.0f} ms" if row.get("setup_ms") is not None else "")
                   + ("".join(f", {k.replace('_', ' ')} {v}" for k, v in row.get("factors_moved", {}).items() if v))
-                  + f", torch: {held / 2**20:.0f} MiB at the node, cached {cached_at_node / 2**20:.0f} MiB at the "
-                  f"node and {row['torch_cache_after'] / 2**20:.0f} MiB after ({row['torch_split_after'] / 2**20:.0f} "
-                  "MiB in split segments); step 1 ms: "
+                  + f", torch: {held / 2**20:.0f} MiB at the node, cached (split) MiB: "
+                  + ", ".join(f"{where} {row['torch_cache_' + k] / 2**20:.0f} ({row['torch_split_' + k] / 2**20:.0f})"
+                              for where, k in (("node", "at_node"), ("call 1", "at_call"), ("after", "after")))
+                  + "; step 1 ms: "
                   + " ".join(f"{k} {v:.0f}" for k, v in row["step1_marks_ms"].items())
                   + f"; gc {row['gc_ms']:.0f} ms" + "".join(f", full at {a} ms: {d} ms" for a, d in row["gc_full"])
                   + ")  "
