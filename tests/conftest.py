@@ -20,6 +20,21 @@ def pkg(host):
     return P
 
 
+@pytest.fixture(scope="module")
+def sd_patcher(host):
+    """The tiny SD UNet in float32 through ComfyUI's loader (the layer-level tests' model)."""
+    import comfy.sd
+    import torch
+    return comfy.sd.load_diffusion_model_state_dict(dict(host.unet_sd), model_options={"dtype": torch.float32})
+
+
+@pytest.fixture(scope="module")
+def flux_patcher():
+    """The tiny Flux model (fused qkv and linear1 weights) with random weights."""
+    from lora_cache_testkit import tiny_models
+    return tiny_models.flux_patcher(seed=0)
+
+
 @pytest.fixture
 def fresh(host):
     """A fresh executor (no node outputs cached), an empty adapter cache, and no model loaded.

@@ -11,7 +11,6 @@ import logging
 import random
 
 import comfy.lora
-import comfy.sd
 import pytest
 import torch
 
@@ -29,16 +28,6 @@ CASES = [(k, {}) for k in KINDS] + [
 def case_id(case) -> str:
     kind, kw = case
     return kind + "".join(f"-{v}" for v in kw.values())
-
-
-@pytest.fixture(scope="module")
-def sd_patcher(host):
-    return comfy.sd.load_diffusion_model_state_dict(dict(host.unet_sd), model_options={"dtype": torch.float32})
-
-
-@pytest.fixture(scope="module")
-def flux_patcher():
-    return tiny_models.flux_patcher(seed=0)
 
 
 def targets_for(model: str, host, kind: str, kw: dict) -> dict:

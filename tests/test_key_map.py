@@ -7,7 +7,6 @@ whole map is used."""
 from __future__ import annotations
 
 import comfy.lora
-import comfy.sd
 import comfy.weight_adapter
 import pytest
 import torch
@@ -16,16 +15,6 @@ from lora_cache_testkit import tiny_models
 from lora_cache_testkit.harness import tiny_clip
 
 KINDS = tiny_models.ADAPTER_KINDS
-
-
-@pytest.fixture(scope="module")
-def sd_patcher(host):
-    return comfy.sd.load_diffusion_model_state_dict(dict(host.unet_sd), model_options={"dtype": torch.float32})
-
-
-@pytest.fixture(scope="module")
-def flux_patcher():
-    return tiny_models.flux_patcher(seed=0)
 
 
 def assert_same_patches(got: dict, want: dict) -> None:
