@@ -58,6 +58,7 @@ def make_factors(entry: Entry, patcher) -> None:
         raise
     entry.factors_made = True
     if entry.layers:
+        MEMORY.gather(entry, patcher)
         MEMORY.admit(entry)
 
 

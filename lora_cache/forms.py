@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .form_base import CONV, LayerForm, Op, moved, to_input, weight_of
+from .form_base import CONV, LayerForm, Op, Place, to_input, weight_of
 from .low_rank import LayerFactors
 
 _STATES = 4  # derived states kept per form (weights and prefixes seen recently)
@@ -167,13 +167,13 @@ class Form:
     def device(self) -> torch.device:
         return self.tensors()[0].device
 
-    def move(self, device: torch.device, pin: bool) -> None:
+    def move(self, place: Place) -> None:
         for n in self._tensor_names:
             v = getattr(self, n)
             if isinstance(v, torch.Tensor):
-                setattr(self, n, moved(v, device, pin))
+                setattr(self, n, place(v))
             elif v is not None:  # a form inside this one (DoRA's core)
-                v.move(device, pin)
+                v.move(place)
         states = self.__dict__.get("states")
         if states is not None:
             states.clear()  # derived again from the weight at the next activation
@@ -577,8 +577,8 @@ class StockDelta(Form):
     def tensors(self) -> list[torch.Tensor]:
         return _tensors_in(self.adapter.weights)
 
-    def move(self, device, pin) -> None:
-        w = tuple(moved(t, device, pin) if isinstance(t, torch.Tensor) else t for t in self.adapter.weights)
+    def move(self, place: Place) -> None:
+        w = tuple(place(t) if isinstance(t, torch.Tensor) else t for t in self.adapter.weights)
         self.adapter = with_weights(self.adapter, w)
         self.states.clear()
 

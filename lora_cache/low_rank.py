@@ -14,7 +14,7 @@ from typing import TypeGuard
 import torch
 from torch.nn.modules.conv import _ConvNd
 
-from .form_base import CONV, LayerForm, Op, Prefix, moved, to_input
+from .form_base import CONV, EachTensor, LayerForm, Op, Place, Prefix, to_input
 
 
 @dataclass(eq=False)
@@ -86,10 +86,10 @@ class LayerFactors:
         target = weight if self.out_slice is None else weight.narrow(0, *self.out_slice)
         target.add_(self.dense().reshape(target.shape), alpha=float(strength) * self.scale)
 
-    def move(self, device: torch.device, pin: bool = False) -> None:
+    def move(self, place: Place) -> None:
         """Moves this factor's tensors in place (move_layer moves a layer's factors together, a
         shared down projection once)."""
-        move_layer((self,), device, pin)
+        move_layer((self,), place)
 
     def bind(self, module: torch.nn.Module, strength: float, prefix: Prefix) -> Op:
         """y += strength * scale * up(down(x)), in place where autograd does not record y; the
@@ -139,36 +139,43 @@ class _LinearPost:
         return y
 
 
-def move_layer(factors: tuple[LayerForm, ...], device: torch.device, pin: bool = False) -> None:
-    """Moves one layer's factors to `device` in place: the LayerFactors objects (which the layer's
+def layer_tensors(factors: tuple[LayerForm, ...]) -> list[torch.Tensor]:
+    """Every tensor a layer's forms hold, a shared down projection included (the factors' downs
+    are views of it): what a move of the layer copies."""
+    shared = [f.shared_down for f in factors if isinstance(f, LayerFactors) and f.shared_down is not None]
+    return [t for f in factors for t in f.tensors()] + shared
+
+
+def move_layer(factors: tuple[LayerForm, ...], place: Place) -> None:
+    """Moves one layer's factors to `place` in place: the LayerFactors objects (which the layer's
     chain holds) stay, their tensors change place. A shared down projection moves once and the
     factors' `down`s become views of the moved copy again, so nothing stays behind on the old
     device and nothing is held twice."""
     shared: dict[int, torch.Tensor] = {}
     for f in factors:
         if not isinstance(f, LayerFactors):
-            f.move(device, pin)  # forms.py: each moves its own tensors and drops derived state
+            f.move(place)  # forms.py: each moves its own tensors and drops derived state
             continue
         if f.shared_down is not None:
             key = id(f.shared_down)
             if key not in shared:
-                shared[key] = moved(f.shared_down, device, pin)
+                shared[key] = place(f.shared_down)
             f.shared_down = shared[key]
             assert f.shared_cols is not None, "share_down sets both"
             lo, hi = f.shared_cols
             f.down = f.shared_down[:, lo:hi]
         else:
-            f.down = moved(f.down, device, pin)
-        f.up = moved(f.up, device, pin)
+            f.down = place(f.down)
+        f.up = place(f.up)
         if f.mid is not None:
-            f.mid = moved(f.mid, device, pin)
+            f.mid = place(f.mid)
 
 
 def copy_layer(factors: tuple[LayerForm, ...], device: torch.device) -> tuple[LayerForm, ...]:
     """A layer's factors (and forms) copied to `device` as new objects owning their own tensors;
     views stay views of the copy of what they viewed (one deepcopy keeps storages shared)."""
     copies = copy.deepcopy(factors)
-    move_layer(copies, device)
+    move_layer(copies, EachTensor(device))
     for f in copies:
         states = f.__dict__.get("states")
         if states is not None:

@@ -33,6 +33,7 @@ import comfy.model_management as mm
 import torch
 
 from . import copies, load_state, low_rank
+from .arena import Arena
 from .budget import Budget, LRUPolicy
 from .store import STORE, AdapterStore, Entry
 
@@ -61,14 +62,17 @@ def _hand_back(device, freed: int) -> None:
 
 def move_factors(entry: Entry, to_host: bool) -> None:
     """Moves every layer's factors of `entry` in place (low_rank.move_layer: the objects the layers
-    hold stay the same, a shared down projection moves as one)."""
-    # Callers move only entries with factors (ensure_resident, offload), which have a home.
+    hold stay the same, a shared down projection moves as one), into one allocation there
+    (arena.py): to the host, or to their home (from the host, or on it, after a build made them
+    one tensor at a time)."""
+    # Callers move only entries with factors (ensure_resident, offload, gather), which have a home.
     assert entry.home is not None, f"{entry.lora}: no factors to move"
     home = torch.device(entry.home)
     dest = HOST if to_host else home
     pin = to_host and home.type == "cuda" and torch.cuda.is_available()
+    place = Arena((t for fs in entry.layers.values() for t in low_rank.layer_tensors(fs)), dest, pin)
     for fs in entry.layers.values():
-        low_rank.move_layer(fs, dest, pin=pin)
+        low_rank.move_layer(fs, place)
     if home.type == "cuda":  # every copy of the entry queued on the stream: one wait for all
         torch.cuda.current_stream(home).synchronize()
 
@@ -109,6 +113,17 @@ class Memory:
         with self._lock:
             self.policy.mark_used(entry)
             self._enforce(entry.home, keep=entry)
+
+    def gather(self, entry: Entry, patcher) -> None:
+        """Right after a build on a device: its factors, made one tensor at a time, into one
+        allocation there, as every later move places them. Under dynamic VRAM the blocks the build
+        freed go back to the driver, where comfy-aimdo can place weights."""
+        with self._lock:
+            if not entry.layers or not can_offload(entry.home):
+                return
+            move_factors(entry, to_host=False)
+            if load_state.is_dynamic(patcher):
+                _hand_back(entry.home, entry.nbytes)
 
     def used(self, entry: Entry) -> None:
         with self._lock:

@@ -16,7 +16,17 @@ def host(tmp_path_factory):
 def pkg(host):
     """Our package's modules as ComfyUI loaded them (through custom_nodes/)."""
     class P:
-        from lora_cache_loader.lora_cache import adapters, copies, forms, key_map, layers, low_rank, weight_update
+        from lora_cache_loader.lora_cache import (
+            adapters,
+            arena,
+            copies,
+            form_base,
+            forms,
+            key_map,
+            layers,
+            low_rank,
+            weight_update,
+        )
     return P
 
 

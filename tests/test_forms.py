@@ -282,7 +282,7 @@ def test_rebuilt_adapters_keep_their_other_fields(pkg, sd_patcher):
     twin = pkg.forms.with_weights(adapter, tuple(adapter.weights))
     assert (twin.key, twin.row_offset, type(twin)) == (adapter.key, adapter.row_offset, type(adapter))
     form = pkg.forms.StockDelta(adapter, adapter.key, None, None)
-    form.move(torch.device("cpu"), pin=False)
+    form.move(pkg.form_base.EachTensor(torch.device("cpu")))
     assert form.adapter is not adapter and form.adapter.row_offset == adapter.row_offset
 
 
@@ -432,9 +432,12 @@ def test_copy_equals_stock_merge_for_every_type(pkg, host, sd_patcher):
         assert torch.equal(model.get_submodule(p).weight, original[p])
 
 
-def test_move_layer_moves_every_form_and_counts_bytes(pkg, host, sd_patcher):
+@pytest.mark.parametrize("place", ["each tensor", "arena"])
+def test_move_layer_moves_every_form_and_counts_bytes(pkg, host, sd_patcher, place):
     """low_rank.move_layer moves every tensor a form holds (DoRA's core and magnitude, kron
-    factors, rotations, the adapter inside ComfyUI's own merge) and `nbytes` counts them."""
+    factors, rotations, the adapter inside ComfyUI's own merge) and `nbytes` counts them; into an
+    arena, every tensor becomes a view of its one buffer with the same values, and a shared down
+    projection's columns stay views of it."""
     patcher = sd_patcher
     for i, (kind, kw) in enumerate(CASES):
         if (kind, kw.get("variant")) == ("lokr", "tucker") and not comfy_merges_lokr_tucker():
@@ -445,11 +448,18 @@ def test_move_layer_moves_every_form_and_counts_bytes(pkg, host, sd_patcher):
             before = sum(f.nbytes for f in fs)
             assert before > 0
             old = [t for f in fs for t in f_tensors(pkg, f)]  # kept alive: no storage is reused
+            values = [t.clone() for t in old]
             ptrs = {t.untyped_storage().data_ptr() for t in old}
-            pkg.low_rank.move_layer(fs, torch.device("cpu"), pin=False)
+            cpu = torch.device("cpu")
+            target = (pkg.form_base.EachTensor(cpu) if place == "each tensor" else
+                      pkg.arena.Arena(pkg.low_rank.layer_tensors(fs), cpu))
+            pkg.low_rank.move_layer(fs, target)
             after = [t for f in fs for t in f_tensors(pkg, f)]
             assert len(after) == len(old), kind
             assert not {t.untyped_storage().data_ptr() for t in after} & ptrs, kind  # every tensor moved
+            assert all(torch.equal(a, v) for a, v in zip(after, values, strict=True)), kind
+            if place == "arena":
+                assert {t.untyped_storage().data_ptr() for t in after} == {target.buffer.data_ptr()}, kind
             assert sum(f.nbytes for f in fs) == before
             assert all(str(f.device) == "cpu" for f in fs)
 
@@ -582,3 +592,28 @@ def test_weight_update_only_through_comfy_stock_cast(pkg, monkeypatch):
         # ComfyUI's stock cast copies the weight for its weight functions: the update goes into that copy
         assert calls == (["in place"] if cls is comfy.ops.manual_cast.Linear else []), (cls.__name__, calls)
 
+
+
+def test_arena_keeps_a_shared_down_projection_one_tensor(pkg, flux_patcher):
+    """Flux's q/k/v factors on a fused weight share one down projection; moved into an arena it
+    is still one tensor, every factor's down a view of its columns, the values the same, and the
+    buffer holds each storage's bytes once (within the alignment of each span)."""
+    _, plan = build(pkg, flux_patcher, tiny_models.flux_lora_state_dict(seed=4))
+    layers = {p: fs for p, fs in plan.layers.items() if fs[0].shared_down is not None}
+    assert layers, list(plan.layers)
+    tensors = [t for fs in layers.values() for t in pkg.low_rank.layer_tensors(fs)]
+    values = {id(t): t.clone() for t in tensors}
+    held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    arena = pkg.arena.Arena(tensors, torch.device("cpu"))
+    before = [(fs, [(f.down, f.up) for f in fs]) for fs in layers.values()]
+    for fs in layers.values():
+        pkg.low_rank.move_layer(fs, arena)
+    assert held <= arena.nbytes < held + 256 * len(tensors)
+    base = arena.buffer.data_ptr()
+    for fs, old in before:
+        shared = fs[0].shared_down
+        assert shared.untyped_storage().data_ptr() == base
+        for f, (down, up) in zip(fs, old, strict=True):
+            assert f.shared_down is shared and f.down.data_ptr() == shared[:, f.shared_cols[0]:].data_ptr()
+            assert torch.equal(f.down, values[id(down)]) and torch.equal(f.up, values[id(up)])
+            assert f.up.untyped_storage().data_ptr() == base

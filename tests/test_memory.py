@@ -413,6 +413,29 @@ def test_dropped_model_is_freed_by_reference_counts(host, loras, mode):
             gc.enable()
 
 
+def test_factors_live_in_one_allocation_from_the_build_on(mem, loras):
+    """An entry's factors on a device are one allocation (lora_cache.arena), from its build on and
+    after every move off the device and back: one page-locked allocation and one copy per move
+    rather than one per tensor, and the whole block freed when they leave. Outputs stay stock's."""
+    from lora_cache_loader.lora_cache import low_rank
+    h = mem
+    owner = h.lc.MEMORY
+
+    def storages(e) -> set:
+        return {t.untyped_storage().data_ptr() for fs in e.layers.values() for t in low_rank.layer_tensors(fs)}
+
+    stock = h.run(wf.sd([wf.stock(loras["m_a"], 0.9)]))["out"]
+    out = h.run(wf.sd([wf.ours(loras["m_a"], 0.9)]))["out"]
+    e = entry(h, loras["m_a"])
+    assert len(e.layers) > 10 and len(storages(e)) == 1 and close(out, stock)
+    first = storages(e)
+    assert owner.offload(e, "test") and not e.resident
+    assert len(storages(e)) == 1 and storages(e) != first
+    out = h.run(wf.sd([wf.ours(loras["m_a"], 0.9)]))["out"]
+    assert e.resident and len(storages(e)) == 1 and close(out, stock)
+    assert owner.policy.counters["moved_to_cpu"] == 1 and owner.policy.counters["moved_back"] == 1
+
+
 def _factor_storages(h) -> dict:
     """The memory of every cached factor tensor (a view's is its base's): cdata -> a weak
     reference to it (torch's StorageWeakRef: alive while any tensor or view holds the memory)."""
