@@ -6,6 +6,8 @@ since comfy-aimdo keeps fewer weights resident for whatever else is on the devic
 sampling then runs on them on the device, equal to stock within fp16 rounding. The same for a
 LoRA Cache Sweep of an adapter moved off, whose per-image update binds its factors at the
 sampling's start: they are back on the device by then (the sampling copies no factors to it).
+Each adapter's factors are one allocation on the device and one page-locked one on the host
+(lora_cache/arena.py).
 
 The tiny SD-type UNet in fp16 comes through ComfyUI's loader from a file. Prints a JSON report;
 on a GPU machine, from the repository root (benchmarks/device/setup.sh prepares one for ComfyUI
@@ -29,6 +31,7 @@ from lora_cache_testkit.sampling import stock_lora, tiny_fp16_model_from_file, t
 
 def main() -> int:
     lc = host.load_package().lora_cache
+    low_rank = importlib.import_module(lc.__name__ + ".low_rank")
     report: dict = {**aimdo.gpu_report(), "runs": []}
     if not report["aimdo"]:
         print(json.dumps(report, indent=1))
@@ -45,10 +48,20 @@ def main() -> int:
     def residency() -> dict:
         return {e.lora[0]: e.resident for e in lc.STORE.entries()}
 
+    def blocks() -> dict:
+        """Per adapter: how many allocations its factors are in (lora_cache/arena.py: one), and
+        whether those on the host are page-locked."""
+        out = {}
+        for e in lc.STORE.entries():
+            ts = [t for fs in e.layers.values() for t in low_rank.layer_tensors(fs)]
+            out[e.lora[0]] = {"allocations": len({t.untyped_storage().data_ptr() for t in ts}),
+                              "pinned": all(t.is_pinned() for t in ts) if ts[0].device.type == "cpu" else None}
+        return out
+
     def after(before: dict, out: torch.Tensor, n: str) -> dict:
         """What the sampling moved since `before` (the counters before the node call), where the
         factors are now, and the output against stock's for LoRA `n`."""
-        return {"moved_in_run": moved(before), "resident_after": residency(),
+        return {"moved_in_run": moved(before), "resident_after": residency(), "blocks_after": blocks(),
                 "device_after": {e.lora[0]: e.device for e in lc.STORE.entries()},
                 "max_abs_diff_vs_stock": float((out - stock[n]).abs().max()),
                 "ref_max_abs": float(stock[n].abs().max())}

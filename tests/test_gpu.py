@@ -110,7 +110,8 @@ def test_gpu_dynamic_moves_check():
     """Factors moved off and back under real comfy-aimdo (scripts/gpu_dynamic_moves_check.py):
     with a budget that holds one adapter, a switch back moves nothing at the node call; the
     sampling brings the used adapter's factors back and the other's leave; every output equals
-    stock within fp16 rounding; a sweep of an adapter moved off runs on its factors brought back
+    stock within fp16 rounding; each adapter's factors are one allocation on the device and one
+    page-locked one on the host; a sweep of an adapter moved off runs on its factors brought back
     to the device before its per-image update binds them."""
     r = report("gpu_dynamic_moves_check.py")
     if not r["aimdo"]:
@@ -127,6 +128,9 @@ def test_gpu_dynamic_moves_check():
         assert run["moved_in_run"] == {"moved_to_cpu": 1, "moved_back": 1}, run
         assert run["resident_after"] == {used: True, other: False}, run
         assert run["device_after"][used].startswith("cuda"), run
+        # one allocation per adapter and place, page-locked on the host
+        assert run["blocks_after"] == {used: {"allocations": 1, "pinned": None},
+                                       other: {"allocations": 1, "pinned": True}}, run
     sw = r["sweep"]
     assert within_rounding(sw), sw
     assert sw["moved_at_node"] == {"moved_to_cpu": 0, "moved_back": 0}, sw
