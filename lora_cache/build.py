@@ -129,6 +129,7 @@ def twin(entry: Entry, patcher) -> Entry:
     if found is not None:
         STORE.drop(found)
     STORE.put(new)
+    MEMORY.gather(new, patcher)
     MEMORY.admit(new)
     log.info("[LoRA Cache] %s: sampling runs on another copy of the model (%s on %s); factors copied onto it",
              entry.lora, type(model).__name__, device)
