@@ -43,12 +43,17 @@ class Arena:
     def __init__(self, tensors: Iterable[torch.Tensor], device: torch.device, pin: bool = False):
         self.device, self.pin = torch.device(device), pin
         spans: dict[tuple[torch.device, int], list[int]] = {}
+        # each storage held until its bytes are copied: its address keys it, and a storage freed
+        # meanwhile could hand that address to another
+        self._sources: dict[tuple[torch.device, int], torch.UntypedStorage] = {}
         for t in tensors:
             if t.numel() == 0:
                 continue
             lo, hi = _extent(t)
-            span = spans.setdefault(_key(t), [lo, hi])
+            key = _key(t)
+            span = spans.setdefault(key, [lo, hi])
             span[0], span[1] = min(span[0], lo), max(span[1], hi)
+            self._sources.setdefault(key, t.untyped_storage())
         # storage key -> where its span starts in the buffer, and the span in the storage
         self._at: dict[tuple[torch.device, int], tuple[int, int, int]] = {}
         total = 0
@@ -59,7 +64,6 @@ class Arena:
         self.nbytes = total
         self.buffer = self._allocate(total)
         self._views: dict[torch.dtype, torch.Tensor] = {}
-        self._copied: set[tuple[torch.device, int]] = set()
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
         if self.pin and self.device.type == "cpu" and torch.cuda.is_available():
@@ -78,10 +82,10 @@ class Arena:
         first, end = _extent(t)
         if first < lo or end > hi:  # reaches past what the tensors given at the start reach
             return moved(t, self.device, self.pin)
-        if key not in self._copied:
-            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())[lo:hi]
+        storage = self._sources.pop(key, None)
+        if storage is not None:  # its first tensor: the span's bytes come over once
+            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)[lo:hi]
             self.buffer[start:start + hi - lo].copy_(src.detach(), non_blocking=True)
-            self._copied.add(key)
         view = self._views.get(t.dtype)
         if view is None:
             view = self._views[t.dtype] = self.buffer.view(t.dtype)

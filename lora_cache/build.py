@@ -13,6 +13,7 @@ import comfy.utils
 import torch
 
 from . import adapters, capabilities, low_rank
+from .arena import Arena
 from .errors import LoraCacheError
 from .files import FileIdentity
 from .memory import MEMORY
@@ -112,6 +113,8 @@ def twin(entry: Entry, patcher) -> Entry:
         MEMORY.used(found)
         return found
     device = patcher.load_device
+    # one block for the twin's factors, as for every entry on a device (arena.py)
+    place = Arena((t for _, _, fs in entry.modules() for t in low_rank.layer_tensors(fs)), device)
     twin_layers = {}
     for path, module, factors in entry.modules():
         try:
@@ -122,14 +125,13 @@ def twin(entry: Entry, patcher) -> Entry:
         if other is None or type(other) is not type(module) or getattr(other.weight, "shape", None) != shape:
             raise LoraCacheError(f"LoRA '{entry.lora}': a node after the LoRA Cache Loader replaced the model "
                                  f"with one whose layer {path} differs; place that node before the LoRA Cache Loader")
-        twin_layers[path] = low_rank.copy_layer(factors, device)
+        twin_layers[path] = low_rank.copy_layer(factors, place)
     new = Entry(lora=entry.lora, identity=entry.identity, model_ref=weakref.ref(model), model_id=id(model),
                 patches=entry.patches, cache_problem=entry.cache_problem, layers=twin_layers, home=device,
                 last_strength=entry.last_strength, factors_made=True)
     if found is not None:
         STORE.drop(found)
     STORE.put(new)
-    MEMORY.gather(new, patcher)
     MEMORY.admit(new)
     log.info("[LoRA Cache] %s: sampling runs on another copy of the model (%s on %s); factors copied onto it",
              entry.lora, type(model).__name__, device)

@@ -14,7 +14,7 @@ from typing import TypeGuard
 import torch
 from torch.nn.modules.conv import _ConvNd
 
-from .form_base import CONV, EachTensor, LayerForm, Op, Place, Prefix, to_input
+from .form_base import CONV, LayerForm, Op, Place, Prefix, to_input
 
 
 @dataclass(eq=False)
@@ -171,11 +171,14 @@ def move_layer(factors: tuple[LayerForm, ...], place: Place) -> None:
             f.mid = place(f.mid)
 
 
-def copy_layer(factors: tuple[LayerForm, ...], device: torch.device) -> tuple[LayerForm, ...]:
-    """A layer's factors (and forms) copied to `device` as new objects owning their own tensors;
-    views stay views of the copy of what they viewed (one deepcopy keeps storages shared)."""
-    copies = copy.deepcopy(factors)
-    move_layer(copies, EachTensor(device))
+def copy_layer(factors: tuple[LayerForm, ...], place: Place) -> tuple[LayerForm, ...]:
+    """A layer's factors (and forms) copied as new objects whose tensors `place` copies (an
+    `arena.Arena`, which makes new tensors on any device, the factors' own included). The objects
+    are copied without their tensors: a deepcopy would copy each tensor's whole storage, and an
+    entry's factors are views of one block (arena.py)."""
+    memo = {id(t): t for t in layer_tensors(factors)}
+    copies = copy.deepcopy(factors, memo)
+    move_layer(copies, place)
     for f in copies:
         states = f.__dict__.get("states")
         if states is not None:

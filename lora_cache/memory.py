@@ -121,7 +121,14 @@ class Memory:
         with self._lock:
             if not entry.layers or not can_offload(entry.home):
                 return
-            move_factors(entry, to_host=False)
+            try:
+                move_factors(entry, to_host=False)
+            except torch.OutOfMemoryError:
+                # the block comes before the tensors it replaces leave: where it does not fit, the
+                # factors stay as they were made (the Arena allocates before it moves anything)
+                log.info("[LoRA Cache] %s: factors kept one tensor at a time (no room for one block of %d "
+                         "bytes on %s)", entry.lora, entry.nbytes, entry.home)
+                return
             if load_state.is_dynamic(patcher):
                 _hand_back(entry.home, entry.nbytes)
 

@@ -617,3 +617,25 @@ def test_arena_keeps_a_shared_down_projection_one_tensor(pkg, flux_patcher):
             assert f.shared_down is shared and f.down.data_ptr() == shared[:, f.shared_cols[0]:].data_ptr()
             assert torch.equal(f.down, values[id(down)]) and torch.equal(f.up, values[id(up)])
             assert f.up.untyped_storage().data_ptr() == base
+
+
+def test_copy_layer_copies_a_layer_out_of_a_block(pkg, flux_patcher):
+    """A layer's forms copied for a twin (low_rank.copy_layer) into an arena: new objects whose
+    tensors are views of that arena alone, with the same values, and the originals, views of the
+    entry's block, untouched."""
+    _, plan = build(pkg, flux_patcher, tiny_models.flux_lora_state_dict(seed=5))
+    everything = [t for fs in plan.layers.values() for t in pkg.low_rank.layer_tensors(fs)]
+    block = pkg.arena.Arena(everything, torch.device("cpu"))
+    for fs in plan.layers.values():
+        pkg.low_rank.move_layer(fs, block)
+    fs = next(fs for fs in plan.layers.values() if fs[0].shared_down is not None)
+    originals = pkg.low_rank.layer_tensors(fs)
+    place = pkg.arena.Arena(originals, torch.device("cpu"))
+    copies = pkg.low_rank.copy_layer(fs, place)
+    assert place.nbytes < block.nbytes / 4
+    assert all(c is not f for c, f in zip(copies, fs, strict=True))
+    got = pkg.low_rank.layer_tensors(copies)
+    assert {t.untyped_storage().data_ptr() for t in got} == {place.buffer.data_ptr()}
+    assert {t.untyped_storage().data_ptr() for t in pkg.low_rank.layer_tensors(fs)} == {block.buffer.data_ptr()}
+    assert all(torch.equal(a, b) for a, b in zip(got, originals, strict=True))
+    assert copies[0].down.data_ptr() == copies[0].shared_down.data_ptr()

@@ -61,6 +61,12 @@ def test_adapter_follows_the_model_onto_a_reloaded_copy(fresh, reloaded):
     assert a.model_ref() is not b.model_ref() and set(a.layers) == set(b.layers)
     assert all(x.up.data_ptr() != y.up.data_ptr()
                for p in a.layers for x, y in zip(a.layers[p], b.layers[p], strict=True))
+    # the twin's factors are copied into one allocation (lora_cache/arena.py); the node's own,
+    # with their home the CPU, stay as they were built
+    from lora_cache_loader.lora_cache import low_rank
+    blocks = sorted(len({t.untyped_storage().data_ptr() for fs in e.layers.values()
+                         for t in low_rank.layer_tensors(fs)}) for e in (a, b))
+    assert blocks[0] == 1 and blocks[1] > 1, blocks
     base = h.run(wf.sd([]))["out"]
     assert close(run["base"], base) and not close(base, stock)
     # the copy is gone with the prompt that made it, and its twin with it
