@@ -53,7 +53,7 @@ class LayerForm(Protocol):
 
 class Place(Protocol):
     """Where a move puts a form's tensors: `place(t)` is `t`'s copy there, on `device`.
-    `EachTensor` copies each tensor on its own; an `arena.Arena` into one allocation for all."""
+    An `arena.Arena` copies them into one allocation for all."""
 
     device: torch.device
 
@@ -78,18 +78,6 @@ def to_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # Stored in the model's compute dtype on its load device; an input in another dtype or
     # place (lowvram casts, a text encoder in fp32) gets a transient copy.
     return t if t.dtype == x.dtype and t.device == x.device else t.to(device=x.device, dtype=x.dtype)
-
-
-class EachTensor:
-    """Each tensor copied on its own to `device` (`moved`): page-locked on the host with `pin`."""
-
-    __slots__ = ("device", "pin")
-
-    def __init__(self, device: torch.device, pin: bool = False) -> None:
-        self.device, self.pin = torch.device(device), pin
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        return moved(t, self.device, self.pin)
 
 
 def moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:

@@ -20,7 +20,6 @@ def pkg(host):
             adapters,
             arena,
             copies,
-            form_base,
             forms,
             key_map,
             layers,

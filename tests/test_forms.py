@@ -282,7 +282,7 @@ def test_rebuilt_adapters_keep_their_other_fields(pkg, sd_patcher):
     twin = pkg.forms.with_weights(adapter, tuple(adapter.weights))
     assert (twin.key, twin.row_offset, type(twin)) == (adapter.key, adapter.row_offset, type(adapter))
     form = pkg.forms.StockDelta(adapter, adapter.key, None, None)
-    form.move(pkg.form_base.EachTensor(torch.device("cpu")))
+    form.move(pkg.arena.Arena(form.tensors(), torch.device("cpu")))
     assert form.adapter is not adapter and form.adapter.row_offset == adapter.row_offset
 
 
@@ -432,12 +432,10 @@ def test_copy_equals_stock_merge_for_every_type(pkg, host, sd_patcher):
         assert torch.equal(model.get_submodule(p).weight, original[p])
 
 
-@pytest.mark.parametrize("place", ["each tensor", "arena"])
-def test_move_layer_moves_every_form_and_counts_bytes(pkg, host, sd_patcher, place):
+def test_move_layer_moves_every_form_and_counts_bytes(pkg, host, sd_patcher):
     """low_rank.move_layer moves every tensor a form holds (DoRA's core and magnitude, kron
-    factors, rotations, the adapter inside ComfyUI's own merge) and `nbytes` counts them; into an
-    arena, every tensor becomes a view of its one buffer with the same values, and a shared down
-    projection's columns stay views of it."""
+    factors, rotations, the adapter inside ComfyUI's own merge) into an arena, each a view of its
+    one buffer with the same values, and `nbytes` counts them."""
     patcher = sd_patcher
     for i, (kind, kw) in enumerate(CASES):
         if (kind, kw.get("variant")) == ("lokr", "tucker") and not comfy_merges_lokr_tucker():
@@ -451,15 +449,13 @@ def test_move_layer_moves_every_form_and_counts_bytes(pkg, host, sd_patcher, pla
             values = [t.clone() for t in old]
             ptrs = {t.untyped_storage().data_ptr() for t in old}
             cpu = torch.device("cpu")
-            target = (pkg.form_base.EachTensor(cpu) if place == "each tensor" else
-                      pkg.arena.Arena(pkg.low_rank.layer_tensors(fs), cpu))
+            target = pkg.arena.Arena(pkg.low_rank.layer_tensors(fs), cpu)
             pkg.low_rank.move_layer(fs, target)
             after = [t for f in fs for t in f_tensors(pkg, f)]
             assert len(after) == len(old), kind
             assert not {t.untyped_storage().data_ptr() for t in after} & ptrs, kind  # every tensor moved
             assert all(torch.equal(a, v) for a, v in zip(after, values, strict=True)), kind
-            if place == "arena":
-                assert {t.untyped_storage().data_ptr() for t in after} == {target.buffer.data_ptr()}, kind
+            assert {t.untyped_storage().data_ptr() for t in after} == {target.buffer.data_ptr()}, kind
             assert sum(f.nbytes for f in fs) == before
             assert all(str(f.device) == "cpu" for f in fs)
 
