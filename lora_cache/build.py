@@ -114,7 +114,7 @@ def twin(entry: Entry, patcher) -> Entry:
         return found
     device = patcher.load_device
     # one block for the twin's factors, as for every entry on a device (arena.py)
-    place = Arena((t for _, _, fs in entry.modules() for t in low_rank.layer_tensors(fs)), device)
+    place = Arena(low_rank.tensors_of(entry.layers.values()), device)
     twin_layers = {}
     for path, module, factors in entry.modules():
         try:

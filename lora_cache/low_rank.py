@@ -7,7 +7,7 @@ together (`move_layer`, `copy_layer`) so that a shared down projection stays one
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeGuard
 
@@ -144,6 +144,11 @@ def layer_tensors(factors: tuple[LayerForm, ...]) -> list[torch.Tensor]:
     are views of it): what a move of the layer copies."""
     shared = [f.shared_down for f in factors if isinstance(f, LayerFactors) and f.shared_down is not None]
     return [t for f in factors for t in f.tensors()] + shared
+
+
+def tensors_of(layers: Iterable[tuple[LayerForm, ...]]) -> list[torch.Tensor]:
+    """Every tensor of every layer's forms (`layer_tensors`): an entry's whole set of factors."""
+    return [t for fs in layers for t in layer_tensors(fs)]
 
 
 def move_layer(factors: tuple[LayerForm, ...], place: Place) -> None:

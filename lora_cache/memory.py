@@ -70,7 +70,7 @@ def move_factors(entry: Entry, to_host: bool) -> None:
     home = torch.device(entry.home)
     dest = HOST if to_host else home
     pin = to_host and home.type == "cuda" and torch.cuda.is_available()
-    place = Arena((t for fs in entry.layers.values() for t in low_rank.layer_tensors(fs)), dest, pin)
+    place = Arena(low_rank.tensors_of(entry.layers.values()), dest, pin)
     for fs in entry.layers.values():
         low_rank.move_layer(fs, place)
     if home.type == "cuda":  # every copy of the entry queued on the stream: one wait for all

@@ -53,7 +53,7 @@ def main() -> int:
         whether those on the host are page-locked."""
         out = {}
         for e in lc.STORE.entries():
-            ts = [t for fs in e.layers.values() for t in low_rank.layer_tensors(fs)]
+            ts = low_rank.tensors_of(e.layers.values())
             out[e.lora[0]] = {"allocations": len({t.untyped_storage().data_ptr() for t in ts}),
                               "pinned": all(t.is_pinned() for t in ts) if ts[0].device.type == "cpu" else None}
         return out

@@ -597,7 +597,7 @@ def test_arena_keeps_a_shared_down_projection_one_tensor(pkg, flux_patcher):
     _, plan = build(pkg, flux_patcher, tiny_models.flux_lora_state_dict(seed=4))
     layers = {p: fs for p, fs in plan.layers.items() if fs[0].shared_down is not None}
     assert layers, list(plan.layers)
-    tensors = [t for fs in layers.values() for t in pkg.low_rank.layer_tensors(fs)]
+    tensors = pkg.low_rank.tensors_of(layers.values())
     values = {id(t): t.clone() for t in tensors}
     held = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
     arena = pkg.arena.Arena(tensors, torch.device("cpu"))
@@ -620,7 +620,7 @@ def test_copy_layer_copies_a_layer_out_of_a_block(pkg, flux_patcher):
     tensors are views of that arena alone, with the same values, and the originals, views of the
     entry's block, untouched."""
     _, plan = build(pkg, flux_patcher, tiny_models.flux_lora_state_dict(seed=5))
-    everything = [t for fs in plan.layers.values() for t in pkg.low_rank.layer_tensors(fs)]
+    everything = pkg.low_rank.tensors_of(plan.layers.values())
     block = pkg.arena.Arena(everything, torch.device("cpu"))
     for fs in plan.layers.values():
         pkg.low_rank.move_layer(fs, block)

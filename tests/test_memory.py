@@ -422,7 +422,7 @@ def test_factors_live_in_one_allocation_from_the_build_on(mem, loras):
     owner = h.lc.MEMORY
 
     def storages(e) -> set:
-        return {t.untyped_storage().data_ptr() for fs in e.layers.values() for t in low_rank.layer_tensors(fs)}
+        return {t.untyped_storage().data_ptr() for t in low_rank.tensors_of(e.layers.values())}
 
     stock = h.run(wf.sd([wf.stock(loras["m_a"], 0.9)]))["out"]
     out = h.run(wf.sd([wf.ours(loras["m_a"], 0.9)]))["out"]

@@ -64,8 +64,8 @@ def test_adapter_follows_the_model_onto_a_reloaded_copy(fresh, reloaded):
     # the twin's factors are copied into one allocation (lora_cache/arena.py); the node's own,
     # with their home the CPU, stay as they were built
     from lora_cache_loader.lora_cache import low_rank
-    blocks = sorted(len({t.untyped_storage().data_ptr() for fs in e.layers.values()
-                         for t in low_rank.layer_tensors(fs)}) for e in (a, b))
+    blocks = sorted(len({t.untyped_storage().data_ptr() for t in low_rank.tensors_of(e.layers.values())})
+                    for e in (a, b))
     assert blocks[0] == 1 and blocks[1] > 1, blocks
     base = h.run(wf.sd([]))["out"]
     assert close(run["base"], base) and not close(base, stock)
