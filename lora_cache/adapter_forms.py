@@ -117,11 +117,9 @@ def _weights(ctx: BuildContext, t: Target, n: int) -> tuple:
 
 
 def _put(ctx: BuildContext, x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and ctx.device.type != "cpu":
-        # A file's tensor takes its dtype and layout on the host: the device then gets one
-        # allocation per factor and one copy, not a strided copy made contiguous after (a second
-        # allocation and a kernel, the first left freed in torch's cache among the factors).
-        x = x.to(ctx.dtype).contiguous()
+    # A file's (transposed) tensor goes to the device as its bytes are and takes its layout there:
+    # laid out on the host first, every factor would be written to new host memory and read
+    # again for the copy. The device's transient blocks go with the build's gather (memory.py).
     return x.to(ctx.device, ctx.dtype).contiguous()
 
 
