@@ -7,17 +7,27 @@ freed places stay in segments that also hold live tensors. An `Arena` takes the 
 into one buffer instead, and hands each tensor back as a view of it with its own shape, strides
 and offset: views of one storage (a shared down projection and its columns) stay views of one
 copy, and when the adapter moves again, the whole buffer is freed at once.
+
+Page-locked host memory comes in pieces of at most `PIECE` bytes, each a power of two: torch's
+page-locked allocator rounds every allocation up to one (a Flux LoRA's 328 MiB in one block would
+take 512 MiB) and keeps freed blocks for the next allocation of the same size, so pieces of one
+size serve every adapter that moves after, whatever its size.
 """
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
 from .form_base import moved
 
-_ALIGN = 256  # bytes: every span starts where any dtype's view and CUDA's kernels want it
-_WIDEST = 16  # bytes: a span starts at a multiple of this in its storage, so any dtype divides it
+_ALIGN = 256  # bytes: every run starts where any dtype's view and CUDA's kernels want it
+_WIDEST = 16  # bytes: a run starts at a multiple of this in its storage, so any dtype divides it
+PIECE = 64 << 20  # bytes: the largest page-locked piece
+_SMALLEST = 1 << 20  # bytes: the smallest page-locked piece
+_GAP = 1 << 20  # bytes between two tensors of one storage beyond which they are copied apart
 
 
 def _extent(t: torch.Tensor) -> tuple[int, int]:
@@ -32,62 +42,152 @@ def _key(t: torch.Tensor) -> tuple[torch.device, int]:
     return t.device, t.untyped_storage().data_ptr()
 
 
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class _Run(NamedTuple):
+    """Bytes [lo, hi) of one source storage, copied as one to `start` in piece `piece`."""
+
+    lo: int
+    hi: int
+    piece: int
+    start: int
+
+
+def _islands(extents: list[tuple[int, int]]) -> list[list[int]]:
+    """The byte ranges of a storage its tensors reach, overlapping ones joined (a shared down
+    projection and the views of its columns are one island)."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(extents):
+        if out and lo < out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo - lo % _WIDEST, hi])
+    return out
+
+
+class _Layout:
+    """Where each island goes: runs of neighbouring islands of one storage, packed into pieces
+    (one piece without a limit; or pieces of at most `piece` bytes, powers of two)."""
+
+    def __init__(self, piece: int | None, total: int):
+        self.limit = piece
+        self.left = total  # island bytes not placed yet, which sizes the pieces to come
+        self.sizes: list[int] = []
+        self.used = 0
+
+    def _open(self, need: int) -> None:
+        if self.limit is None:
+            self.sizes.append(0)
+        else:
+            # the largest power of two within what is left; under the smallest piece, what is
+            # left rounded up (torch rounds it so anyway)
+            if self.left >= min(_SMALLEST, self.limit):
+                size = min(self.limit, 1 << (self.left.bit_length() - 1))
+            else:
+                size = _pow2(self.left)
+            self.sizes.append(max(size, _pow2(need)))
+        self.used = 0
+
+    def place(self, runs: list[_Run], islands: list[list[int]]) -> None:
+        for lo, hi in islands:
+            run = runs[-1] if runs else None
+            if run is not None and lo - run.hi <= _GAP and self._fits(run.start + hi - run.lo):
+                runs[-1] = run._replace(hi=hi)
+                self.used = run.start + hi - run.lo
+                self.left -= hi - lo
+                continue
+            start = _aligned(self.used)
+            if not self.sizes or not self._fits(start + hi - lo):
+                self._open(hi - lo)
+                start = 0
+            runs.append(_Run(lo, hi, len(self.sizes) - 1, start))
+            self.used = start + hi - lo
+            self.left -= hi - lo
+
+    def _fits(self, end: int) -> bool:
+        return self.limit is None or end <= self.sizes[-1]
+
+    def finish(self) -> list[int]:
+        if self.limit is None:  # the one piece, as large as what it holds
+            return [_aligned(self.used)]
+        return self.sizes
+
+
 class Arena:
     """A `form_base.Place` on `device` (page-locked on the host with `pin`) that holds
-    `tensors` (every tensor the move will place, views included) in one buffer. Each storage
-    they use gets one span, the bytes from the first one of them reaches to the last; a tensor
-    placed that is not in `tensors` is copied on its own. Copies are queued without a wait: the
-    caller synchronizes once for all (a copy to page-locked memory or to a device is
-    asynchronous)."""
+    `tensors` (every tensor the move will place, views included) in one buffer, or in pieces of
+    at most `piece` bytes (powers of two; page-locked host memory takes `PIECE`). A tensor placed
+    that is not in `tensors` is copied on its own. Copies are queued without a wait: the caller
+    synchronizes once for all (a copy to page-locked memory or to a device is asynchronous)."""
 
-    def __init__(self, tensors: Iterable[torch.Tensor], device: torch.device, pin: bool = False):
+    def __init__(self, tensors: Iterable[torch.Tensor], device: torch.device, pin: bool = False,
+                 piece: int | None = None):
         self.device, self.pin = torch.device(device), pin
-        spans: dict[tuple[torch.device, int], list[int]] = {}
+        pinned = pin and self.device.type == "cpu" and torch.cuda.is_available()
+        if pinned and piece is None:
+            piece = PIECE
+        extents: dict[tuple[torch.device, int], list[tuple[int, int]]] = {}
         # each storage held until its bytes are copied: its address keys it, and a storage freed
         # meanwhile could hand that address to another
         self._sources: dict[tuple[torch.device, int], torch.UntypedStorage] = {}
         for t in tensors:
             if t.numel() == 0:
                 continue
-            lo, hi = _extent(t)
             key = _key(t)
-            span = spans.setdefault(key, [lo, hi])
-            span[0], span[1] = min(span[0], lo), max(span[1], hi)
+            extents.setdefault(key, []).append(_extent(t))
             self._sources.setdefault(key, t.untyped_storage())
-        # storage key -> where its span starts in the buffer, and the span in the storage
-        self._at: dict[tuple[torch.device, int], tuple[int, int, int]] = {}
-        total = 0
-        for key, (lo, hi) in spans.items():
-            lo -= lo % _WIDEST
-            self._at[key] = (total, lo, hi)
-            total += -(-(hi - lo) // _ALIGN) * _ALIGN
-        self.nbytes = total
-        self.buffer = self._allocate(total)
-        self._views: dict[torch.dtype, torch.Tensor] = {}
+        islands = {key: _islands(ex) for key, ex in extents.items()}
+        layout = _Layout(piece, sum(hi - lo for isl in islands.values() for lo, hi in isl))
+        self._runs: dict[tuple[torch.device, int], list[_Run]] = {}
+        for key, isl in islands.items():
+            layout.place(self._runs.setdefault(key, []), isl)
+        self.buffers = [self._allocate(n, pinned) for n in layout.finish()]
+        self.nbytes = sum(b.numel() for b in self.buffers)
+        self._views: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
-    def _allocate(self, nbytes: int) -> torch.Tensor:
-        if self.pin and self.device.type == "cpu" and torch.cuda.is_available():
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The one buffer of an arena without pieces."""
+        assert len(self.buffers) == 1, f"{len(self.buffers)} pieces"
+        return self.buffers[0]
+
+    def _allocate(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        if pinned:
             try:
                 return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             except RuntimeError:  # no page-locked memory left: pageable, as `moved` falls back
                 pass
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
+    def _run_of(self, key: tuple[torch.device, int], first: int, end: int) -> _Run | None:
+        runs = self._runs.get(key)
+        if not runs:
+            return None
+        i = bisect.bisect_right(runs, first, key=lambda r: r.lo) - 1
+        if i < 0 or end > runs[i].hi:  # reaches past what the tensors given at the start reach
+            return None
+        return runs[i]
+
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        key = _key(t)
-        at = self._at.get(key)
-        if at is None or t.numel() == 0:
+        if t.numel() == 0:
             return moved(t, self.device, self.pin)
-        start, lo, hi = at
+        key = _key(t)
         first, end = _extent(t)
-        if first < lo or end > hi:  # reaches past what the tensors given at the start reach
+        run = self._run_of(key, first, end)
+        if run is None:
             return moved(t, self.device, self.pin)
         storage = self._sources.pop(key, None)
-        if storage is not None:  # its first tensor: the span's bytes come over once
-            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)[lo:hi]
-            self.buffer[start:start + hi - lo].copy_(src.detach(), non_blocking=True)
-        view = self._views.get(t.dtype)
+        if storage is not None:  # its first tensor: the storage's runs come over, each as one copy
+            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage).detach()
+            for r in self._runs[key]:
+                self.buffers[r.piece][r.start:r.start + r.hi - r.lo].copy_(src[r.lo:r.hi], non_blocking=True)
+        view = self._views.get((run.piece, t.dtype))
         if view is None:
-            view = self._views[t.dtype] = self.buffer.view(t.dtype)
-        size = t.element_size()
-        return view.as_strided(t.shape, t.stride(), (start - lo) // size + t.storage_offset())
+            view = self._views[(run.piece, t.dtype)] = self.buffers[run.piece].view(t.dtype)
+        return view.as_strided(t.shape, t.stride(), (run.start - run.lo) // t.element_size() + t.storage_offset())

@@ -49,12 +49,14 @@ def main() -> int:
         return {e.lora[0]: e.resident for e in lc.STORE.entries()}
 
     def blocks() -> dict:
-        """Per adapter: how many allocations its factors are in (lora_cache/arena.py: one), and
+        """Per adapter: how many allocations its factors are in (lora_cache/arena.py: one on the
+        device, page-locked pieces on the host), their bytes against the factors' own, and
         whether those on the host are page-locked."""
         out = {}
         for e in lc.STORE.entries():
             ts = low_rank.tensors_of(e.layers.values())
-            out[e.lora[0]] = {"allocations": len({t.untyped_storage().data_ptr() for t in ts}),
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}
+            out[e.lora[0]] = {"allocations": len(storages), "allocated": sum(storages.values()), "nbytes": e.nbytes,
                               "pinned": all(t.is_pinned() for t in ts) if ts[0].device.type == "cpu" else None}
         return out
 

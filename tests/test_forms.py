@@ -635,3 +635,76 @@ def test_copy_layer_copies_a_layer_out_of_a_block(pkg, flux_patcher):
     assert {t.untyped_storage().data_ptr() for t in pkg.low_rank.layer_tensors(fs)} == {block.buffer.data_ptr()}
     assert all(torch.equal(a, b) for a, b in zip(got, originals, strict=True))
     assert copies[0].down.data_ptr() == copies[0].shared_down.data_ptr()
+
+
+def _pieces_hold(pkg, tensors: list, arena, piece: int) -> None:
+    """Every tensor placed into `arena` keeps its values and is a view of one of its pieces,
+    each a power of two of at most `piece` bytes (or of a tensor larger than that)."""
+    values = [t.clone() for t in tensors]
+    placed = [arena(t) for t in tensors]
+    bases = {b.data_ptr(): b.numel() for b in arena.buffers}
+    for b in arena.buffers:
+        n = b.numel()
+        assert n & (n - 1) == 0, n
+    largest = max(t.untyped_storage().nbytes() for t in tensors)
+    assert all(n <= max(piece, 2 * largest) for n in bases.values()), (sorted(bases.values()), piece)
+    for t, v in zip(placed, values, strict=True):
+        assert torch.equal(t, v)
+        base = t.untyped_storage().data_ptr()
+        assert base in bases
+        lo = t.data_ptr() - base
+        assert lo >= 0 and lo + t.numel() * t.element_size() <= bases[base]
+
+
+def test_arena_in_pieces_holds_an_entry_in_powers_of_two(pkg, flux_patcher):
+    """Page-locked host memory comes in pieces of powers of two (torch rounds each page-locked
+    block up to one): an entry placed into pieces keeps every value, a shared down projection
+    stays one tensor with its columns as views, the pieces together take little more than the
+    entry's bytes, and each storage is copied once per piece it reaches, not once per tensor."""
+    _, plan = build(pkg, flux_patcher, tiny_models.flux_lora_state_dict(seed=6))
+    block = pkg.arena.Arena(pkg.low_rank.tensors_of(plan.layers.values()), torch.device("cpu"))
+    for fs in plan.layers.values():
+        pkg.low_rank.move_layer(fs, block)  # as the entry is on its device: one block
+    tensors = pkg.low_rank.tensors_of(plan.layers.values())
+    held = block.nbytes
+    piece = 4096
+    pieces = pkg.arena.Arena(tensors, torch.device("cpu"), piece=piece)
+    assert len(pieces.buffers) > 2
+    assert held <= pieces.nbytes < held + held // 4 + 2 * piece
+    copies = []
+    real_copy = torch.Tensor.copy_
+    try:
+        torch.Tensor.copy_ = lambda self, src, non_blocking=False: copies.append(1) or real_copy(self, src)
+        _pieces_hold(pkg, tensors, pieces, piece)
+    finally:
+        torch.Tensor.copy_ = real_copy
+    assert len(copies) <= len(pieces.buffers) + 1, (len(copies), len(pieces.buffers))
+    # and back into one block from the pieces: one copy per run of each piece
+    for fs in plan.layers.values():
+        pkg.low_rank.move_layer(fs, pieces)
+    shared = [fs for fs in plan.layers.values() if fs[0].shared_down is not None]
+    assert shared
+    for fs in shared:
+        assert all(f.shared_down is fs[0].shared_down for f in fs)
+        assert fs[0].down.data_ptr() == fs[0].shared_down.data_ptr()
+    back = pkg.arena.Arena(pkg.low_rank.tensors_of(plan.layers.values()), torch.device("cpu"))
+    for fs in plan.layers.values():
+        pkg.low_rank.move_layer(fs, back)
+    assert len({t.untyped_storage().data_ptr() for t in pkg.low_rank.tensors_of(plan.layers.values())}) == 1
+
+
+def test_arena_gives_a_tensor_larger_than_a_piece_its_own(pkg):
+    """A tensor larger than a piece (a dense update) gets a piece of its own, rounded up to a
+    power of two; the small tensors around it share pieces."""
+    small = [torch.randn(16, 8) for _ in range(6)]
+    large = torch.randn(64, 64)  # 16 KiB
+    tensors = [*small[:3], large, *small[3:]]
+    piece = 4096
+    arena = pkg.arena.Arena(tensors, torch.device("cpu"), piece=piece)
+    _pieces_hold(pkg, tensors, arena, piece)
+    assert sorted(b.numel() for b in arena.buffers)[-1] == 16384
+    assert len(arena.buffers) <= 4
+    # a small adapter takes one piece, its size rounded up to a power of two, not a whole piece
+    few = pkg.arena.Arena(small, torch.device("cpu"), piece=pkg.arena.PIECE)
+    _pieces_hold(pkg, small, few, pkg.arena.PIECE)
+    assert [b.numel() for b in few.buffers] == [4096]

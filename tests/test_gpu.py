@@ -110,9 +110,10 @@ def test_gpu_dynamic_moves_check():
     """Factors moved off and back under real comfy-aimdo (scripts/gpu_dynamic_moves_check.py):
     with a budget that holds one adapter, a switch back moves nothing at the node call; the
     sampling brings the used adapter's factors back and the other's leave; every output equals
-    stock within fp16 rounding; each adapter's factors are one allocation on the device and one
-    page-locked one on the host; a sweep of an adapter moved off runs on its factors brought back
-    to the device before its per-image update binds them."""
+    stock within fp16 rounding; each adapter's factors are one allocation on the device and
+    page-locked pieces on the host that take little more than their bytes; a sweep of an adapter
+    moved off runs on its factors brought back to the device before its per-image update binds
+    them."""
     r = report("gpu_dynamic_moves_check.py")
     if not r["aimdo"]:
         pytest.skip("comfy-aimdo is not active on this machine")
@@ -128,9 +129,11 @@ def test_gpu_dynamic_moves_check():
         assert run["moved_in_run"] == {"moved_to_cpu": 1, "moved_back": 1}, run
         assert run["resident_after"] == {used: True, other: False}, run
         assert run["device_after"][used].startswith("cuda"), run
-        # one allocation per adapter and place, page-locked on the host
-        assert run["blocks_after"] == {used: {"allocations": 1, "pinned": None},
-                                       other: {"allocations": 1, "pinned": True}}, run
+        # one allocation per adapter on the device; on the host page-locked pieces that take
+        # little more than the factors (one block would be rounded up to a power of two)
+        on, off = run["blocks_after"][used], run["blocks_after"][other]
+        assert on["allocations"] == 1 and on["pinned"] is None, run
+        assert off["pinned"] is True and off["allocated"] <= off["nbytes"] * 1.05 + 2 ** 20, run
     sw = r["sweep"]
     assert within_rounding(sw), sw
     assert sw["moved_at_node"] == {"moved_to_cpu": 0, "moved_back": 0}, sw
