@@ -60,63 +60,77 @@ class _Run(NamedTuple):
 
 
 def _islands(extents: list[tuple[int, int]]) -> list[list[int]]:
-    """The byte ranges of a storage its tensors reach, overlapping ones joined (a shared down
-    projection and the views of its columns are one island)."""
+    """The byte ranges of a storage its tensors reach, each from a multiple of `_WIDEST`, those
+    that overlap joined (a shared down projection and the views of its columns are one island):
+    no two islands share a byte, so a tensor lies in exactly one."""
     out: list[list[int]] = []
     for lo, hi in sorted(extents):
+        lo -= lo % _WIDEST
         if out and lo < out[-1][1]:
             out[-1][1] = max(out[-1][1], hi)
         else:
-            out.append([lo - lo % _WIDEST, hi])
+            out.append([lo, hi])
     return out
 
 
 class _Layout:
-    """Where each island goes: runs of neighbouring islands of one storage, packed into pieces
-    (one piece without a limit; or pieces of at most `piece` bytes, powers of two)."""
+    """Where each island goes: runs of neighbouring islands of one storage, each run copied as
+    one, in one piece without a limit (`piece` None), or in pieces of at most `piece` bytes,
+    powers of two, an island put into the first piece with room for it."""
 
     def __init__(self, piece: int | None, total: int):
+        assert piece is None or piece & (piece - 1) == 0, f"a piece of {piece} bytes is not a power of two"
         self.limit = piece
         self.left = total  # island bytes not placed yet, which sizes the pieces to come
         self.sizes: list[int] = []
-        self.used = 0
+        self.used: list[int] = []
+        self.runs: dict[tuple[torch.device, int], list[_Run]] = {}
 
-    def _open(self, need: int) -> None:
+    def _open(self, need: int) -> int:
         if self.limit is None:
-            self.sizes.append(0)
-        else:
+            size = 0
+        elif self.left >= min(_SMALLEST, self.limit):
             # the largest power of two within what is left; under the smallest piece, what is
             # left rounded up (torch rounds it so anyway)
-            if self.left >= min(_SMALLEST, self.limit):
-                size = min(self.limit, 1 << (self.left.bit_length() - 1))
-            else:
-                size = _pow2(self.left)
-            self.sizes.append(max(size, _pow2(need)))
-        self.used = 0
+            size = max(min(self.limit, 1 << (self.left.bit_length() - 1)), _pow2(need))
+        else:
+            size = max(_pow2(self.left), _pow2(need))
+        self.sizes.append(size)
+        self.used.append(0)
+        return len(self.sizes) - 1
 
-    def place(self, runs: list[_Run], islands: list[list[int]]) -> None:
+    def _fits(self, piece: int, end: int) -> bool:
+        return self.limit is None or end <= self.sizes[piece]
+
+    def place(self, key: tuple[torch.device, int], islands: list[list[int]]) -> None:
+        runs = self.runs.setdefault(key, [])
         for lo, hi in islands:
             run = runs[-1] if runs else None
-            if run is not None and lo - run.hi <= _GAP and self._fits(run.start + hi - run.lo):
+            if run is not None and lo - run.hi <= _GAP and self.used[run.piece] == run.start + run.hi - run.lo \
+                    and self._fits(run.piece, run.start + hi - run.lo):  # the run ends its piece: it grows
                 runs[-1] = run._replace(hi=hi)
-                self.used = run.start + hi - run.lo
-                self.left -= hi - lo
-                continue
-            start = _aligned(self.used)
-            if not self.sizes or not self._fits(start + hi - lo):
-                self._open(hi - lo)
-                start = 0
-            runs.append(_Run(lo, hi, len(self.sizes) - 1, start))
-            self.used = start + hi - lo
+                self.used[run.piece] = run.start + hi - run.lo
+            else:
+                piece = next((p for p in range(len(self.sizes))
+                              if self._fits(p, _aligned(self.used[p]) + hi - lo)), None)
+                if piece is None:
+                    piece = self._open(hi - lo)
+                start = _aligned(self.used[piece])
+                runs.append(_Run(lo, hi, piece, start))
+                self.used[piece] = start + hi - lo
             self.left -= hi - lo
 
-    def _fits(self, end: int) -> bool:
-        return self.limit is None or end <= self.sizes[-1]
-
-    def finish(self) -> list[int]:
+    def pieces(self) -> list[int]:
         if self.limit is None:  # the one piece, as large as what it holds
-            return [_aligned(self.used)]
+            return [_aligned(self.used[0]) if self.used else 0]
         return self.sizes
+
+
+def _layout(islands: dict[tuple[torch.device, int], list[list[int]]], piece: int | None) -> _Layout:
+    layout = _Layout(piece, sum(hi - lo for isl in islands.values() for lo, hi in isl))
+    for key, isl in islands.items():
+        layout.place(key, isl)
+    return layout
 
 
 class Arena:
@@ -143,11 +157,16 @@ class Arena:
             extents.setdefault(key, []).append(_extent(t))
             self._sources.setdefault(key, t.untyped_storage())
         islands = {key: _islands(ex) for key, ex in extents.items()}
-        layout = _Layout(piece, sum(hi - lo for isl in islands.values() for lo, hi in isl))
-        self._runs: dict[tuple[torch.device, int], list[_Run]] = {}
-        for key, isl in islands.items():
-            layout.place(self._runs.setdefault(key, []), isl)
-        self.buffers = [self._allocate(n, pinned) for n in layout.finish()]
+        layout = _layout(islands, piece)
+        sizes = layout.pieces()
+        if piece is not None:
+            # large islands (a dense update's) can leave pieces part empty: one block, rounded
+            # up to a power of two as torch would, where that takes less
+            whole = _layout(islands, None)
+            if _pow2(whole.pieces()[0]) < sum(sizes):
+                layout, sizes = whole, [_pow2(whole.pieces()[0])]
+        self._runs = layout.runs
+        self.buffers = [self._allocate(n, pinned) for n in sizes]
         self.nbytes = sum(b.numel() for b in self.buffers)
         self._views: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
