@@ -16,7 +16,8 @@ import statistics
 from pathlib import Path
 
 LABELS = {"stock": "stock LoraLoaderModelOnly", "bypass": "LoraLoaderBypassModelOnly",
-          "ours": "LoRA Cache Loader (auto)", "ours-unmerged": "LoRA Cache Loader (mode unmerged)"}
+          "ours": "LoRA Cache Loader (auto)", "ours-unmerged": "LoRA Cache Loader (mode unmerged)",
+          "ours-output": "LoRA Cache Loader (auto), streamed weights' update in the output"}
 CONFIGS = {"dynamic": "dynamic VRAM, whole card", "dynamic@14": "dynamic VRAM, 14 GiB free",
            "classic": "classic patcher"}
 ADAPTERS = {"loha": "LoHa", "lokr": "LoKr"}
