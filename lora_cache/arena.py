@@ -8,8 +8,8 @@ into one buffer instead, and hands each tensor back as a view of it with its own
 and offset: views of one storage (a shared down projection and its columns) stay views of one
 copy, and when the adapter moves again, the whole buffer is freed at once.
 
-Page-locked host memory comes in pieces of at most `PIECE` bytes, each a power of two: torch's
-page-locked allocator rounds every allocation up to one (a Flux LoRA's 328 MiB in one block would
+Host memory comes in pieces of at most `PIECE` bytes, each a power of two where page-locked:
+torch's page-locked allocator rounds every allocation up to one (a Flux LoRA's 328 MiB in one block would
 take 512 MiB) and keeps freed blocks for the next allocation of the same size, so pieces of one
 size serve every adapter that moves after, whatever its size.
 """
@@ -75,12 +75,13 @@ def _islands(extents: list[tuple[int, int]]) -> list[list[int]]:
 
 class _Layout:
     """Where each island goes: runs of neighbouring islands of one storage, each run copied as
-    one, in one piece without a limit (`piece` None), or in pieces of at most `piece` bytes,
-    powers of two, an island put into the first piece with room for it."""
+    one, in one piece without a limit (`piece` None), or in pieces of at most `piece` bytes, an
+    island put into the first piece with room for it; with `pow2` each piece is a power of two,
+    else as large as what it holds."""
 
-    def __init__(self, piece: int | None, total: int):
+    def __init__(self, piece: int | None, total: int, pow2: bool):
         assert piece is None or piece & (piece - 1) == 0, f"a piece of {piece} bytes is not a power of two"
-        self.limit = piece
+        self.limit, self.pow2 = piece, pow2
         self.left = total  # island bytes not placed yet, which sizes the pieces to come
         self.sizes: list[int] = []
         self.used: list[int] = []
@@ -123,11 +124,12 @@ class _Layout:
     def pieces(self) -> list[int]:
         if self.limit is None:  # the one piece, as large as what it holds
             return [_aligned(self.used[0]) if self.used else 0]
-        return self.sizes
+        return self.sizes if self.pow2 else [_aligned(n) for n in self.used]
 
 
-def _layout(islands: dict[tuple[torch.device, int], list[list[int]]], piece: int | None) -> _Layout:
-    layout = _Layout(piece, sum(hi - lo for isl in islands.values() for lo, hi in isl))
+def _layout(islands: dict[tuple[torch.device, int], list[list[int]]], piece: int | None,
+            pow2: bool = False) -> _Layout:
+    layout = _Layout(piece, sum(hi - lo for isl in islands.values() for lo, hi in isl), pow2)
     for key, isl in islands.items():
         layout.place(key, isl)
     return layout
@@ -136,16 +138,15 @@ def _layout(islands: dict[tuple[torch.device, int], list[list[int]]], piece: int
 class Arena:
     """A `form_base.Place` on `device` (page-locked on the host with `pin`) that holds
     `tensors` (every tensor the move will place, views included) in one buffer, or in pieces of
-    at most `piece` bytes (powers of two; page-locked host memory takes `PIECE`). A tensor placed
-    that is not in `tensors` is copied on its own. Copies are queued without a wait: the caller
-    synchronizes once for all (a copy to page-locked memory or to a device is asynchronous)."""
+    at most `piece` bytes (host memory takes `PIECE`), each a power of two where page-locked. A
+    tensor placed that is not in `tensors` is copied on its own. Copies are queued without a
+    wait: the caller synchronizes once for all (a copy to page-locked memory or to a device is
+    asynchronous)."""
 
     def __init__(self, tensors: Iterable[torch.Tensor], device: torch.device, pin: bool = False,
                  piece: int | None = None):
         self.device, self.pin = torch.device(device), pin
         pinned = pin and self.device.type == "cpu" and torch.cuda.is_available()
-        if pinned and piece is None:
-            piece = PIECE
         extents: dict[tuple[torch.device, int], list[tuple[int, int]]] = {}
         # each storage held until its bytes are copied: its address keys it, and a storage freed
         # meanwhile could hand that address to another
@@ -157,9 +158,9 @@ class Arena:
             extents.setdefault(key, []).append(_extent(t))
             self._sources.setdefault(key, t.untyped_storage())
         islands = {key: _islands(ex) for key, ex in extents.items()}
-        layout = _layout(islands, piece)
+        layout = _layout(islands, piece, pow2=pin)
         sizes = layout.pieces()
-        if piece is not None:
+        if piece is not None and pin:
             # large islands (a dense update's) can leave pieces part empty: one block, rounded
             # up to a power of two as torch would, where that takes less
             whole = _layout(islands, None)

@@ -33,7 +33,7 @@ import comfy.model_management as mm
 import torch
 
 from . import copies, load_state, low_rank
-from .arena import Arena
+from .arena import PIECE, Arena
 from .budget import Budget, LRUPolicy
 from .store import STORE, AdapterStore, Entry
 
@@ -62,15 +62,15 @@ def _hand_back(device, freed: int) -> None:
 
 def move_factors(entry: Entry, to_host: bool) -> None:
     """Moves every layer's factors of `entry` in place (low_rank.move_layer: the objects the layers
-    hold stay the same, a shared down projection moves as one), into one allocation there
-    (arena.py): to the host, or to their home (from the host, or on it, after a build made them
-    one tensor at a time)."""
+    hold stay the same, a shared down projection moves as one), into one allocation on their home
+    (from the host, or on it, after a build made them one tensor at a time), or into pieces of
+    host memory (arena.py)."""
     # Callers move only entries with factors (ensure_resident, offload, gather), which have a home.
     assert entry.home is not None, f"{entry.lora}: no factors to move"
     home = torch.device(entry.home)
     dest = HOST if to_host else home
     pin = to_host and home.type == "cuda" and torch.cuda.is_available()
-    place = Arena(low_rank.tensors_of(entry.layers.values()), dest, pin)
+    place = Arena(low_rank.tensors_of(entry.layers.values()), dest, pin, piece=PIECE if to_host else None)
     for fs in entry.layers.values():
         low_rank.move_layer(fs, place)
     if home.type == "cuda":  # every copy of the entry queued on the stream: one wait for all

@@ -657,7 +657,7 @@ def _pieces_hold(pkg, tensors: list, arena, piece: int) -> None:
 
 
 def test_arena_in_pieces_holds_an_entry_in_powers_of_two(pkg, flux_patcher):
-    """Page-locked host memory comes in pieces of powers of two (torch rounds each page-locked
+    """Host memory comes in pieces, page-locked ones powers of two (torch rounds each page-locked
     block up to one): an entry placed into pieces keeps every value, a shared down projection
     stays one tensor with its columns as views, the pieces together take little more than the
     entry's bytes, and the tensors are copied in a few runs per piece, not one by one."""
@@ -668,7 +668,10 @@ def test_arena_in_pieces_holds_an_entry_in_powers_of_two(pkg, flux_patcher):
     tensors = pkg.low_rank.tensors_of(plan.layers.values())
     held = block.nbytes
     piece = 8192
-    pieces = pkg.arena.Arena(tensors, torch.device("cpu"), piece=piece)
+    # pageable host memory: pieces as large as what they hold
+    pageable = pkg.arena.Arena(tensors, torch.device("cpu"), piece=piece)
+    assert len(pageable.buffers) > 2 and pageable.nbytes <= held + 256 * len(pageable.buffers)
+    pieces = pkg.arena.Arena(tensors, torch.device("cpu"), pin=True, piece=piece)
     assert len(pieces.buffers) > 2
     assert held <= pieces.nbytes < held + held // 4 + 2 * piece
     copies = []
@@ -702,12 +705,12 @@ def test_arena_gives_a_tensor_larger_than_a_piece_its_own(pkg):
     large = torch.randn(64, 64)  # 16 KiB
     tensors = [*small[:3], large, *small[3:]]
     piece = 4096
-    arena = pkg.arena.Arena(tensors, torch.device("cpu"), piece=piece)
+    arena = pkg.arena.Arena(tensors, torch.device("cpu"), pin=True, piece=piece)
     _pieces_hold(pkg, tensors, arena, piece)
     assert sorted(b.numel() for b in arena.buffers)[-1] == 16384
     assert len(arena.buffers) <= 4
     # a small adapter takes one piece, its size rounded up to a power of two, not a whole piece
-    few = pkg.arena.Arena(small, torch.device("cpu"), piece=pkg.arena.PIECE)
+    few = pkg.arena.Arena(small, torch.device("cpu"), pin=True, piece=pkg.arena.PIECE)
     _pieces_hold(pkg, small, few, pkg.arena.PIECE)
     assert [b.numel() for b in few.buffers] == [4096]
 
@@ -720,7 +723,7 @@ def test_arena_keeps_overlapping_views_one_copy_across_pieces(pkg):
     a = torch.empty(0, dtype=torch.float32).set_(raw.untyped_storage(), 0, (10,))  # bytes 0-40
     b = a[9:]  # bytes 36-40
     c = torch.empty(0, dtype=torch.float32).set_(raw.untyped_storage(), 10, (25,))  # bytes 40-140
-    arena = pkg.arena.Arena([a, b, c], torch.device("cpu"), piece=64)
+    arena = pkg.arena.Arena([a, b, c], torch.device("cpu"), pin=True, piece=64)
     pa, pb, pc = arena(a), arena(b), arena(c)
     assert torch.equal(pa, a) and torch.equal(pb, b) and torch.equal(pc, c)
     assert pb.data_ptr() == pa[9:].data_ptr()
@@ -730,6 +733,6 @@ def test_arena_takes_one_block_where_pieces_would_take_more(pkg):
     """Tensors too large to share a piece would leave every piece part empty: one block, its
     size rounded up to a power of two as torch's page-locked allocator does, takes less."""
     tensors = [torch.randn(640) for _ in range(5)]  # 2560 bytes each: one per 4096-byte piece
-    arena = pkg.arena.Arena(tensors, torch.device("cpu"), piece=4096)
+    arena = pkg.arena.Arena(tensors, torch.device("cpu"), pin=True, piece=4096)
     assert [b.numel() for b in arena.buffers] == [16384]
     _pieces_hold(pkg, tensors, arena, 16384)

@@ -415,8 +415,9 @@ def test_dropped_model_is_freed_by_reference_counts(host, loras, mode):
 
 def test_factors_live_in_one_allocation_from_the_build_on(mem, loras):
     """An entry's factors on a device are one allocation (lora_cache.arena), from its build on and
-    after every move off the device and back: one page-locked allocation and one copy per move
-    rather than one per tensor, and the whole block freed when they leave. Outputs stay stock's."""
+    after every move off the device and back, and the whole block is freed when they leave; in
+    host memory they are a few pieces (arena.PIECE), here one for the tiny adapter. Outputs stay
+    stock's."""
     from lora_cache_loader.lora_cache import low_rank
     h = mem
     owner = h.lc.MEMORY
