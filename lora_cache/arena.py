@@ -146,7 +146,8 @@ class Arena:
     def __init__(self, tensors: Iterable[torch.Tensor], device: torch.device, pin: bool = False,
                  piece: int | None = None):
         self.device, self.pin = torch.device(device), pin
-        pinned = pin and self.device.type == "cpu" and torch.cuda.is_available()
+        page_locked = pin and self.device.type == "cpu"  # laid out for it, whether or not CUDA can give it
+        pinned = page_locked and torch.cuda.is_available()
         extents: dict[tuple[torch.device, int], list[tuple[int, int]]] = {}
         # each storage held until its bytes are copied: its address keys it, and a storage freed
         # meanwhile could hand that address to another
@@ -158,9 +159,9 @@ class Arena:
             extents.setdefault(key, []).append(_extent(t))
             self._sources.setdefault(key, t.untyped_storage())
         islands = {key: _islands(ex) for key, ex in extents.items()}
-        layout = _layout(islands, piece, pow2=pin)
+        layout = _layout(islands, piece, pow2=page_locked)
         sizes = layout.pieces()
-        if piece is not None and pin:
+        if piece is not None and page_locked:
             # large islands (a dense update's) can leave pieces part empty: one block, rounded
             # up to a power of two as torch would, where that takes less
             whole = _layout(islands, None)
