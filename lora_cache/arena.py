@@ -9,9 +9,9 @@ and offset: views of one storage (a shared down projection and its columns) stay
 copy, and when the adapter moves again, the whole buffer is freed at once.
 
 Host memory comes in pieces of at most `PIECE` bytes, each a power of two where page-locked:
-torch's page-locked allocator rounds every allocation up to one (a Flux LoRA's 328 MiB in one block would
-take 512 MiB) and keeps freed blocks for the next allocation of the same size, so pieces of one
-size serve every adapter that moves after, whatever its size.
+torch's page-locked allocator rounds every allocation up to one (a Flux LoRA's 328 MiB in one
+block would take 512 MiB) and keeps freed blocks for the next allocation of the same size, so
+pieces of one size serve every adapter that moves after, whatever its size.
 """
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
-
-from .form_base import moved
 
 _ALIGN = 256  # bytes: every run starts where any dtype's view and CUDA's kernels want it
 _WIDEST = 16  # bytes: a run starts at a multiple of this in its storage, so any dtype divides it
@@ -48,6 +46,27 @@ def _aligned(n: int) -> int:
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    """`t` on `device`. To the host with `pin`: into page-locked memory, asynchronously from a
+    CUDA device (the caller synchronizes once for all of an entry's tensors: a copy to pageable
+    memory, then pinning it, costs a sync and a page-locked allocation per tensor)."""
+    if device.type != "cpu":
+        return t.to(device, non_blocking=True)
+    if pin and t.device.type == "cuda":
+        try:
+            out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=True)
+        except RuntimeError:
+            return t.detach().to(device, copy=True)
+        return out.copy_(t.detach(), non_blocking=True)
+    out = t.detach().to(device, copy=True)
+    if pin:
+        try:
+            out = out.pin_memory()  # the copy back to the device is then asynchronous-capable
+        except RuntimeError:
+            pass
+    return out
 
 
 class _Run(NamedTuple):
@@ -182,7 +201,7 @@ class Arena:
         if pinned:
             try:
                 return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-            except RuntimeError:  # no page-locked memory left: pageable, as `moved` falls back
+            except RuntimeError:  # no page-locked memory left: pageable, as `_moved` falls back
                 pass
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
@@ -197,12 +216,12 @@ class Arena:
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if t.numel() == 0:
-            return moved(t, self.device, self.pin)
+            return _moved(t, self.device, self.pin)
         key = _key(t)
         first, end = _extent(t)
         run = self._run_of(key, first, end)
         if run is None:
-            return moved(t, self.device, self.pin)
+            return _moved(t, self.device, self.pin)
         storage = self._sources.pop(key, None)
         if storage is not None:  # its first tensor: the storage's runs come over, each as one copy
             src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage).detach()

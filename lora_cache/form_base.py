@@ -78,24 +78,3 @@ def to_input(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # Stored in the model's compute dtype on its load device; an input in another dtype or
     # place (lowvram casts, a text encoder in fp32) gets a transient copy.
     return t if t.dtype == x.dtype and t.device == x.device else t.to(device=x.device, dtype=x.dtype)
-
-
-def moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
-    """`t` on `device`. To the host with `pin`: into page-locked memory, asynchronously from a
-    CUDA device (the caller synchronizes once for all of an entry's tensors: a copy to pageable
-    memory, then pinning it, costs a sync and a page-locked allocation per tensor)."""
-    if device.type != "cpu":
-        return t.to(device, non_blocking=True)
-    if pin and t.device.type == "cuda":
-        try:
-            out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=True)
-        except RuntimeError:
-            return t.detach().to(device, copy=True)
-        return out.copy_(t.detach(), non_blocking=True)
-    out = t.detach().to(device, copy=True)
-    if pin:
-        try:
-            out = out.pin_memory()  # the copy back to the device is then asynchronous-capable
-        except RuntimeError:
-            pass
-    return out
