@@ -184,8 +184,9 @@ class Arena:
             # large islands (a dense update's) can leave pieces part empty: one block, rounded
             # up to a power of two as torch would, where that takes less
             whole = _layout(islands, None)
-            if _pow2(whole.pieces()[0]) < sum(sizes):
-                layout, sizes = whole, [_pow2(whole.pieces()[0])]
+            block = _pow2(whole.pieces()[0])
+            if block < sum(sizes):
+                layout, sizes = whole, [block]
         self._runs = layout.runs
         self.buffers = [self._allocate(n, pinned) for n in sizes]
         self.nbytes = sum(b.numel() for b in self.buffers)
