@@ -47,12 +47,12 @@ import json
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from lora_cache_testkit import aimdo as aimdo_kit
 from lora_cache_testkit import host
+from lora_cache_testkit.scratch import scratch_dir
 
 EVENTS = [("on", "a", 1.0), ("off", None, 0.0), ("on", "a", 1.0), ("off", None, 0.0), ("on", "a", 1.0),
           ("strength 0.6", "a", 0.6), ("other LoRA", "b", 1.0), ("back", "a", 0.6)]
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     result_name = (("sweep-" if args.sweep else "dynamic-") + args.model
                    + ("" if args.adapter == "lora" else f"-{args.adapter}") + ".json")
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="lc_dyn_"))
+    work = scratch_dir("lc_dyn_")
     folder_paths.add_model_folder_path("loras", str(work), is_default=True)
     from comfyui_version import __version__ as comfy_version
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import tempfile
 import time
 from pathlib import Path
 
 from lora_cache_testkit import aimdo, host
+from lora_cache_testkit.scratch import scratch_dir
 
 
 def main() -> int:
@@ -68,7 +68,7 @@ def main() -> int:
 
     dtype = torch.float16 if args.model == "sdxl" else torch.bfloat16
     spec = models.Spec(args.model, False, dtype)
-    work = Path(tempfile.mkdtemp(prefix="lc_probe_"))
+    work = scratch_dir("lc_probe_")
     path = work / "m.safetensors"
     with torch.inference_mode():
         built = models.build(spec, seed=0)

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from lora_cache_testkit import host
+from lora_cache_testkit.scratch import scratch_dir
 
 EVENTS = [("on", "a", 1.0), ("off", None, 0.0), ("on", "a", 1.0), ("off", None, 0.0), ("on", "a", 1.0),
           ("strength 0.6", "a", 0.6), ("other LoRA", "b", 1.0), ("back", "a", 0.6)]
@@ -41,7 +40,7 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     lc = host.load_package().lora_cache
-    work = Path(tempfile.mkdtemp(prefix="lc_gc_"))
+    work = scratch_dir("lc_gc_")
     folder_paths.add_model_folder_path("loras", str(work), is_default=True)
     spec = models.Spec("sdxl", False, torch.bfloat16)
     with torch.inference_mode():

@@ -16,10 +16,9 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 from lora_cache_testkit import aimdo, host
+from lora_cache_testkit.scratch import scratch_dir
 
 aimdo.boot_on_gpu()  # before torch is imported: comfy-aimdo hooks the CUDA allocator
 
@@ -43,7 +42,7 @@ def main() -> int:
     if not report["aimdo"]:
         print(json.dumps(report, indent=1))
         return 0
-    work = Path(tempfile.mkdtemp(prefix="lc_base_read_"))
+    work = scratch_dir("lc_base_read_")
     dtype = torch.float16
     # built and written before dynamic VRAM is on: its ops would leave the weights to the loader
     with torch.inference_mode():

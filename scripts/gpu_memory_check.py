@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 from lora_cache_testkit import host
+from lora_cache_testkit.scratch import scratch_dir
 
 host.boot(cpu=False)
 
@@ -31,7 +30,7 @@ def main() -> int:
     lc = host.load_package().lora_cache
     store = lc.STORE
     owner = lc.MEMORY
-    tmp = Path(tempfile.mkdtemp())
+    tmp = scratch_dir("lc_memory_")
     folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
     unet_sd16 = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
     ref_sd = {k: v.float() for k, v in unet_sd16.items()}

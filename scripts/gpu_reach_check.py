@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 from lora_cache_testkit import aimdo, host
+from lora_cache_testkit.scratch import scratch_dir
 
 aimdo.boot_on_gpu()  # before torch is imported: comfy-aimdo hooks the CUDA allocator
 
@@ -40,7 +39,7 @@ from lora_cache_testkit.spies import count_model_calls
 def main() -> int:
     lc = host.load_package().lora_cache
     dynamic_vram = aimdo.devices()
-    work = Path(tempfile.mkdtemp(prefix="lc_reach_"))
+    work = scratch_dir("lc_reach_")
     folder_paths.add_model_folder_path("loras", str(work), is_default=True)
     unet_sd = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
     save_file(unet_sd, str(work / "unet.safetensors"))

@@ -5,6 +5,7 @@ copies, weight streaming and exactness, never times."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +63,13 @@ def test_benchmark_tiny_sweep(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_dynamic.py"), "--tiny", "--configs", "classic",
            "--rounds", "2", "--steps", "2", "--sweep", "0,0.5,-1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "TMPDIR": str(scratch)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the generated model and LoRA files go with the process
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("lc_")]
     r = json.loads((out / "sweep-sdxl.json").read_text())
     res = r["configs"]["classic"]
     assert res["strengths"] == [0.0, 0.5, -1.0] and len(res["rounds"]) == 2

@@ -2,7 +2,6 @@
 fixed noise and random conditioning, and the stock LoRA path to compare with."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -10,6 +9,8 @@ import comfy.sample
 import comfy.sd
 import comfy.utils
 import torch
+
+from .scratch import scratch_dir
 
 
 def tiny_fp16_model_from_file(prefix: str, loras: dict[str, int]):
@@ -21,7 +22,7 @@ def tiny_fp16_model_from_file(prefix: str, loras: dict[str, int]):
     from safetensors.torch import save_file
 
     from . import aimdo, tiny_models
-    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    tmp = scratch_dir(prefix)
     folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
     unet_sd16 = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
     ref_sd = {k: v.float() for k, v in unet_sd16.items()}
@@ -40,7 +41,7 @@ def tiny_fp16_model_and_lora(name: str = "a.safetensors"):
     import folder_paths
 
     from . import tiny_models
-    tmp = Path(tempfile.mkdtemp())
+    tmp = scratch_dir("lc_sampling_")
     folder_paths.add_model_folder_path("loras", str(tmp), is_default=True)
     unet_sd16 = {k: v.half() for k, v in tiny_models.sd_unet_state_dict(seed=0).items()}
     lora_sd = tiny_models.sd_lora_state_dict({k: v.float() for k, v in unet_sd16.items()}, seed=1,
