@@ -92,7 +92,7 @@ def entry_for(patcher, lora: str, ident: FileIdentity, patches_of: Callable[[], 
     if entry is not None and entry.identity == ident and entry.live:
         MEMORY.used(entry)
         return Found(entry, "cached")
-    how = "first use" if entry is None else f"file changed on disk ({entry.identity.describe()} -> {ident.describe()})"
+    how = "first use" if entry is None else f"file changed on disk ({ident.change_from(entry.identity)})"
     new = Entry(lora=lora, identity=ident, model_ref=weakref.ref(model), model_id=id(model), patches=patches_of())
     if entry is not None:
         STORE.drop(entry)

@@ -22,7 +22,6 @@ class AdapterStats(TypedDict):
     reason: str | None
     layers: int
     model: str | None
-    sha256: str
 
 
 def stats() -> dict:
@@ -40,7 +39,6 @@ def stats() -> dict:
             "reason": e.cache_problem,
             "layers": len(e.layers),
             "model": type(model).__name__ if model is not None else None,
-            "sha256": e.identity.sha256,
         })
     by_device: dict[str, int] = {}
     for a in adapters:

@@ -37,7 +37,7 @@ def fingerprint(lora_name: str | None, enabled: bool) -> str | float:
         ident = files.identify(files.resolve(lora_name), lora_name)
     except LoraCacheError:
         return float("nan")  # always "changed": the node runs and reports the error itself
-    return f"{ident.sha256}:{ident.size}:{ident.mtime_ns}:{ident.ctime_ns}:{STORE.generation}"
+    return f"{ident.size}:{ident.mtime_ns}:{ident.ctime_ns}:{ident.inode}:{STORE.generation}"
 
 
 @dataclass

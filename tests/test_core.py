@@ -345,6 +345,26 @@ def test_two_adapters_chained_match_stock(fresh, loras):
     assert close(mixed, stock)
 
 
+def test_file_replaced_by_another_with_the_same_stat_rebuilds(fresh, loras):
+    """Another file renamed over the LoRA, with its size and times made equal: only the inode
+    tells, and the node builds from the new content."""
+    h = fresh
+    name = "replaced.safetensors"
+    path = h.loras / name
+    tiny_models.write_lora(path, tiny_models.sd_lora_state_dict(h.unet_sd, seed=23))
+    h.run(wf.sd([wf.ours(name)]))
+    st = os.stat(path)
+    other = h.loras / "replacement.tmp"
+    tiny_models.write_lora(other, tiny_models.sd_lora_state_dict(h.unet_sd, seed=24))
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, path)
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_ino != st.st_ino
+    out = h.run(wf.sd([wf.ours(name)]))["out"]
+    ev = h.last_event()
+    assert ev["path"] == "build" and "file changed on disk (replaced by another file)" in ev["reason"], ev
+    assert close(out, h.run(wf.sd([wf.stock(name)]))["out"])
+
+
 def test_file_rewritten_same_name_rebuilds(fresh, loras):
     h = fresh
     name = "rewrite.safetensors"
@@ -353,13 +373,16 @@ def test_file_rewritten_same_name_rebuilds(fresh, loras):
     h.run(wf.sd([wf.ours(name)]))
     old_entry = entry_for(h, name)
     st = os.stat(path)
-    # Same size, same mtime restored: only the content (and ctime) differ.
-    tiny_models.write_lora(path, tiny_models.sd_lora_state_dict(h.unet_sd, seed=22))
+    # Rewritten in place (the same inode), its size the same and its mtime restored: only the
+    # content and the ctime differ.
+    new = tiny_models.write_lora(h.loras / "rewrite.new", tiny_models.sd_lora_state_dict(h.unet_sd, seed=22))
+    path.write_bytes(new.read_bytes())
+    new.unlink()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert os.stat(path).st_size == st.st_size
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_ino == st.st_ino
     out = h.run(wf.sd([wf.ours(name)]))["out"]
     ev = h.last_event()
-    assert ev["path"] == "build" and "file changed on disk" in ev["reason"], ev
+    assert ev["path"] == "build" and "file changed on disk (rewritten at " in ev["reason"], ev
     assert not old_entry.live and entry_for(h, name) is not old_entry
     assert close(out, h.run(wf.sd([wf.stock(name)]))["out"])
     # and back on again: fast, on the new file
