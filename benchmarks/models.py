@@ -148,12 +148,6 @@ def _targets(spec: Spec, patcher) -> list[tuple[str, int, int]]:
     return out
 
 
-def lora_state_dict(spec: Spec, patcher, rank: int = 32, seed: int = 1) -> dict[str, torch.Tensor]:
-    """A rank-`rank` LoRA on every block Linear (see _targets for the names). Factors are drawn on
-    the model's device and returned on the host for saving."""
-    return adapter_state_dict(spec, patcher, "lora", rank, seed)
-
-
 def adapter_state_dict(spec: Spec, patcher, kind: str, rank: int, seed: int = 1) -> dict[str, torch.Tensor]:
     """An adapter of `kind` on every block Linear: "lora" (rank `rank`), "loha" (two rank-`rank`
     Hadamard factors) or "lokr" (kron of a small full w1 with w2 = w2_a @ w2_b of rank `rank`, the

@@ -47,9 +47,6 @@ class _Activation:
     probing: list = field(default_factory=list)
     sampling: events.Sampling | None = None
 
-    def owned_by(self, patcher) -> bool:
-        return self.owner() is patcher
-
 
 # base module tree id -> what we activated and for whom, so deactivation undoes exactly that.
 _active: dict[int, _Activation] = {}

@@ -56,14 +56,12 @@ class Setting:
 class Sweep:
     """What a sweep node carries: its adapters and one setting per image of the latent batch.
 
-    `before`: how many ordinary adapters (scope's stack) were on the patcher when the sweep was
-    added; one added after it on a swept layer must not read the weight before it, which per image
-    would hold the sweep. `seen`: ComfyUI's patches per weight key at that time, for the same check
-    on patches a stock loader adds after it."""
+    `seen`: ComfyUI's patches per weight key when the sweep was added. A stock loader after the
+    sweep must not patch a swept layer with an update that reads the weight before it, which per
+    image would hold the sweep (`posts`)."""
 
     entries: tuple[Entry, ...]
     settings: tuple[Setting, ...]
-    before: int = 0
     seen: dict[str, int] = field(default_factory=dict, compare=False)
     node: str | None = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
-from . import adapters, build, capabilities, files, load_state, scope, service, stack, sweep
+from . import adapters, build, capabilities, files, load_state, scope, service, sweep
 from .errors import LoraCacheError
 from .events import Event, record
 from .memory import MEMORY
@@ -71,8 +71,7 @@ def apply_sweep(model, clip, lora_names: list[str], strengths_text: str, strengt
     MEMORY.sweep_unloaded()
     found = [_entry(model, n) for n in names]
     entries = tuple(e for e, _ in found)
-    sw = sweep.Sweep(entries, settings, before=len(stack.stack_of(model).items),
-                     seen={k: len(v) for k, v in model.patches.items()}, node=node_id)
+    sw = sweep.Sweep(entries, settings, seen={k: len(v) for k, v in model.patches.items()}, node=node_id)
     out_model = scope.carry_sweep(model, sw)
     out_clip, clip_note = clip, None
     if clip is not None:
