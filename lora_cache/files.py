@@ -103,7 +103,6 @@ def identify(path: str, lora_name: str | None = None) -> FileIdentity:
 def unchanged(identity: FileIdentity) -> bool:
     """Cheap re-check (one stat) that the file is still what `identity` describes."""
     try:
-        return _stat_key(identity.path) == (identity.path, identity.size, identity.mtime_ns,
-                                            identity.ctime_ns, identity.inode)
+        return FileIdentity(*_stat_key(identity.path)) == identity
     except OSError:
         return False
