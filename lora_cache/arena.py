@@ -48,18 +48,19 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _moved(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+def _moved(t: torch.Tensor, device: torch.device, pin: bool, non_blocking: bool) -> torch.Tensor:
     """`t` on `device`. To the host with `pin`: into page-locked memory, asynchronously from a
-    CUDA device (the caller synchronizes once for all of an entry's tensors: a copy to pageable
-    memory, then pinning it, costs a sync and a page-locked allocation per tensor)."""
+    CUDA device with `non_blocking` (the caller synchronizes once for all of an entry's tensors: a
+    copy to pageable memory, then pinning it, costs a sync and a page-locked allocation per
+    tensor)."""
     if device.type != "cpu":
-        return t.to(device, non_blocking=True)
+        return t.to(device, non_blocking=non_blocking)
     if pin and t.device.type == "cuda":
         try:
             out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=True)
         except RuntimeError:
             return t.detach().to(device, copy=True)
-        return out.copy_(t.detach(), non_blocking=True)
+        return out.copy_(t.detach(), non_blocking=non_blocking)
     out = t.detach().to(device, copy=True)
     if pin:
         try:
@@ -158,19 +159,21 @@ class Arena:
     """A `form_base.Place` on `device` (page-locked on the host with `pin`) that holds
     `tensors` (every tensor the move will place, views included) in one buffer, or in pieces of
     at most `piece` bytes (host memory takes `PIECE`), each a power of two where page-locked. A
-    tensor placed that is not in `tensors` is copied on its own. Copies are queued without a
-    wait: the caller synchronizes once for all (a copy to page-locked memory or to a device is
-    asynchronous)."""
+    tensor placed that is not in `tensors` is copied on its own. With `non_blocking` copies are
+    queued without a wait, and the caller synchronizes once for all (a copy to page-locked memory
+    or to a device is then asynchronous); the sources are held until the arena goes, so no
+    storage a queued copy reads is freed before that wait."""
 
     def __init__(self, tensors: Iterable[torch.Tensor], device: torch.device, pin: bool = False,
-                 piece: int | None = None):
-        self.device, self.pin = torch.device(device), pin
+                 piece: int | None = None, non_blocking: bool = False):
+        self.device, self.pin, self.non_blocking = torch.device(device), pin, non_blocking
         page_locked = pin and self.device.type == "cpu"  # laid out for it, whether or not CUDA can give it
         pinned = page_locked and torch.cuda.is_available()
         extents: dict[tuple[torch.device, int], list[tuple[int, int]]] = {}
-        # each storage held until its bytes are copied: its address keys it, and a storage freed
-        # meanwhile could hand that address to another
+        # each storage held while the arena lives: its address keys it (a storage freed meanwhile
+        # could hand that address to another), and a queued copy may still read it
         self._sources: dict[tuple[torch.device, int], torch.UntypedStorage] = {}
+        self._copied: set[tuple[torch.device, int]] = set()
         for t in tensors:
             if t.numel() == 0:
                 continue
@@ -217,17 +220,18 @@ class Arena:
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if t.numel() == 0:
-            return _moved(t, self.device, self.pin)
+            return _moved(t, self.device, self.pin, self.non_blocking)
         key = _key(t)
         first, end = _extent(t)
         run = self._run_of(key, first, end)
         if run is None:
-            return _moved(t, self.device, self.pin)
-        storage = self._sources.pop(key, None)
-        if storage is not None:  # its first tensor: the storage's runs come over, each as one copy
-            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage).detach()
+            return _moved(t, self.device, self.pin, self.non_blocking)
+        if key not in self._copied:  # its first tensor: the storage's runs come over, each as one copy
+            self._copied.add(key)
+            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(self._sources[key]).detach()
             for r in self._runs[key]:
-                self.buffers[r.piece][r.start:r.start + r.hi - r.lo].copy_(src[r.lo:r.hi], non_blocking=True)
+                self.buffers[r.piece][r.start:r.start + r.hi - r.lo].copy_(src[r.lo:r.hi],
+                                                                            non_blocking=self.non_blocking)
         view = self._views.get((run.piece, t.dtype))
         if view is None:
             view = self._views[(run.piece, t.dtype)] = self.buffers[run.piece].view(t.dtype)

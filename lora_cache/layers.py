@@ -39,11 +39,12 @@ if TYPE_CHECKING:
 SLOT_ATTR = "lora_cache_slot"
 
 # Where comfy-aimdo streams a weight through ComfyUI's cast buffer for the call, the update can go
-# into that buffer (the least memory moved), or into the output after the product: ComfyUI hands
-# the buffer back to its offload stream once the product is queued, so an update in the buffer
-# holds the next weights' transfers for as long as it runs, and one in the output runs beside
-# them. Which one a step gains from depends on whether it waits for transfers: the benchmark
-# measures both (benchmarks/bench_dynamic.py, loader `ours-output`).
+# into that buffer (the least memory moved), or into the output after the product: before a
+# transfer reuses a buffer, ComfyUI's offload stream waits for the compute stream's work queued
+# so far (comfy.model_management.get_offload_stream), so an update in the buffer holds back a
+# later weight's transfer for as long as it runs, and one in the output runs beside it. Which one
+# a step gains from depends on whether it waits for transfers: the benchmark measures both
+# (benchmarks/bench_dynamic.py, loader `ours-output`).
 STREAMED_IN_PLACE = True
 
 

@@ -53,9 +53,11 @@ def can_offload(home: torch.device | None) -> TypeGuard[torch.device]:
 
 
 def _hand_back(device, freed: int) -> None:
-    """Under dynamic VRAM, after our tensors left `device`: torch keeps the freed blocks cached,
-    where comfy-aimdo cannot place weights, so they go back to the driver (ComfyUI's
-    soft_empty_cache would also wait for the whole device, the sampling's own prefetch included)."""
+    """Under dynamic VRAM, after our tensors left `device`: torch keeps the freed blocks cached
+    (its own allocator in segments, cudaMallocAsync in the driver's pool), where comfy-aimdo
+    cannot place weights, so they go back to the driver. ComfyUI's soft_empty_cache would also
+    collect IPC handles; with cudaMallocAsync, ComfyUI's default allocator on NVIDIA (its
+    cuda_malloc.py), either waits for the whole device first."""
     if freed and torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
 
@@ -70,10 +72,13 @@ def move_factors(entry: Entry, to_host: bool) -> None:
     home = torch.device(entry.home)
     dest = HOST if to_host else home
     pin = to_host and home.type == "cuda" and torch.cuda.is_available()
-    place = Arena(low_rank.tensors_of(entry.layers.values()), dest, pin, piece=PIECE if to_host else None)
+    # asynchronous where ComfyUI copies so (not on MPS, XPU, DirectML, nor with --deterministic)
+    queued = home.type == "cuda" and mm.device_supports_non_blocking(home)
+    place = Arena(low_rank.tensors_of(entry.layers.values()), dest, pin, piece=PIECE if to_host else None,
+                  non_blocking=queued)
     for fs in entry.layers.values():
         low_rank.move_layer(fs, place)
-    if home.type == "cuda":  # every copy of the entry queued on the stream: one wait for all
+    if queued:  # every copy of the entry queued on the stream: one wait for all
         torch.cuda.current_stream(home).synchronize()
 
 

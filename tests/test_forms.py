@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import weakref
 
 import comfy.lora
 import pytest
@@ -713,6 +714,32 @@ def test_arena_gives_a_tensor_larger_than_a_piece_its_own(pkg):
     few = pkg.arena.Arena(small, torch.device("cpu"), pin=True, piece=pkg.arena.PIECE)
     _pieces_hold(pkg, small, few, pkg.arena.PIECE)
     assert [b.numel() for b in few.buffers] == [4096]
+
+
+def test_arena_queues_copies_only_when_asked_and_holds_their_sources(pkg):
+    """Copies are asynchronous only with `non_blocking` (the memory owner asks for it where
+    ComfyUI copies so: CUDA, not MPS, XPU, DirectML or --deterministic), and each source storage
+    lives as long as the arena, past the tensors that moved away from it: a queued copy may still
+    read it until the caller's one wait."""
+    real_copy = torch.Tensor.copy_
+    seen: list[bool] = []
+    for queued in (False, True):
+        sources = [torch.randn(64, 8) for _ in range(3)]
+        held = [weakref.ref(t.untyped_storage()) for t in sources]
+        values = [t.clone() for t in sources]
+        seen.clear()
+        arena = pkg.arena.Arena(sources, torch.device("cpu"), non_blocking=queued)
+        try:
+            torch.Tensor.copy_ = lambda self, src, non_blocking=False: seen.append(non_blocking) or real_copy(self, src)
+            moved = [arena(t) for t in sources]
+        finally:
+            torch.Tensor.copy_ = real_copy
+        assert seen and set(seen) == {queued}, (queued, seen)
+        del sources
+        assert all(ref() is not None for ref in held)
+        del arena
+        assert all(ref() is None for ref in held)
+        assert all(torch.equal(m, v) for m, v in zip(moved, values, strict=True))
 
 
 def test_arena_keeps_overlapping_views_one_copy_across_pieces(pkg):
