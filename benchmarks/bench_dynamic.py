@@ -81,6 +81,9 @@ def parse(argv=None):
                         "the last 'on' and the strength change): cProfile over the node call, torch.profiler "
                         "over step 1 (ComfyUI's load and our setup with it) and over step 2, tables and the "
                         "step-1 trace written beside the report")
+    p.add_argument("--disable-cuda-malloc", action="store_true",
+                   help="torch's native CUDA allocator, as ComfyUI's flag of that name (by default ComfyUI's "
+                        "main.py picks cudaMallocAsync on NVIDIA with a CUDA build of torch, and so does this)")
     p.add_argument("--out", default="benchmarks/out")
     return p.parse_args(argv)
 
@@ -150,9 +153,11 @@ def main(argv=None) -> int:
     rank = args.rank or (32 if args.adapter == "lora" else 8)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     want_aimdo = not args.tiny and any(c.startswith("dynamic") for c in configs)
+    # as ComfyUI's main.py: the allocator chosen (host.boot), then comfy-aimdo hooked, both
+    # before torch touches the GPU
+    host.boot(cpu=args.tiny, extra_args={"disable_cuda_malloc": True} if args.disable_cuda_malloc else None)
     if want_aimdo:
-        aimdo_kit.hook()  # before torch touches the GPU
-    host.boot(cpu=args.tiny)
+        aimdo_kit.hook()
 
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -206,6 +211,7 @@ def main(argv=None) -> int:
         loaders.remove("bypass")
         print("this ComfyUI has no bypass loader: its series is left out", flush=True)
     report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
+              "allocator": host.allocator(),
               "comfyui": comfy_version, "aimdo": aimdo, "model": spec.label, "dtype": str(dtype),
               "adapter": args.adapter, "rank": rank, "rounds": args.rounds, "loaders": loaders,
               "steps": args.steps, "events": [e[0] for e in EVENTS], "configs": {}, "checks": [],
@@ -219,6 +225,8 @@ def main(argv=None) -> int:
         report["aimdo_file"] = comfy_aimdo.__file__
     except Exception:
         report["aimdo_version"] = None
+    print(f"{report['device']}, torch {report['torch']} (allocator {report['allocator']}), ComfyUI {comfy_version}, "
+          f"comfy-aimdo {report['aimdo_version'] if aimdo else 'not active'}", flush=True)
 
     # The model goes through a file: under dynamic VRAM ComfyUI streams weights from the file it
     # loaded, so the model must come through its loader.

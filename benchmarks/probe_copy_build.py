@@ -28,8 +28,8 @@ def main() -> int:
     p.add_argument("--empty-cache", action="store_true",
                    help="hand torch's cached blocks back before each way, as the memory owner does under streaming")
     args = p.parse_args()
-    aimdo.hook()  # before torch touches the GPU
-    host.boot(cpu=False)
+    host.boot(cpu=False)  # as ComfyUI's main.py: the allocator chosen, then comfy-aimdo hooked
+    aimdo.hook()
     import importlib
 
     import comfy.memory_management as cmm

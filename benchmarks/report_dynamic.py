@@ -58,6 +58,8 @@ def _title(r: dict, config: str, res: dict) -> str:
     kind = "" if r.get("adapter", "lora") == "lora" else f" {ADAPTERS[r['adapter']]} (rank {r['rank']})"
     host = f"ComfyUI {r['comfyui']}" + (f", comfy-aimdo {r['aimdo_version']}"
                                          if config.startswith("dynamic") and r.get("aimdo_version") else "")
+    if r.get("device", "cpu") != "cpu":  # runs before the benchmark recorded it ran torch's native one
+        host += f", {r.get('allocator') or 'native'} allocator"
     started = f", run {r['started'][:16]}" if r.get("started") else ""
     return (f"{r['model']}{kind}, {CONFIGS.get(config, config)} ({host}, {res['patcher']}, {r['steps']} steps, "
             f"{len(res['rounds'])} rounds{started})")

@@ -143,7 +143,8 @@ def main() -> int:
     lc = host.load_package().lora_cache
     base, _ = tiny_fp16_model_and_lora()
     sample = tiny_sd_sampler()
-    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "modes": []}
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, **host.allocator_report(),
+              "modes": []}
     for mode in ("auto", "unmerged"):
         report["modes"].append(check_mode(lc, base, sample, mode))
         lc.purge()

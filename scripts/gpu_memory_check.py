@@ -40,7 +40,8 @@ def main() -> int:
     sample = tiny_sd_sampler()
     stock = {n: sample(stock_lora(base, tmp / f"{n}.safetensors")) for n in "abc"}
     dev = mm.get_torch_device()
-    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "runs": []}
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, **host.allocator_report(),
+              "runs": []}
 
     def run(label, n, **kw):
         m, _, ev = lc.apply(base, None, f"{n}.safetensors", 1.0, 0.0, True, "auto")

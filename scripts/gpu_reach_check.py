@@ -67,8 +67,8 @@ def main() -> int:
         torch.cuda.synchronize()
         return out.cpu(), calls["model_calls"], streamed["modules"]
 
-    report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "aimdo": dynamic_vram,
-                    "layer": fused.DOWN, "configs": {}}
+    report: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, **host.allocator_report(),
+                    "aimdo": dynamic_vram, "layer": fused.DOWN, "configs": {}}
     for config in (["dynamic"] if dynamic_vram else []) + ["classic"]:
         aimdo.use_dynamic(config == "dynamic")
         mm.unload_all_models()

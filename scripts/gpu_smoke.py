@@ -26,7 +26,7 @@ def main() -> int:
     base, lora_path = tiny_fp16_model_and_lora()
     sample = tiny_sd_sampler()
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "dtype": str(base.model_dtype()),
-              "runs": []}
+              **host.allocator_report(), "runs": []}
     stock = sample(stock_lora(base, lora_path))
     ref_base = sample(base)
     for label, enabled, mode in [("on", True, "auto"), ("off", False, "auto"), ("on again", True, "auto"),

@@ -32,6 +32,7 @@ def test_benchmark_tiny_run_and_report(tmp_path):
     import comfy.sd
     bypass = ["bypass"] if hasattr(comfy.sd, "load_bypass_lora_for_models") else []  # ComfyUI 0.3.75 has none
     assert r["comfyui"] and r["torch"] and r["loaders"] == ["stock", *bypass, "ours"]
+    assert "allocator" in r and r["allocator"] is None  # no CUDA here
     res = r["configs"]["classic"]
     assert len(res["rounds"]) == 2
     for rnd in res["rounds"]:
@@ -55,6 +56,22 @@ def test_benchmark_tiny_run_and_report(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tiny SDXL, classic patcher" in proc.stdout and "ceiling (7 x base)" in proc.stdout
     assert png.stat().st_size > 1000
+
+
+def test_a_gpu_boot_chooses_the_allocator_before_torch():
+    """The benchmark and the GPU checks boot the host as ComfyUI's main.py starts: its
+    `cuda_malloc` (which picks torch's CUDA allocator through PYTORCH_CUDA_ALLOC_CONF, read once
+    when torch is imported) before torch; a boot after torch was imported is refused, since the
+    script would measure another allocator than a ComfyUI server's."""
+    first = ("import sys\nfrom lora_cache_testkit import host\nhost.boot(cpu=False)\n"
+             "print('cuda_malloc' in sys.modules, 'torch' in sys.modules)\n")
+    late = ("import torch\nfrom lora_cache_testkit import host\n"
+            "try:\n    host.boot(cpu=False)\nexcept RuntimeError as e:\n    print('refused:', e)\n")
+    out = [subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+           for code in (first, late)]
+    assert [p.returncode for p in out] == [0, 0], [p.stderr[-2000:] for p in out]
+    assert out[0].stdout.split() == ["True", "False"], out[0].stdout
+    assert "refused: torch is imported before ComfyUI chose its allocator" in out[1].stdout, out[1].stdout
 
 
 def test_benchmark_tiny_sweep(tmp_path):

@@ -33,7 +33,10 @@ def report(script: str) -> dict:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    return json.loads("\n".join(lines[lines.index("{"):]))  # the report is printed last
+    r = json.loads("\n".join(lines[lines.index("{"):]))  # the report is printed last
+    # booted as ComfyUI's main.py: torch runs the allocator ComfyUI's cuda_malloc asked for
+    assert r.get("allocator") == r.get("allocator_asked"), (script, r.get("allocator"), r.get("allocator_asked"))
+    return r
 
 
 def within_rounding(run: dict) -> bool:

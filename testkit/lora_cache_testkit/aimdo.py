@@ -15,18 +15,20 @@ def hook() -> bool:
 
 
 def boot_on_gpu() -> None:
-    """The start of a dynamic-VRAM GPU script: `hook()` before torch touches the GPU, then the
-    ComfyUI host booted on the GPU."""
-    hook()
+    """The start of a dynamic-VRAM GPU script, in main.py's order: the ComfyUI host booted on the
+    GPU (its allocator chosen), then `hook()`, both before torch touches the GPU."""
     from . import host
     host.boot(cpu=False)
+    hook()
 
 
 def gpu_report() -> dict:
-    """The head of a GPU script's JSON report: the device, and whether comfy-aimdo manages it
-    (`devices()`: where not, the script reports only this)."""
+    """The head of a GPU script's JSON report: the device, torch's allocator, and whether
+    comfy-aimdo manages the device (`devices()`: where not, the script reports only this)."""
     import torch
-    return {"device": torch.cuda.get_device_name(0), "aimdo": devices()}
+
+    from . import host
+    return {"device": torch.cuda.get_device_name(0), **host.allocator_report(), "aimdo": devices()}
 
 
 def devices() -> bool:

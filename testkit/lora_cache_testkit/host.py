@@ -23,7 +23,8 @@ def boot(cpu: bool = True, extra_args: dict | None = None) -> Path:
     """Puts ComfyUI on sys.path and sets its CLI args without parsing argv.
 
     ComfyUI reads its settings from comfy.cli_args.args at import time of
-    comfy.model_management, so they must be set first.
+    comfy.model_management, so they must be set first. On a GPU, torch's allocator is then
+    chosen as ComfyUI's main.py chooses it (`cuda_malloc`), so torch must not be imported yet.
     """
     global _booted
     if _booted:
@@ -36,10 +37,36 @@ def boot(cpu: bool = True, extra_args: dict | None = None) -> Path:
     args.cpu = cpu
     for k, v in (extra_args or {}).items():
         setattr(args, k, v)
+    if not cpu:
+        _allocator_as_main()
     # `nodes` puts comfy/ itself on sys.path; utils.extra_config must be imported before it.
     import utils.extra_config  # noqa: F401
     _booted = True
     return COMFY_DIR
+
+
+def _allocator_as_main() -> None:
+    """ComfyUI's main.py imports its `cuda_malloc` before torch: with a CUDA build of torch it
+    sets PYTORCH_CUDA_ALLOC_CONF to cudaMallocAsync (unless --disable-cuda-malloc, or a GPU on its
+    list), which torch reads once, when it is imported. A GPU script that skipped it would
+    measure another allocator than a ComfyUI server's."""
+    if "torch" in sys.modules:
+        raise RuntimeError("torch is imported before ComfyUI chose its allocator: boot the host first")
+    import cuda_malloc  # noqa: F401
+
+
+def allocator() -> str | None:
+    """The CUDA allocator torch runs (`native` or `cudaMallocAsync`); None without CUDA."""
+    import torch
+    return torch.cuda.get_allocator_backend() if torch.cuda.is_available() else None
+
+
+def allocator_report() -> dict:
+    """For a GPU script's report: the CUDA allocator torch runs, and the one
+    PYTORCH_CUDA_ALLOC_CONF asks for (ComfyUI's `cuda_malloc` sets it), which tests/test_gpu.py
+    compares."""
+    asked = "cudaMallocAsync" if "cudaMallocAsync" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") else "native"
+    return {"allocator": allocator(), "allocator_asked": asked}
 
 
 def comfy_version() -> str:
