@@ -1,9 +1,10 @@
 """The GPU checks, on a machine with a CUDA GPU (`pytest -m gpu`): scripts/gpu_smoke.py,
-scripts/gpu_memory_check.py, scripts/gpu_graph_check.py and the dynamic-VRAM checks run as they
-are (their own process, ComfyUI booted for the GPU), and their JSON reports are checked: the paths
-the node took, no weight work by ComfyUI, outputs equal to stock within fp16 rounding, ComfyUI's
-patch path under --lowvram / --novram, blocks with our forward equal captured in a CUDA graph and
-eager. Skipped without a GPU."""
+scripts/gpu_memory_check.py, scripts/gpu_arena_check.py, scripts/gpu_graph_check.py and the
+dynamic-VRAM checks run as they are (their own process, ComfyUI booted for the GPU as its main.py
+boots), and their JSON reports are checked: the paths the node took, no weight work by ComfyUI,
+outputs equal to stock within fp16 rounding, ComfyUI's patch path under --lowvram / --novram,
+factors moved with their copies queued behind a held stream, blocks with our forward equal
+captured in a CUDA graph and eager. Skipped without a GPU."""
 from __future__ import annotations
 
 import json
@@ -60,6 +61,23 @@ def test_gpu_memory_check():
         assert within_rounding(run), run
     for state in ("LOW_VRAM", "NO_VRAM"):
         assert r[state]["path"] == "full" and r[state]["max_abs_diff_vs_stock"] == 0.0, r[state]
+
+
+def test_gpu_arena_check():
+    """An adapter's factors moved through one arena as the memory owner moves them, with the
+    stream held back so the copies are still queued while their sources are dropped and new
+    device and page-locked blocks are taken and overwritten (scripts/gpu_arena_check.py): after
+    the one wait every value is the source's, each tensor keeps its alignment, the host copies
+    are page-locked and the device copy is one block."""
+    r = report("gpu_arena_check.py")
+    assert {(run["way"], run["piece"]) for run in r["runs"]} == {(w, p) for w in ("to host", "back")
+                                                                for p in (64 << 20, 64 << 10)}, r["runs"]
+    for run in r["runs"]:
+        assert run["equal"] == run["aligned"] == run["tensors"] == 1800, run
+        if run["way"] == "to host":
+            assert run["pinned"] == run["tensors"], run
+        else:
+            assert run["blocks"] == 1, run
 
 
 def test_gpu_graph_check():
