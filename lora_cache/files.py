@@ -88,14 +88,14 @@ def resolve(lora_name: str) -> str:
     return real
 
 
-def _stat_key(path: str) -> tuple:
+def _stat(path: str) -> FileIdentity:
     st = os.stat(path)
-    return (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    return FileIdentity(path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def identify(path: str, lora_name: str | None = None) -> FileIdentity:
     try:
-        return FileIdentity(*_stat_key(path))
+        return _stat(path)
     except OSError as e:
         raise LoraCacheError(f"LoRA file '{lora_name or path}' cannot be read: {e.strerror or e}") from e
 
@@ -103,6 +103,6 @@ def identify(path: str, lora_name: str | None = None) -> FileIdentity:
 def unchanged(identity: FileIdentity) -> bool:
     """Cheap re-check (one stat) that the file is still what `identity` describes."""
     try:
-        return FileIdentity(*_stat_key(identity.path)) == identity
+        return _stat(identity.path) == identity
     except OSError:
         return False
