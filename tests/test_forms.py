@@ -91,6 +91,18 @@ def logged_errors():
         logging.getLogger().removeHandler(handler)
 
 
+@contextlib.contextmanager
+def tensor_copies():
+    """Every `Tensor.copy_` while inside: its `non_blocking` flag, one entry per copy."""
+    seen: list[bool] = []
+    real = torch.Tensor.copy_
+    torch.Tensor.copy_ = lambda self, src, non_blocking=False: seen.append(non_blocking) or real(self, src)
+    try:
+        yield seen
+    finally:
+        torch.Tensor.copy_ = real
+
+
 def sample_input(module, seed: int = 0, rows: int = 6) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if isinstance(module, torch.nn.Linear):
@@ -675,13 +687,8 @@ def test_arena_in_pieces_holds_an_entry_in_powers_of_two(pkg, flux_patcher):
     pieces = pkg.arena.Arena(tensors, torch.device("cpu"), pin=True, piece=piece)
     assert len(pieces.buffers) > 2
     assert held <= pieces.nbytes < held + held // 4 + 2 * piece
-    copies = []
-    real_copy = torch.Tensor.copy_
-    try:
-        torch.Tensor.copy_ = lambda self, src, non_blocking=False: copies.append(1) or real_copy(self, src)
+    with tensor_copies() as copies:
         _pieces_hold(pkg, tensors, pieces, piece)
-    finally:
-        torch.Tensor.copy_ = real_copy
     # a run of neighbouring tensors is one copy: a few per piece, not one per tensor
     assert len(copies) <= 2 * len(pieces.buffers) and 4 * len(copies) < len(tensors), \
         (len(copies), len(pieces.buffers), len(tensors))
@@ -721,19 +728,13 @@ def test_arena_queues_copies_only_when_asked_and_holds_their_sources(pkg):
     ComfyUI copies so: CUDA, not MPS, XPU, DirectML or --deterministic), and each source storage
     lives as long as the arena, past the tensors that moved away from it: a queued copy may still
     read it until the caller's one wait."""
-    real_copy = torch.Tensor.copy_
-    seen: list[bool] = []
     for queued in (False, True):
         sources = [torch.randn(64, 8) for _ in range(3)]
         held = [weakref.ref(t.untyped_storage()) for t in sources]
         values = [t.clone() for t in sources]
-        seen.clear()
         arena = pkg.arena.Arena(sources, torch.device("cpu"), non_blocking=queued)
-        try:
-            torch.Tensor.copy_ = lambda self, src, non_blocking=False: seen.append(non_blocking) or real_copy(self, src)
+        with tensor_copies() as seen:
             moved = [arena(t) for t in sources]
-        finally:
-            torch.Tensor.copy_ = real_copy
         assert seen and set(seen) == {queued}, (queued, seen)
         del sources
         assert all(ref() is not None for ref in held)
