@@ -65,9 +65,7 @@ def parse(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--loaders", default="stock,bypass,ours",
-                   help="comma list of stock, bypass, ours, ours-unmerged (ours with mode unmerged: no copies), "
-                        "ours-output (ours with the update of a weight comfy-aimdo streams in the output, not in "
-                        "ComfyUI's cast buffer: lora_cache/layers.py STREAMED_IN_PLACE)")
+                   help="comma list of stock, bypass, ours, ours-unmerged (ours with mode unmerged: no copies)")
     p.add_argument("--soak", type=int, default=100, help="extra events of ours for the memory check")
     p.add_argument("--adapter", default="lora", choices=("lora", "loha", "lokr"),
                    help="the adapter type of both files (LoHa and LoKr as benchmarks/models.py draws them)")
@@ -172,7 +170,6 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     lc = host.load_package().lora_cache
-    layers_mod = importlib.import_module(lc.__name__ + ".layers")
     cuda = not args.tiny
     aimdo = want_aimdo and aimdo_kit.devices()
 
@@ -366,13 +363,6 @@ def main(argv=None) -> int:
             (out_dir / f"profile-{stem}-node.txt").write_text(text.getvalue())
 
     def series(loader, base, outs, last_round: bool = False) -> list[dict]:
-        layers_mod.STREAMED_IN_PLACE = loader != "ours-output"
-        try:
-            return _series(loader, base, outs, last_round)
-        finally:
-            layers_mod.STREAMED_IN_PLACE = True
-
-    def _series(loader, base, outs, last_round: bool) -> list[dict]:
         mm.unload_all_models()
         lc.purge()
         gc.collect()
@@ -555,7 +545,7 @@ def main(argv=None) -> int:
                 continue
             if "bypass" in outs:
                 spread = max(spread, float((outs["bypass"][state] - ref).abs().max()))
-            for loader in ("ours", "ours-unmerged", "ours-output"):
+            for loader in ("ours", "ours-unmerged"):
                 if loader in outs:
                     ours_diff = max(ours_diff, float((outs[loader][state] - ref).abs().max()))
         res["parity"] = {"max_abs_ours_vs_stock": ours_diff, "max_abs_bypass_vs_stock": spread}

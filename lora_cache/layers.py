@@ -38,15 +38,6 @@ if TYPE_CHECKING:
 
 SLOT_ATTR = "lora_cache_slot"
 
-# Where comfy-aimdo streams a weight through ComfyUI's cast buffer for the call, the update can go
-# into that buffer (the least memory moved), or into the output after the product: before a
-# transfer reuses a buffer, ComfyUI's offload stream waits for the compute stream's work queued
-# so far (comfy.model_management.get_offload_stream), so an update in the buffer holds back a
-# later weight's transfer for as long as it runs, and one in the output runs beside it. Which one
-# a step gains from depends on whether it waits for transfers: the benchmark measures both
-# (benchmarks/bench_dynamic.py, loader `ours-output`).
-STREAMED_IN_PLACE = True
-
 
 class LayerSlot:
     __slots__ = ("active", "installed", "prev_forward", "plan", "chain", "chain_pre", "weight_plan",
@@ -434,7 +425,7 @@ class _CastUpdate:
         # the slot holds the one bound method handed to ComfyUI (each attribute access makes a
         # new one)
         if fns and fns[0] is slot.weight_fn and _own_copy(module, w):
-            if numel >= wp.in_place_numel and (STREAMED_IN_PLACE or getattr(module, "_v", None) is None):
+            if numel >= wp.in_place_numel:
                 slot.in_weight = True
                 return weight_update.add_in_place(w, wp)
         elif numel >= wp.merge_numel:
