@@ -4,6 +4,7 @@ interleaved rounds, the soak) and benchmarks/report_dynamic.py renders it. Asser
 copies, weight streaming and exactness, never times."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -56,6 +57,28 @@ def test_benchmark_tiny_run_and_report(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tiny SDXL, classic patcher" in proc.stdout and "ceiling (7 x base)" in proc.stdout
     assert png.stat().st_size > 1000
+    assert proc.stdout.count("Max |latent - stock|: ours ") == 1 and "Checks: ok: " in proc.stdout
+
+    # the same configuration twice more: a later run stopped at its time limit before its checks,
+    # and a still later one of ours alone (a soak). The tables show all three; the chart the newest
+    # beside stock; no run without stock claims a distance to it.
+    first_round = {"classic": {k: v for k, v in res.items() if k != "summary"} | {"rounds": res["rounds"][:1]}}
+    stopped = {**r, "configs": first_round, "checks": [], "started": "2099-01-01 00:00:00 UTC"}
+    del stopped["finished"]
+    alone = {**r, "loaders": ["ours"], "started": "2099-01-02 00:00:00 UTC"}
+    (tmp_path / "stopped.json").write_text(json.dumps(stopped))
+    (tmp_path / "alone.json").write_text(json.dumps(alone))
+    proc = subprocess.run([sys.executable, str(report), str(results), str(tmp_path / "stopped.json"),
+                           str(tmp_path / "alone.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("#### tiny SDXL, classic patcher") == 3
+    assert proc.stdout.count("Checks: none, the run stopped at its time limit before them.") == 1
+    assert proc.stdout.count("Max |latent - stock|: ours ") == 2
+    spec = importlib.util.spec_from_file_location("report_dynamic", report)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    groups = mod.chart_groups([r, alone, stopped])
+    assert len(groups) == 1 and len(groups[0][1]["stock"]["events_2_8_s"]) == 1  # the stopped run's one round
 
 
 def test_a_gpu_boot_chooses_the_allocator_before_torch():
