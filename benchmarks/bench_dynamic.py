@@ -131,6 +131,65 @@ class StepProfile:
             self.stem.with_suffix(".txt").write_text("\n\n".join(self.text))
 
 
+def _union(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _overlap(xs: list[tuple[int, int]], ys: list[tuple[int, int]]) -> int:
+    """Length of the intersection of two unions of spans."""
+    i = j = total = 0
+    while i < len(xs) and j < len(ys):
+        lo, hi = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        total += max(0, hi - lo)
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def stream_summary(spans: list[tuple[int, int, int, bool]]) -> str:
+    """What a profiled step's device streams did: `spans` are (stream, start ns, end ns, is a
+    host-to-device copy). The compute stream is the one with the most other work; the time it
+    sat idle while a weight was copying in is time that work queued before the layer's wait for
+    its weight would not add to the step."""
+    if not spans:
+        return "-- streams: no device activity recorded"
+    busy: dict[int, list[tuple[int, int]]] = {}
+    for stream, a, b, copy in spans:
+        if not copy:
+            busy.setdefault(stream, []).append((a, b))
+    copies = _union([(a, b) for _, a, b, copy in spans if copy])
+    first, last = min(a for _, a, _, _ in spans), max(b for _, _, b, _ in spans)
+    ms = 1e6
+    if not busy:
+        return f"-- streams: copies only, {sum(b - a for a, b in copies) / ms:.1f} ms"
+    stream = max(busy, key=lambda k: sum(b - a for a, b in _union(busy[k])))
+    compute = _union(busy[stream])
+    worked = sum(b - a for a, b in compute)
+    copying = sum(b - a for a, b in copies)
+    idle_copying = copying - _overlap(copies, compute)
+    return (f"-- streams: compute stream {stream} busy {worked / ms:.1f} ms of {(last - first) / ms:.1f} ms "
+            f"(idle {(last - first - worked) / ms:.1f} ms); host-to-device copies {copying / ms:.1f} ms, "
+            f"{idle_copying / ms:.1f} ms of them while the compute stream sat idle")
+
+
+def _device_spans(p) -> list[tuple[int, int, int, bool]]:
+    import torch
+    try:
+        events = p.profiler.kineto_results.events()
+    except AttributeError:  # another torch's profiler
+        return []
+    return [(e.device_resource_id(), e.start_ns(), e.end_ns(), e.name().startswith("Memcpy HtoD"))
+            for e in events if e.device_type() == torch.autograd.DeviceType.CUDA]
+
+
 def _profile_tables(p, title: str, wall: float) -> str:
     avg = p.key_averages()
     dev = "self_device_time_total"
@@ -142,6 +201,7 @@ def _profile_tables(p, title: str, wall: float) -> str:
     kernels = sum(getattr(e, dev, 0) for e in avg if getattr(e, "device_type", None) is not None
                   and str(e.device_type).endswith("CUDA"))
     return (f"== {title}: {wall * 1000:.1f} ms wall, {kernels / 1000:.1f} ms on the device (self, all ops)\n"
+            f"{stream_summary(_device_spans(p))}\n"
             f"-- by self device time\n{by_dev}\n-- by self CPU time\n"
             f"{avg.table(sort_by='self_cpu_time_total', row_limit=40)}")
 

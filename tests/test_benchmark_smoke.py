@@ -27,7 +27,8 @@ def test_benchmark_tiny_run_and_report(tmp_path):
     # the profiled event (the other LoRA's first use): the node call by function, the steps by op
     node = (out / "profile-ours-7-other-LoRA-node.txt").read_text()
     assert "lora_cache/service.py" in node and "load_lora" in node, node[:2000]
-    assert "== step 2" in (out / "profile-ours-7-other-LoRA.txt").read_text()
+    steps = (out / "profile-ours-7-other-LoRA.txt").read_text()
+    assert "== step 2" in steps and "-- streams: no device activity recorded" in steps  # no CUDA here
     results = out / "dynamic-sdxl.json"
     r = json.loads(results.read_text())
     import comfy.sd
@@ -79,6 +80,27 @@ def test_benchmark_tiny_run_and_report(tmp_path):
     spec.loader.exec_module(mod)
     groups = mod.chart_groups([r, alone, stopped])
     assert len(groups) == 1 and len(groups[0][1]["stock"]["events_2_8_s"]) == 1  # the stopped run's one round
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_dynamic", ROOT / "benchmarks" / "bench_dynamic.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stream_summary_counts_the_compute_streams_idle_time_while_weights_copy():
+    """A profiled step's streams: the compute stream is the one with the most work other than
+    copies; of the host-to-device copies' time, the part where it did nothing is reported (the
+    room that work queued before a layer's wait for its weight would fill without adding to the
+    step)."""
+    ms = 1_000_000
+    spans = [(7, 0, 10 * ms, False), (7, 30 * ms, 40 * ms, False), (7, 8 * ms, 9 * ms, False),
+             (9, 12 * ms, 13 * ms, False),  # a short kernel on another stream
+             (13, 5 * ms, 20 * ms, True), (13, 20 * ms, 35 * ms, True)]  # weights copying in
+    text = _bench_module().stream_summary(spans)
+    assert text == ("-- streams: compute stream 7 busy 20.0 ms of 40.0 ms (idle 20.0 ms); host-to-device "
+                    "copies 30.0 ms, 20.0 ms of them while the compute stream sat idle"), text
 
 
 def test_a_gpu_boot_chooses_the_allocator_before_torch():
