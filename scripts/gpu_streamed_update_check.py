@@ -3,9 +3,9 @@ real comfy-aimdo (lora_cache/layers.py, weight_update.py): with the device fille
 comfy-aimdo cannot keep every weight resident, a layer whose weight streams through ComfyUI's cast
 buffer takes the update in place in that buffer, a resident one into a new tensor, and no
 resident weight is written: a base sampling after ours equals the one before it to the bit, and
-ours equals stock within fp16 rounding. (The first sampling
-after a load, while comfy-aimdo places the weights, differs from later ones in fp16 rounding on
-the H200, with or without ours: the base is compared from the second sampling on.)
+ours equals stock within fp16 rounding. (The first sampling after a load, while comfy-aimdo
+places the weights, differs from later ones in fp16 rounding on the H200, with or without ours:
+the base is compared from the second sampling on.)
 
 The tiny SD-type UNet in fp16 comes through ComfyUI's loader from a file; the LoRA runs in mode
 unmerged (no merged copies), at a latent where the weight update moves less memory than the
