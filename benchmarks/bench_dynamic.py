@@ -170,8 +170,9 @@ def stream_summary(spans: list[tuple[int, int, int, bool]]) -> str:
     ms = 1e6
     if not busy:
         return f"-- streams: copies only, {sum(b - a for a, b in copies) / ms:.1f} ms"
-    stream = max(busy, key=lambda k: sum(b - a for a, b in _union(busy[k])))
-    compute = _union(busy[stream])
+    worked_by = {k: _union(v) for k, v in busy.items()}
+    stream = max(worked_by, key=lambda k: sum(b - a for a, b in worked_by[k]))
+    compute = worked_by[stream]
     worked = sum(b - a for a, b in compute)
     copying = sum(b - a for a, b in copies)
     idle_copying = copying - _overlap(copies, compute)
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
         loaders.remove("bypass")
         print("this ComfyUI has no bypass loader: its series is left out", flush=True)
     report = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
-              "allocator": host.allocator(),
+              **host.allocator_report(),
               "comfyui": comfy_version, "aimdo": aimdo, "model": spec.label, "dtype": str(dtype),
               "adapter": args.adapter, "rank": rank, "rounds": args.rounds, "loaders": loaders,
               "steps": args.steps, "events": [e[0] for e in EVENTS], "configs": {}, "checks": [],
